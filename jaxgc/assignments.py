@@ -1,0 +1,294 @@
+"""Assignments: which chunks each worker holds, and in what order (PROTOCOL.md §1).
+
+An :class:`Assignment` is an int array ``order`` of shape ``[m, max_load]``:
+``order[j, t]`` is the chunk that worker ``j`` processes ``t``-th (0-based), and
+``-1`` marks an empty slot. Empty slots come after all of a worker's chunks.
+
+Everything here is static NumPy: protocols close over an assignment and the
+jitted code sees its derived arrays as constants.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "Assignment",
+    "cyclic",
+    "fractional_repetition",
+    "from_order",
+    "from_lists",
+    "from_biadjacency",
+    "from_graph",
+    "random_regular",
+]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Assignment:
+  """Ordered chunk lists ``π_j`` of ``m`` workers over ``N`` chunks.
+
+  Attributes:
+    order: int32 ``[m, max_load]``; ``order[j, t] = π_j(t+1)``, ``-1`` = empty.
+    num_chunks: ``N``.
+    kind: how it was built (``"cyclic"``, ``"fractional_repetition"``,
+      ``"graph"``, ``"explicit"``); informational, and lets ``Original`` pick
+      the fractional-repetition code.
+  """
+
+  order: np.ndarray
+  num_chunks: int
+  kind: str = "explicit"
+
+  def __post_init__(self):
+    _validate(self.order, self.num_chunks)
+    order = np.array(self.order, dtype=np.int32)
+    order.setflags(write=False)
+    object.__setattr__(self, "order", order)
+
+  # -- sizes ---------------------------------------------------------------
+  @property
+  def num_workers(self) -> int:
+    """``m``."""
+    return int(self.order.shape[0])
+
+  @property
+  def max_load(self) -> int:
+    return int(self.order.shape[1])
+
+  @functools.cached_property
+  def loads(self) -> np.ndarray:
+    """``δ_j``, int32 ``[m]``."""
+    return (self.order >= 0).sum(axis=1).astype(np.int32)
+
+  @functools.cached_property
+  def slot_mask(self) -> np.ndarray:
+    """bool ``[m, max_load]``: slot holds a chunk."""
+    return self.order >= 0
+
+  # -- per-chunk views -----------------------------------------------------
+  @functools.cached_property
+  def positions(self) -> np.ndarray:
+    """int32 ``[m, N]``: ``pos_j(i) - 1`` (0-based slot), ``-1`` if not held."""
+    pos = np.full((self.num_workers, self.num_chunks), -1, np.int32)
+    w, t = np.nonzero(self.slot_mask)
+    pos[w, self.order[w, t]] = t
+    return pos
+
+  @functools.cached_property
+  def replication(self) -> np.ndarray:
+    """``|W(i)|``, int32 ``[N]``."""
+    return (self.positions >= 0).sum(axis=0).astype(np.int32)
+
+  @functools.cached_property
+  def holders(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(workers, slots)``, each int32 ``[N, max_replication]``, ``-1`` padded.
+
+    Row ``i`` lists the holders ``W(i)`` (ascending) and the slot of ``i`` in each.
+    """
+    r = int(self.replication.max())
+    workers = np.full((self.num_chunks, r), -1, np.int32)
+    slots = np.full((self.num_chunks, r), -1, np.int32)
+    for i in range(self.num_chunks):
+      (w,) = np.nonzero(self.positions[:, i] >= 0)
+      workers[i, : len(w)] = w
+      slots[i, : len(w)] = self.positions[w, i]
+    return workers, slots
+
+  @functools.cached_property
+  def biadjacency(self) -> np.ndarray:
+    """bool ``[m, N]``: worker ``j`` holds chunk ``i``."""
+    return self.positions >= 0
+
+  def lists(self) -> list[list[int]]:
+    """The ordered chunk lists as Python lists."""
+    return [[int(c) for c in row if c >= 0] for row in self.order]
+
+  # -- checks and derived assignments -------------------------------------
+  def check_ell(self, ell: int) -> None:
+    """Raises ``ValueError`` unless every chunk is held by at least ``ell`` workers."""
+    if not isinstance(ell, (int, np.integer)) or ell < 1:
+      raise ValueError(f"ell must be a positive integer, got {ell!r}.")
+    rmin = int(self.replication.min())
+    if ell > rmin:
+      i = int(np.argmin(self.replication))
+      raise ValueError(
+          f"ell={ell} is larger than the replication of chunk {i}, which is held by "
+          f"only {rmin} worker(s); exact recovery would be impossible. Use ell <= {rmin}, "
+          "or an assignment with a larger load.")
+
+  def with_order(self, order) -> "Assignment":
+    """Same chunk sets per worker, new processing order (raises if the sets differ)."""
+    new = Assignment(np.asarray(order), self.num_chunks, self.kind)
+    if new.order.shape[0] != self.num_workers or not np.array_equal(
+        new.biadjacency, self.biadjacency):
+      raise ValueError(
+          "with_order may only permute chunks within each worker; the new order "
+          "holds different chunks.")
+    return new
+
+  def __repr__(self) -> str:
+    return (f"Assignment(kind={self.kind!r}, num_workers={self.num_workers}, "
+            f"num_chunks={self.num_chunks}, loads={_summ(self.loads)}, "
+            f"replication={_summ(self.replication)})")
+
+
+def _summ(x: np.ndarray) -> str:
+  lo, hi = int(x.min()), int(x.max())
+  return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
+def _validate(order, num_chunks) -> None:
+  order = np.asarray(order)
+  if order.ndim != 2 or order.shape[0] < 1 or order.shape[1] < 1:
+    raise ValueError(
+        f"order must be an int array [num_workers, max_load] with both sizes >= 1, "
+        f"got shape {order.shape}.")
+  if not np.issubdtype(order.dtype, np.integer):
+    if not np.all(np.equal(np.mod(order, 1), 0)):
+      raise ValueError("order must contain integer chunk indices (-1 for an empty slot).")
+  if not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
+    raise ValueError(f"num_chunks must be a positive integer, got {num_chunks!r}.")
+  order = order.astype(np.int64)
+  bad = (order < -1) | (order >= num_chunks)
+  if bad.any():
+    j, t = map(int, np.argwhere(bad)[0])
+    raise ValueError(
+        f"chunk index {order[j, t]} at worker {j}, slot {t} is out of range; "
+        f"chunks are 0..{num_chunks - 1} and -1 marks an empty slot.")
+  filled = order >= 0
+  # An empty slot followed by a chunk would make the processing order ambiguous.
+  gap = ~filled[:, :-1] & filled[:, 1:]
+  if gap.any():
+    j = int(np.argwhere(gap)[0, 0])
+    raise ValueError(
+        f"worker {j} has an empty slot (-1) before a chunk: {order[j].tolist()}. "
+        "Put empty slots after all of a worker's chunks.")
+  for j, row in enumerate(order):
+    row = row[row >= 0]
+    if len(np.unique(row)) != len(row):
+      vals, counts = np.unique(row, return_counts=True)
+      raise ValueError(
+          f"worker {j} lists chunk {int(vals[counts > 1][0])} more than once: "
+          f"{row.tolist()}. Each worker must hold distinct chunks.")
+  held = np.zeros(num_chunks, bool)
+  held[order[filled]] = True
+  if not held.all():
+    missing = np.nonzero(~held)[0]
+    raise ValueError(
+        f"chunk(s) {missing[:10].tolist()} are held by no worker, so the gradient sum "
+        "can never be recovered. Assign every chunk to at least one worker, or lower "
+        "num_chunks.")
+
+
+# -- constructors ------------------------------------------------------------
+
+def from_order(order, num_chunks: int | None = None, kind: str = "explicit") -> Assignment:
+  """From an int array ``[m, max_load]`` with ``-1`` for empty slots."""
+  order = np.asarray(order)
+  if num_chunks is None:
+    num_chunks = int(order.max()) + 1 if order.size else 0
+  return Assignment(order, int(num_chunks), kind)
+
+
+def from_lists(lists: Sequence[Sequence[int]], num_chunks: int | None = None) -> Assignment:
+  """From ragged per-worker ordered lists, e.g. ``[[0, 1], [1, 2, 0], [2]]``."""
+  lists = [list(map(int, l)) for l in lists]
+  if not lists:
+    raise ValueError("need at least one worker.")
+  width = max(1, max(len(l) for l in lists))
+  order = np.full((len(lists), width), -1, np.int64)
+  for j, l in enumerate(lists):
+    order[j, : len(l)] = l
+  return from_order(order, num_chunks)
+
+
+def cyclic(num_workers: int, load: int) -> Assignment:
+  """Cyclic assignment, ``N = m``: worker ``j`` holds ``j, j+1, …, j+load-1 (mod m)``."""
+  _check_sizes(num_workers, load)
+  j = np.arange(num_workers)[:, None]
+  t = np.arange(load)[None, :]
+  return Assignment((j + t) % num_workers, num_workers, "cyclic")
+
+
+def fractional_repetition(num_workers: int, load: int) -> Assignment:
+  """Fractional repetition: groups of ``load`` workers share the same ``load`` chunks.
+
+  Requires ``load | num_workers``; ``N = m``. Within a group the lists are cyclic
+  shifts, so every chunk sits at each position once (the optimal order, §5).
+  """
+  _check_sizes(num_workers, load)
+  if num_workers % load:
+    raise ValueError(
+        f"fractional repetition needs load to divide num_workers, got load={load}, "
+        f"num_workers={num_workers}. Pick a divisor of num_workers, or use cyclic().")
+  j = np.arange(num_workers)[:, None]
+  t = np.arange(load)[None, :]
+  group, r = j // load, j % load
+  return Assignment(group * load + (r + t) % load, num_workers, "fractional_repetition")
+
+
+def from_biadjacency(adjacency) -> Assignment:
+  """From a 0/1 matrix ``[m, N]``; each worker's chunks in ascending order."""
+  adj = np.asarray(adjacency)
+  if adj.ndim != 2:
+    raise ValueError(f"adjacency must be [num_workers, num_chunks], got shape {adj.shape}.")
+  order = from_lists([np.nonzero(row)[0].tolist() for row in adj], adj.shape[1]).order
+  return Assignment(order, adj.shape[1], "graph")
+
+
+def from_graph(graph, workers: Sequence | None = None, chunks: Sequence | None = None) -> Assignment:
+  """From a networkx bipartite graph.
+
+  Workers are the nodes with ``bipartite=0`` (or ``workers``), chunks the others;
+  both are sorted to fix indices. Each worker's chunks come in ascending order:
+  use :func:`jaxgc.ordering.optimize` to choose a good order.
+  """
+  import networkx as nx  # pylint: disable=import-outside-toplevel
+  if workers is None:
+    workers = [n for n, d in graph.nodes(data=True) if d.get("bipartite") == 0]
+    if not workers:
+      raise ValueError("no node has bipartite=0; pass workers= explicitly.")
+  workers = sorted(workers)
+  if chunks is None:
+    wset = set(workers)
+    chunks = [n for n in graph.nodes if n not in wset]
+  chunks = sorted(chunks)
+  adj = nx.bipartite.biadjacency_matrix(graph, row_order=workers, column_order=chunks)
+  return from_biadjacency(np.asarray(adj.todense()) != 0)
+
+
+def random_regular(num_workers: int, load: int, seed: int = 0, num_swaps: int | None = None) -> Assignment:
+  """A uniformly-mixed random ``load``-regular bipartite graph with ``N = m``.
+
+  Starts from the cyclic graph and applies random degree-preserving edge swaps
+  ``(w1,c1),(w2,c2) -> (w1,c2),(w2,c1)``. Chunks per worker come in ascending order.
+  """
+  _check_sizes(num_workers, load)
+  rng = np.random.default_rng(seed)
+  m = num_workers
+  adj = np.zeros((m, m), bool)
+  adj[np.arange(m)[:, None], (np.arange(m)[:, None] + np.arange(load)) % m] = True
+  edges = np.argwhere(adj)
+  num_swaps = 10 * len(edges) if num_swaps is None else num_swaps
+  picks = rng.integers(0, len(edges), size=(num_swaps, 2))
+  for a, b in picks:
+    (w1, c1), (w2, c2) = edges[a], edges[b]
+    if w1 == w2 or c1 == c2 or adj[w1, c2] or adj[w2, c1]:
+      continue
+    adj[w1, c1] = adj[w2, c2] = False
+    adj[w1, c2] = adj[w2, c1] = True
+    edges[a] = (w1, c2)
+    edges[b] = (w2, c1)
+  return from_biadjacency(adj)
+
+
+def _check_sizes(num_workers, load):
+  if not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
+    raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
+  if not isinstance(load, (int, np.integer)) or not 1 <= load <= num_workers:
+    raise ValueError(
+        f"load must be an integer in 1..num_workers={num_workers}, got {load!r}.")
