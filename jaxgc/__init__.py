@@ -5,6 +5,10 @@ Girimaji, NeurIPS 2024) with its baselines, straggler timing models, chunk
 ordering, and a ``shard_map`` training step.
 """
 from jaxgc import assignments
+from jaxgc import protocols
+from jaxgc import timing
 from jaxgc.assignments import Assignment
+from jaxgc.protocols import (IgnoreStragglers, Original, PartialStraggler, Uncoded, decode,
+                             encode, expected_mse, get_protocol)
 
 __version__ = "0.1.0"

@@ -103,6 +103,17 @@ class Assignment:
     """bool ``[m, N]``: worker ``j`` holds chunk ``i``."""
     return self.positions >= 0
 
+  def coverage(self, counts):
+    """``c_i(k) = #{j : pos_j(i) ≤ k_j}``: int32 ``[..., N]`` from counts ``[..., m]``."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    return jnp.sum(self.finished(counts), axis=-2, dtype=jnp.int32)
+
+  def finished(self, counts):
+    """bool ``[..., m, N]``: worker ``j`` has finished chunk ``i`` (``j ∈ S_i``)."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    pos = jnp.asarray(self.positions)
+    return (pos >= 0) & (pos < jnp.asarray(counts)[..., :, None])
+
   def lists(self) -> list[list[int]]:
     """The ordered chunk lists as Python lists."""
     return [[int(c) for c in row if c >= 0] for row in self.order]

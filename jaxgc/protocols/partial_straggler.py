@@ -1,0 +1,140 @@
+"""The partial-straggler protocol (PROTOCOL.md §2): the paper's contribution.
+
+The PS fixes a decoding matrix ``A ∈ R^{ℓ×m}``. At state ``k``, for each chunk ``i``
+with finishers ``S_i``, it takes the minimum-norm ``B_i = pinv(A[:, S_i])``, so
+``A[:, S_i] B_i = I_ℓ`` when ``|S_i| ≥ ℓ`` (exact) and the orthogonal projector of
+rank ``|S_i|`` otherwise (least-squares optimal, deadline mode).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgc import timing
+from jaxgc.assignments import Assignment
+from jaxgc.protocols.base import Protocol
+
+_MATRICES = ("auto", "ones", "gaussian", "orthogonal")
+
+
+def decoding_candidates(kind, ell: int, m: int, num_candidates: int, seed: int) -> np.ndarray:
+  """Candidate decoding matrices ``[K, ℓ, m]`` (float64).
+
+  ``ones``: ``ℓ = 1`` only, ``A = 1ᵀ`` (every ``B_i`` averages, condition number 1).
+  ``gaussian``: i.i.d. normal. ``orthogonal``: a random frame with orthonormal rows.
+  """
+  rng = np.random.default_rng(seed)
+  if kind == "ones":
+    if ell != 1:
+      raise ValueError("decoding_matrix='ones' has rank 1 and only works for ell=1; "
+                       "use 'orthogonal' or 'gaussian' for ell > 1.")
+    return np.ones((1, 1, m))
+  g = rng.standard_normal((num_candidates, m, ell))
+  if kind == "gaussian":
+    return np.swapaxes(g, 1, 2)
+  q, _ = np.linalg.qr(g)
+  return np.swapaxes(q, 1, 2) * np.sqrt(m / ell)  # unit-norm columns on average
+
+
+def min_norm_solve(a, finished, rcond):
+  """``B_i = pinv(A[:, S_i])`` for all chunks at once, by SVD.
+
+  Args:
+    a: ``[ℓ, m]``; finished: bool ``[m, N]`` (``j ∈ S_i``).
+  Returns:
+    ``B`` ``[N, m, ℓ]`` (zero rows outside ``S_i``) and the condition number of
+    each ``A[:, S_i]`` on its numerical range, ``[N]``.
+  """
+  ell = a.shape[0]
+  mat = jnp.where(finished.T[:, :, None], a.T[None], 0)           # A_{S_i}^T: [N, m, ℓ]
+  u, s, vt = jnp.linalg.svd(mat, full_matrices=False)
+  cov = jnp.sum(finished, axis=0)
+  # Rank is |S_i| generically; the threshold catches structured A (e.g. 0/1 colourings).
+  keep = (jnp.arange(ell)[None] < cov[:, None]) & (s > rcond * s[:, :1])
+  sinv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+  b = jnp.einsum("nmk,nk,nkl->nml", u, sinv, vt)
+  smin = jnp.min(jnp.where(keep, s, jnp.inf), axis=-1)
+  cond = jnp.where(jnp.any(keep, -1), s[:, 0] / smin, 1.0)
+  return b, cond
+
+
+class PartialStraggler(Protocol):
+  """Partial-straggler gradient coding with communication parameter ``ℓ``.
+
+  Args:
+    assignment: the ordered chunk lists.
+    ell: each worker sends ``⌈d/ℓ⌉`` numbers; exact once every ``c_i ≥ ℓ``.
+    decoding_matrix: ``"auto"`` (``ones`` for ``ℓ=1``, else ``orthogonal``),
+      ``"ones"``, ``"gaussian"``, ``"orthogonal"``, or an array ``[ℓ, m]`` / ``[K, ℓ, m]``.
+    num_candidates: with several random candidates, the PS picks, per state, the
+      one whose worst ``cond(A[:, S_i])`` is smallest (it knows the state before
+      any gradient is sent). Default 8 for random kinds.
+    seed: for the random candidates.
+    dtype: arithmetic of the solve (float32, or float64 with x64 enabled).
+  """
+
+  name = "partial_straggler"
+
+  def __init__(self, assignment: Assignment, ell: int = 1, decoding_matrix="auto",
+               num_candidates: int | None = None, seed: int = 0, dtype=jnp.float32):
+    super().__init__(assignment, ell, dtype)
+    m = assignment.num_workers
+    if isinstance(decoding_matrix, str):
+      if decoding_matrix not in _MATRICES:
+        raise ValueError(f"unknown decoding_matrix {decoding_matrix!r}; choose one of "
+                         f"{_MATRICES} or pass an array [ell, m].")
+      kind = decoding_matrix
+      if kind == "auto":
+        kind = "ones" if ell == 1 else "orthogonal"
+      k = num_candidates if num_candidates is not None else (1 if kind == "ones" else 8)
+      if k < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {k}.")
+      cands = decoding_candidates(kind, ell, m, k, seed)
+    else:
+      cands = np.asarray(decoding_matrix, np.float64)
+      if cands.ndim == 2:
+        cands = cands[None]
+      if cands.ndim != 3 or cands.shape[1:] != (ell, m):
+        raise ValueError(f"decoding_matrix must be [ell, m] = [{ell}, {m}] or "
+                         f"[K, ell, m], got shape {np.shape(decoding_matrix)}.")
+      if not np.isfinite(cands).all():
+        raise ValueError("decoding_matrix contains NaN or Inf.")
+    self.candidates = jnp.asarray(cands, self.dtype)
+    self._rcond = float(10 * max(m, ell) * jnp.finfo(self.dtype).eps)
+
+  def _solve(self, counts):
+    """(B [N, m, ℓ], A [ℓ, m], cond [N]) for the best candidate at this state."""
+    fin = self.assignment.finished(counts)
+    solve = lambda a: min_norm_solve(a, fin, self._rcond)
+    if self.candidates.shape[0] == 1:
+      b, cond = solve(self.candidates[0])
+      return b, self.candidates[0], cond
+    bs, conds = jax.vmap(solve)(self.candidates)
+    best = jnp.argmin(jnp.max(conds, axis=-1))
+    return bs[best], self.candidates[best], conds[best]
+
+  def coefficients(self, counts):
+    counts = self.check_counts(counts)
+    b, a, _ = self._solve(counts)
+    enc = self.slot_coefficients(jnp.swapaxes(b, 0, 1), self.finished_slots(counts))
+    dec = jnp.where(jnp.asarray(counts)[None, :] > 0, a, 0).astype(self.dtype)
+    return enc, dec
+
+  def condition_number(self, counts):
+    """Worst ``cond(A[:, S_i])`` over chunks at this state (the numerical-risk diagnostic)."""
+    return jnp.max(self._solve(self.check_counts(counts))[2])
+
+  def is_decodable(self, counts):
+    return jnp.min(self.coverage(counts), axis=-1) >= self.ell
+
+  def completion_time(self, durations):
+    """``t* = max_i (ℓ-th smallest of {F_{j,pos_j(i)} : j ∈ W(i)})``, ``[...]``."""
+    f = timing.finish_times(durations)
+    m, width = self.assignment.num_workers, self.assignment.max_load
+    workers, slots = self.assignment.holders
+    idx = np.where(workers >= 0, workers * width + slots, m * width)   # pad → the inf column
+    flat = f.reshape(*f.shape[:-2], m * width)
+    flat = jnp.concatenate([flat, jnp.full((*flat.shape[:-1], 1), jnp.inf, flat.dtype)], -1)
+    per_chunk = timing.kth_smallest(flat[..., jnp.asarray(idx)], self.ell)
+    return jnp.max(per_chunk, axis=-1)

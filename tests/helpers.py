@@ -1,0 +1,34 @@
+"""Small test helpers (no chex: plain tree asserts)."""
+import jax
+import numpy as np
+
+import jaxgc
+
+
+def assert_trees_allclose(a, b, rtol=1e-6, atol=1e-6):
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  assert ta == tb, f"tree structures differ: {ta} vs {tb}"
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def assert_tree_all_finite(tree):
+  for x in jax.tree_util.tree_leaves(tree):
+    assert np.isfinite(np.asarray(x)).all(), "non-finite value in tree"
+
+
+def random_lists(rng, m, n_chunks, min_rep=1, max_load=None):
+  """Random non-regular ordered lists where every chunk is held by >= min_rep workers."""
+  max_load = max_load or n_chunks
+  lists = [[] for _ in range(m)]
+  for i in range(n_chunks):
+    for j in rng.choice(m, size=min(m, min_rep), replace=False):
+      lists[j].append(i)
+  for j in range(m):
+    extra = rng.integers(0, max(1, max_load - len(lists[j])) + 1)
+    pool = [i for i in range(n_chunks) if i not in lists[j]]
+    lists[j] += list(rng.choice(pool, size=min(extra, len(pool)), replace=False)) if pool else []
+    rng.shuffle(lists[j])
+  lists = [[int(c) for c in l] or [int(rng.integers(n_chunks))] for l in lists]
+  return jaxgc.assignments.from_lists(lists, n_chunks)

@@ -1,0 +1,269 @@
+"""Exactness, deadline-mode error, baselines and bad inputs of the protocols."""
+import itertools
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import jaxgc
+from jaxgc import assignments
+from helpers import random_lists
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def rel_err(est, g):
+  return float(np.linalg.norm(np.asarray(est) - g) / np.linalg.norm(g))
+
+
+def roundtrip(proto, chunk_grads, counts, d):
+  enc, dec = proto.coefficients(counts)
+  return jaxgc.decode(jaxgc.encode(chunk_grads, enc), dec, d)
+
+
+def make_decodable(proto, counts, rng):
+  """Raises random workers' counts until the state is decodable."""
+  counts = counts.copy()
+  loads = proto.assignment.loads
+  while not bool(proto.is_decodable(counts)):
+    j = rng.choice(np.nonzero(counts < loads)[0])
+    counts[j] += 1
+  return counts
+
+
+@st.composite
+def instances(draw):
+  kind = draw(st.sampled_from(["cyclic", "frc", "regular", "lists"]))
+  seed = draw(st.integers(0, 2**31 - 1))
+  rng = np.random.default_rng(seed)
+  if kind == "cyclic":
+    m = draw(st.integers(2, 12))
+    asg = assignments.cyclic(m, draw(st.integers(1, m)))
+  elif kind == "frc":
+    load = draw(st.integers(1, 4))
+    asg = assignments.fractional_repetition(load * draw(st.integers(1, 3)), load)
+  elif kind == "regular":
+    m = draw(st.integers(3, 12))
+    asg = assignments.random_regular(m, draw(st.integers(1, m)), seed=seed)
+  else:
+    m = draw(st.integers(2, 8))
+    asg = random_lists(rng, m, draw(st.integers(1, 8)), min_rep=draw(st.integers(1, m)))
+  ell = draw(st.integers(1, int(asg.replication.min())))
+  d = draw(st.integers(1, 40))
+  return asg, ell, d, rng
+
+
+@SETTINGS
+@given(instances())
+def test_partial_straggler_exact_whenever_coverage_reaches_ell(inst):
+  asg, ell, d, rng = inst
+  proto = jaxgc.PartialStraggler(asg, ell)
+  g = rng.standard_normal((asg.num_chunks, d)).astype(np.float32)
+  chunk_grads = g[np.maximum(asg.order, 0)]
+  counts = make_decodable(proto, rng.integers(0, asg.loads + 1), rng)
+  assert rel_err(roundtrip(proto, chunk_grads, counts, d), g.sum(0)) < 1e-4
+
+
+@SETTINGS
+@given(instances())
+def test_encoding_zero_on_unfinished_slots(inst):
+  asg, ell, _, rng = inst
+  proto = jaxgc.PartialStraggler(asg, ell)
+  counts = rng.integers(0, asg.loads + 1)
+  enc = np.asarray(proto.encoding(counts))
+  assert enc.shape == (asg.num_workers, asg.max_load, ell)
+  unfinished = np.arange(asg.max_load)[None] >= counts[:, None]
+  assert np.all(enc[unfinished] == 0)
+  assert np.asarray(proto.decoding(counts)).shape == (ell, asg.num_workers)
+
+
+def test_unfinished_nan_gradients_do_not_leak():
+  asg = assignments.cyclic(4, 2)
+  proto = jaxgc.PartialStraggler(asg, 1)
+  counts = np.array([2, 1, 2, 1])
+  g = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+  chunk_grads = g[asg.order].copy()
+  chunk_grads[1, 1] = np.nan                      # unfinished slot
+  est = roundtrip(proto, chunk_grads, counts, 5)
+  np.testing.assert_allclose(est, g.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ell,lost", [(2, 1), (3, 2), (4, 3)])
+def test_deadline_mse_matches_formula(ell, lost):
+  """E‖ĝ − g‖² = σ² (d/ℓ) Σ_i max(0, ℓ − c_i) for isotropic chunk gradients."""
+  m, load, d, trials, sigma = 8, 4, 4000, 30, 1.5
+  asg = assignments.cyclic(m, load)
+  proto = jaxgc.PartialStraggler(asg, ell)
+  counts = np.array([4, 4, 4, 4, 4, 4, 4, 4])
+  # worker 0..lost-1 stop early: some chunks end below ell
+  counts[:4] = [1, 0, 2, 1]
+  cov = np.asarray(proto.coverage(counts))
+  expected = float(jaxgc.expected_mse(cov, ell, d, sigma**2))
+  assert expected > 0
+  f = jax.jit(lambda gr: roundtrip(proto, gr[asg.order], counts, d))
+  key = jax.random.PRNGKey(0)
+  errs = []
+  for t in range(trials):
+    g = sigma * jax.random.normal(jax.random.fold_in(key, t), (m, d))
+    errs.append(float(jnp.sum((f(g) - g.sum(0)) ** 2)))
+  errs = np.array(errs)
+  stderr = errs.std(ddof=1) / np.sqrt(trials)
+  assert abs(errs.mean() - expected) < 4 * stderr + 1e-3 * expected, (errs.mean(), expected)
+
+
+def test_deadline_loses_uncovered_chunks_entirely():
+  asg = assignments.cyclic(4, 2)
+  proto = jaxgc.PartialStraggler(asg, 1)
+  counts = np.array([0, 2, 0, 1])   # chunk 0: held by 0 (slot0) and 3 (slot1) -> c=0
+  assert int(proto.coverage(counts)[0]) == 0
+  g = np.eye(4, dtype=np.float32)
+  est = np.asarray(roundtrip(proto, g[asg.order], counts, 4))
+  np.testing.assert_allclose(est, [0, 1, 1, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("ell", [1, 2])
+def test_condition_number_reported(ell):
+  asg = assignments.cyclic(10, 4)
+  proto = jaxgc.PartialStraggler(asg, ell)
+  kappa = float(proto.condition_number(np.full(10, 4)))
+  assert 1.0 <= kappa < 1e3
+  if ell == 1:
+    assert kappa == pytest.approx(1.0)
+
+
+def test_candidates_pick_best_conditioned():
+  asg = assignments.cyclic(16, 4)
+  counts = make_decodable(jaxgc.PartialStraggler(asg, 3), np.zeros(16, int), np.random.default_rng(1))
+  one = jaxgc.PartialStraggler(asg, 3, num_candidates=1, decoding_matrix="gaussian")
+  many = jaxgc.PartialStraggler(asg, 3, num_candidates=16, decoding_matrix="gaussian")
+  assert float(many.condition_number(counts)) <= float(one.condition_number(counts)) + 1e-3
+
+
+# -- the original class -------------------------------------------------------
+
+@pytest.mark.parametrize("asg,ell,construction", [
+    (assignments.cyclic(6, 3), 1, "tandon"),
+    (assignments.cyclic(6, 3), 2, "polynomial"),
+    (assignments.cyclic(6, 3), 3, "polynomial"),
+    (assignments.cyclic(7, 4), 1, "polynomial"),
+    (assignments.fractional_repetition(6, 3), 1, "frc"),
+    (assignments.random_regular(7, 3, seed=2), 1, "tandon"),
+    (assignments.random_regular(7, 3, seed=2), 2, "polynomial"),
+])
+def test_original_decodes_from_every_set_of_m_minus_s(asg, ell, construction):
+  proto = jaxgc.Original(asg, ell, construction=construction)
+  assert proto.construction == construction
+  m, d = asg.num_workers, 7
+  g = np.random.default_rng(0).standard_normal((asg.num_chunks, d)).astype(np.float32)
+  f = jax.jit(lambda c: roundtrip(proto, g[asg.order], c, d))
+  n = proto.threshold
+  for done in itertools.combinations(range(m), n):
+    counts = np.zeros(m, int)
+    counts[list(done)] = asg.loads[list(done)]
+    assert bool(proto.is_decodable(counts)) or construction == "frc"
+    if construction == "frc" and not bool(proto.is_decodable(counts)):
+      continue
+    assert rel_err(f(counts), g.sum(0)) < 1e-3, done
+
+
+def test_frc_needs_one_worker_per_group():
+  asg = assignments.fractional_repetition(6, 3)
+  proto = jaxgc.Original(asg, 1)
+  assert proto.construction == "frc"
+  assert bool(proto.is_decodable(np.array([3, 0, 0, 0, 0, 3])))
+  assert not bool(proto.is_decodable(np.array([3, 3, 0, 0, 0, 0])))
+
+
+def test_original_deadline_is_optimal_least_squares():
+  """Below the threshold the decoder minimises ‖dec·M_F − E‖ over all decoders."""
+  asg = assignments.cyclic(6, 3)
+  proto = jaxgc.Original(asg, 2)
+  counts = np.array([3, 0, 0, 3, 3, 0])
+  enc, dec = map(np.asarray, proto.coefficients(counts))
+  m_f = np.zeros((6, 6, 2))
+  for j in range(6):
+    for t, i in enumerate(asg.order[j]):
+      m_f[j, i] = enc[j, t]
+  target = np.tile(np.eye(2)[:, None, :], (1, 6, 1)).reshape(2, -1)
+  best = target @ np.linalg.pinv(m_f.reshape(6, -1))
+  resid = lambda a: np.linalg.norm(a @ m_f.reshape(6, -1) - target)
+  assert resid(dec) <= resid(best) + 1e-4
+
+
+def test_polynomial_code_is_unstable_partial_straggler_is_not():
+  """PROTOCOL.md §8: the Vandermonde decode breaks down with m; ours does not."""
+  asg = assignments.cyclic(32, 4)
+  g = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+  poly = jaxgc.Original(asg, 2)
+  counts = np.full(32, 4)
+  counts[:poly.straggler_tolerance] = 0
+  assert rel_err(roundtrip(poly, g[asg.order], counts, 16), g.sum(0)) > 1e-2
+  ps = jaxgc.PartialStraggler(asg, 2)
+  assert rel_err(roundtrip(ps, g[asg.order], counts, 16), g.sum(0)) < 1e-5
+
+
+# -- uncoded references --------------------------------------------------------
+
+def test_uncoded_computes_each_chunk_once():
+  asg = assignments.cyclic(5, 3)
+  proto = jaxgc.Uncoded(asg)
+  assert proto.designated[:, 0].all() and not proto.designated[:, 1:].any()
+  g = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+  np.testing.assert_allclose(roundtrip(proto, g[asg.order], np.ones(5, int), 4), g.sum(0), rtol=1e-5)
+  assert not bool(proto.is_decodable(np.array([1, 1, 0, 1, 1])))
+
+
+def test_ignore_stragglers_rescales():
+  asg = assignments.cyclic(4, 1)
+  g = np.ones((4, 3), np.float32)
+  counts = np.array([1, 0, 1, 1])
+  np.testing.assert_allclose(roundtrip(jaxgc.IgnoreStragglers(asg), g[asg.order], counts, 3), 4.0, rtol=1e-6)
+  np.testing.assert_allclose(
+      roundtrip(jaxgc.IgnoreStragglers(asg, rescale=False), g[asg.order], counts, 3), 3.0, rtol=1e-6)
+
+
+# -- bad input -----------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+  asg = assignments.cyclic(4, 2)
+  proto = jaxgc.PartialStraggler(asg, 2)
+  with pytest.raises(ValueError, match="0 <= k_j <= load_j"):
+    proto.encoding(np.array([3, 0, 0, 0]))
+  with pytest.raises(ValueError, match="trailing shape"):
+    proto.encoding(np.array([1, 1, 1]))
+  with pytest.raises(ValueError, match="do not match"):
+    jaxgc.encode(np.zeros((4, 2, 5)), np.zeros((4, 3, 2)))
+  with pytest.raises(ValueError, match="ceil"):
+    jaxgc.decode(np.zeros((4, 3)), np.zeros((2, 4)), 10)
+  with pytest.raises(ValueError, match="do not match"):
+    jaxgc.decode(np.zeros((4, 3)), np.zeros((2, 5)), 6)
+  with pytest.raises(ValueError, match="decoding_matrix"):
+    jaxgc.PartialStraggler(asg, 2, decoding_matrix="hadamard")
+  with pytest.raises(ValueError, match="only works for ell=1"):
+    jaxgc.PartialStraggler(asg, 2, decoding_matrix="ones")
+  with pytest.raises(ValueError, match=r"\[ell, m\]"):
+    jaxgc.PartialStraggler(asg, 2, decoding_matrix=np.ones((3, 4)))
+  with pytest.raises(ValueError, match="x64"):
+    jaxgc.PartialStraggler(asg, 1, dtype=jnp.float64)
+  with pytest.raises(ValueError, match="same number of workers"):
+    jaxgc.Original(assignments.from_lists([[0, 1], [1], [1]], 2), 1)
+  with pytest.raises(ValueError, match="polynomial"):
+    jaxgc.Original(asg, 2, construction="tandon")
+  with pytest.raises(ValueError, match="construction"):
+    jaxgc.Original(asg, 1, construction="lagrange")
+  with pytest.raises(ValueError, match="unknown protocol"):
+    jaxgc.get_protocol("partial", asg)
+  with pytest.raises(TypeError, match="Assignment"):
+    jaxgc.PartialStraggler(np.zeros((4, 2), int), 1)
+
+
+def test_protocols_jit_and_vmap_over_states():
+  asg = assignments.cyclic(6, 3)
+  proto = jaxgc.PartialStraggler(asg, 2)
+  states = jnp.array([[3] * 6, [1, 2, 3, 1, 2, 3]])
+  enc, dec = jax.jit(jax.vmap(proto.coefficients))(states)
+  assert enc.shape == (2, 6, 3, 2) and dec.shape == (2, 2, 6)
+  np.testing.assert_allclose(enc[0], proto.encoding(np.array([3] * 6)), rtol=1e-5, atol=1e-6)
