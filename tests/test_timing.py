@@ -1,0 +1,143 @@
+"""Straggler models, state at time t, completion times against an event loop."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgc
+from jaxgc import assignments, timing
+from helpers import random_lists
+
+
+def test_models_shapes_and_empty_slots():
+  asg = assignments.from_lists([[0, 1, 2], [1], [2, 0]], 3)
+  key = jax.random.PRNGKey(0)
+  for model in [timing.ShiftedExponential(), timing.Pareto(), timing.Slowdown(),
+                timing.Failures(timing.Pareto(), 0.5)]:
+    tau = model.sample(key, asg, shape=(7,))
+    assert tau.shape == (7, 3, 3) and tau.dtype == jnp.float32
+    assert np.all(np.isinf(np.asarray(tau)[:, ~asg.slot_mask]))
+    assert not np.isnan(np.asarray(tau)).any()
+
+
+def test_model_statistics():
+  asg = assignments.cyclic(50, 4)
+  key = jax.random.PRNGKey(1)
+  tau = np.asarray(timing.ShiftedExponential(1.0, 2.0).sample(key, asg, (200,)))
+  assert tau.min() >= 1.0 and abs(tau.mean() - 1.5) < 0.02
+  tau = np.asarray(timing.Pareto(0.5, 3.0).sample(key, asg, (200,)))
+  assert tau.min() >= 0.5 and abs(tau.mean() - 0.75) < 0.03   # mean = a·x_m/(a−1)
+  fail = np.asarray(timing.Failures(timing.ShiftedExponential(), 0.3).sample(key, asg, (200,)))
+  failed = np.isinf(fail).all(-1)
+  assert abs(failed.mean() - 0.3) < 0.02
+  assert np.all(np.isinf(fail).any(-1) == failed)              # a worker fails as a whole
+  base = timing.ShiftedExponential()
+  slow = np.asarray(timing.Slowdown(base, 0.2, 10.0).sample(key, asg, (50,)))
+  assert np.all((slow.min(-1) >= 10.0).sum(-1) == 10)          # exactly 20% of 50 workers
+
+
+def test_models_run_under_jit_and_vmap():
+  asg = assignments.cyclic(6, 2)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  f = jax.jit(jax.vmap(lambda k: timing.Slowdown().sample(k, asg)))
+  assert f(keys).shape == (3, 6, 2)
+
+
+def test_trace_and_get_model():
+  asg = assignments.cyclic(3, 2)
+  tr = np.arange(6, dtype=np.float32).reshape(3, 2)
+  np.testing.assert_array_equal(timing.Trace(tr).sample(None, asg), tr)
+  with pytest.raises(ValueError, match="trailing shape"):
+    timing.Trace(np.ones((2, 2))).sample(None, asg)
+  assert isinstance(timing.get_model("pareto", failure_prob=0.1), timing.Failures)
+  assert timing.get_model("slowdown", shift=2.0, factor=3.0).base.shift == 2.0
+  with pytest.raises(ValueError, match="unknown straggler model"):
+    timing.get_model("gamma")
+  with pytest.raises(ValueError, match="failure_prob"):
+    timing.get_model("pareto", failure_prob=1.5)
+
+
+def test_nan_durations_rejected():
+  asg = assignments.cyclic(3, 2)
+  bad = np.ones((3, 2))
+  bad[1, 1] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    timing.progress(bad, 1.0)
+  with pytest.raises(ValueError, match="NaN"):
+    jaxgc.PartialStraggler(asg, 1).completion_time(bad)
+  with pytest.raises(ValueError, match="NaN"):
+    timing.Trace(bad)
+  with pytest.raises(ValueError, match="non-negative"):
+    timing.progress(-np.ones((3, 2)), 1.0)
+
+
+def test_progress_matches_brute_force():
+  rng = np.random.default_rng(0)
+  tau = rng.exponential(size=(4, 5, 3))
+  tau[0, 1, 1] = np.inf
+  t = rng.uniform(0, 4, size=4)
+  k = np.asarray(timing.progress(tau, t))
+  for b in range(4):
+    for j in range(5):
+      acc, n = 0.0, 0
+      for u in range(3):
+        acc += tau[b, j, u]
+        n += acc <= t[b]
+      assert k[b, j] == n
+
+
+def _protocols(asg, ell):
+  out = [jaxgc.PartialStraggler(asg, ell), jaxgc.Uncoded(asg)]
+  if asg.replication.min() == asg.replication.max():
+    out.append(jaxgc.Original(asg, ell))
+  return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_completion_times_equal_event_loop(seed):
+  rng = np.random.default_rng(seed)
+  kind = seed % 3
+  if kind == 0:
+    asg = assignments.cyclic(int(rng.integers(3, 9)), 3)
+  elif kind == 1:
+    asg = assignments.fractional_repetition(6, 3)
+  else:
+    asg = random_lists(rng, 6, 5, min_rep=2)
+  ell = int(rng.integers(1, asg.replication.min() + 1))
+  key = jax.random.PRNGKey(seed)
+  model = timing.Failures(timing.ShiftedExponential(), p=0.25)
+  tau = np.asarray(model.sample(key, asg, (40,)), np.float64)
+  for proto in _protocols(asg, ell):
+    fast = np.asarray(proto.completion_time(tau))
+    decodable = lambda k, p=proto: bool(p.is_decodable(k))
+    ref = np.array([timing.event_loop_completion_time(t, decodable) for t in tau])
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, err_msg=proto.name)
+    # the oracle bound (at the protocol's own ell) is below every protocol
+    oracle = np.asarray(timing.oracle_time(tau, asg, proto.ell))
+    assert np.all(oracle <= fast + 1e-6), proto.name
+
+
+def test_completion_time_inf_when_never_decodable():
+  asg = assignments.cyclic(4, 2)
+  tau = np.ones((4, 2))
+  tau[0] = tau[1] = np.inf        # chunk 1 is held by workers 0 and 1 only
+  assert np.isinf(float(jaxgc.PartialStraggler(asg, 1).completion_time(tau)))
+  assert float(jaxgc.PartialStraggler(asg, 1).completion_time(np.ones((4, 2)))) == 1.0
+
+
+def test_state_at_completion_time_is_decodable():
+  asg = assignments.random_regular(12, 4, seed=0)
+  tau = timing.Pareto().sample(jax.random.PRNGKey(3), asg, (30,))
+  for proto in _protocols(asg, 2):
+    t = proto.completion_time(tau)
+    assert np.all(np.asarray(jax.vmap(proto.is_decodable)(timing.progress(tau, t))))
+    before = timing.progress(tau, t * (1 - 1e-6))
+    assert not np.any(np.asarray(jax.vmap(proto.is_decodable)(before)))
+
+
+def test_oracle_bound_formula():
+  asg = assignments.cyclic(3, 2)
+  tau = np.array([[1.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
+  # finish times 1,2 | 2,4 | 5,10 ; N·ℓ = 3 → third smallest = 2
+  assert float(timing.oracle_time(tau, asg, 1)) == 2.0
+  assert float(timing.oracle_time(tau, asg, 2)) == 10.0
