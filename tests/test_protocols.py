@@ -267,3 +267,12 @@ def test_protocols_jit_and_vmap_over_states():
   enc, dec = jax.jit(jax.vmap(proto.coefficients))(states)
   assert enc.shape == (2, 6, 3, 2) and dec.shape == (2, 2, 6)
   np.testing.assert_allclose(enc[0], proto.encoding(np.array([3] * 6)), rtol=1e-5, atol=1e-6)
+
+
+def test_condition_number_counts_nearly_singular_subsets():
+  """A tiny singular value must not be hidden by the rank threshold (regression)."""
+  asg = assignments.cyclic(3, 2)        # chunk 1 is held by workers 0 and 1
+  a = np.array([[1.0, 1.0, 0.0], [0.0, 1e-7, 1.0]])
+  proto = jaxgc.PartialStraggler(asg, 2, decoding_matrix=a)
+  counts = np.array([2, 1, 0])          # S_1 = {0, 1}: nearly parallel columns
+  assert float(proto.condition_number(counts)) > 1e6

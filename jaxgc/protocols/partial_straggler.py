@@ -43,8 +43,8 @@ def min_norm_solve(a, finished, rcond):
   Args:
     a: ``[ℓ, m]``; finished: bool ``[m, N]`` (``j ∈ S_i``).
   Returns:
-    ``B`` ``[N, m, ℓ]`` (zero rows outside ``S_i``) and the condition number of
-    each ``A[:, S_i]`` on its numerical range, ``[N]``.
+    ``B`` ``[N, m, ℓ]`` (zero rows outside ``S_i``) and ``cond(A[:, S_i])`` over its
+    ``min(|S_i|, ℓ)`` leading singular values, ``[N]``.
   """
   ell = a.shape[0]
   mat = jnp.where(finished.T[:, :, None], a.T[None], 0)           # A_{S_i}^T: [N, m, ℓ]
@@ -54,8 +54,11 @@ def min_norm_solve(a, finished, rcond):
   keep = (jnp.arange(ell)[None] < cov[:, None]) & (s > rcond * s[:, :1])
   sinv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
   b = jnp.einsum("nmk,nk,nkl->nml", u, sinv, vt)
-  smin = jnp.min(jnp.where(keep, s, jnp.inf), axis=-1)
-  cond = jnp.where(jnp.any(keep, -1), s[:, 0] / smin, 1.0)
+  # Condition number on the rank the coverage promises, min(|S_i|, ℓ): a tiny singular
+  # value dropped by the threshold must still count against this A.
+  rank = jnp.minimum(cov, ell)
+  s_last = jnp.take_along_axis(s, jnp.maximum(rank - 1, 0)[:, None], axis=-1)[:, 0]
+  cond = jnp.where(rank > 0, s[:, 0] / s_last, 1.0)
   return b, cond
 
 
