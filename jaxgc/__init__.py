@@ -5,6 +5,7 @@ Girimaji, NeurIPS 2024) with its baselines, straggler timing models, chunk
 ordering, and a ``shard_map`` training step.
 """
 from jaxgc import assignments
+from jaxgc import ordering
 from jaxgc import protocols
 from jaxgc import timing
 from jaxgc.assignments import Assignment
