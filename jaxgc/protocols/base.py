@@ -70,9 +70,18 @@ def decode(msgs, dec, d: int):
     raise ValueError(
         f"decode: messages have length {msgs.shape[1]} but d={d}, ell={ell} needs "
         f"ceil(d/ell)={num_blocks(d, ell)}.")
+  return decode_blocks(msgs, dec).reshape(-1)[:d]
+
+
+def decode_blocks(msgs, dec):
+  """``dec [ℓ, m] @ msgs [m, b] -> [ℓ, b]``, unchecked; the linear core of :func:`decode`.
+
+  Linear in the workers, so a sharded PS decodes each device's workers and ``psum``s.
+  Messages of workers with an all-zero column are masked, so a silent worker's
+  garbage (NaN) cannot leak in through ``0 · NaN``.
+  """
   used = jnp.any(dec != 0, axis=0)[:, None]
-  blocks = dec.astype(msgs.dtype) @ jnp.where(used, msgs, 0)
-  return blocks.reshape(-1)[:d]
+  return dec.astype(msgs.dtype) @ jnp.where(used, msgs, 0)
 
 
 def expected_mse(coverage, ell: int, d: int, sigma2: float = 1.0):
@@ -93,7 +102,11 @@ def min_norm_decoder(coef, target):
   """
   m = coef.shape[0]
   mat = coef.reshape(m, -1)
-  return target.reshape(target.shape[0], -1) @ jnp.linalg.pinv(mat)
+  # LAPACK's lstsq cutoff (max(shape)·eps), not pinv's 10× larger default: random
+  # codes (Tandon) have legitimate singular values below the latter in float32,
+  # and dropping one turns an exact decode into an O(1) error.
+  rtol = max(mat.shape) * jnp.finfo(mat.dtype).eps
+  return target.reshape(target.shape[0], -1) @ jnp.linalg.pinv(mat, rtol=rtol)
 
 
 def check_dtype(dtype):

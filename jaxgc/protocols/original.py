@@ -8,7 +8,8 @@ suffice, ``s = r − ℓ``. Constructions:
   its group's chunks; one finished worker per group suffices.
 * ``tandon``: ``ℓ = 1``. Rows ``b_j`` (supported on worker ``j``'s chunks, ``b_j[first] = 1``)
   solve ``H b_j = 0`` for a random ``H ∈ R^{s×N}`` with ``H·1 = 0``, so any ``m − s``
-  rows span ``null(H) ∋ 1``. Decoded by ``a = lstsq(B_F^T, 1)``.
+  rows span ``null(H) ∋ 1``. Decoded by ``a = lstsq(B_F^T, 1)``. Of several random
+  ``H``, the best conditioned is kept.
 * ``polynomial``: Ye & Abbe, any ``ℓ``. ``q_i(x) = Π_{j∉W(i)} (x − α_j) · r_i(x)``, the top
   ``ℓ`` coefficients of ``q_i`` equal to ``g_i^{(1..ℓ)}``; worker ``j`` sends
   ``Σ_i q_i(α_j)``, and the PS interpolates (Vandermonde, monomial basis) from ``m − s``
@@ -19,6 +20,9 @@ Below the threshold (deadline mode) every construction decodes with the optimal
 least-squares decoder ``min ‖dec · M_F − E‖``.
 """
 from __future__ import annotations
+
+import itertools
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -72,13 +76,10 @@ def polynomial_coefficients(assignment: Assignment, ell: int, alpha: np.ndarray,
   return coef
 
 
-def tandon_coefficients(assignment: Assignment, s: int, seed: int) -> np.ndarray:
-  """``B[j, i]`` of Tandon et al.'s construction as ``[m, N, 1]`` (float64)."""
-  rng = np.random.default_rng(seed)
-  m, n_chunks = assignment.num_workers, assignment.num_chunks
-  h = rng.standard_normal((s, n_chunks))
-  h[:, -1] = -h[:, :-1].sum(axis=1)
-  b = np.zeros((m, n_chunks))
+def _tandon_rows(assignment: Assignment, h: np.ndarray) -> np.ndarray:
+  """``B [m, N]``: ``b_j`` on worker ``j``'s chunks, ``b_j[first] = 1``, ``H b_j = 0``."""
+  s = h.shape[0]
+  b = np.zeros((assignment.num_workers, assignment.num_chunks))
   for j, chunks in enumerate(assignment.lists()):
     first, rest = chunks[0], chunks[1:]
     b[j, first] = 1.0
@@ -87,7 +88,42 @@ def tandon_coefficients(assignment: Assignment, s: int, seed: int) -> np.ndarray
         raise ValueError(f"worker {j} holds {len(chunks)} chunks; the Tandon code needs "
                          f"at least s+1={s + 1} to tolerate s={s} stragglers.")
       b[j, rest] = np.linalg.lstsq(h[:, rest], -h[:, first], rcond=None)[0]
-  return b[:, :, None]
+  return b
+
+
+def _worst_condition(b: np.ndarray, s: int, rng, exhaustive: int = 2048,
+                     samples: int = 128) -> float:
+  """Worst ``cond(B_F)`` over finisher sets ``|F| = m − s``: all of them, when there
+  are at most ``exhaustive``, else ``samples`` random ones."""
+  m = b.shape[0]
+  if s == 0:
+    return float(np.linalg.cond(b))
+  if math.comb(m, s) <= exhaustive:
+    drops = itertools.combinations(range(m), s)
+  else:
+    drops = (rng.choice(m, s, replace=False) for _ in range(samples))
+  keep = [np.setdiff1d(np.arange(m), list(d)) for d in drops]
+  return float(np.max(np.linalg.cond(np.stack([b[k] for k in keep]))))
+
+
+def tandon_coefficients(assignment: Assignment, s: int, seed: int,
+                        num_candidates: int = 8) -> np.ndarray:
+  """``B[j, i]`` of Tandon et al.'s construction as ``[m, N, 1]`` (float64).
+
+  ``H`` is random, and some draws leave ``B_F`` with condition numbers of 1e7
+  (float32 decoding then fails). Of ``num_candidates`` draws, the one with the
+  smallest worst ``cond(B_F)`` over (sampled) finisher sets is kept.
+  """
+  rng = np.random.default_rng(seed)
+  best, best_cond = None, np.inf
+  for _ in range(num_candidates):
+    h = rng.standard_normal((s, assignment.num_chunks))
+    h[:, -1] = -h[:, :-1].sum(axis=1)
+    b = _tandon_rows(assignment, h)
+    cond = _worst_condition(b, s, rng)
+    if cond < best_cond:
+      best, best_cond = b, cond
+  return best[:, :, None]
 
 
 class Original(Protocol):

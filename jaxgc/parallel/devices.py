@@ -1,0 +1,87 @@
+"""Devices and meshes for the coded step.
+
+The CPU device count must be fixed before JAX starts its backend: the first
+``jax.devices()`` (or any computation) freezes it. :func:`set_cpu_device_count`
+does it the supported way (``jax_num_cpu_devices``) and refuses loudly when it is
+too late, instead of silently running on fewer devices than the config asks for.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax._src import xla_bridge as _xb
+from jax.sharding import Mesh
+
+__all__ = [
+    "AXIS", "backend_started", "set_cpu_device_count", "use_gloo", "make_mesh",
+    "workers_per_device",
+]
+
+AXIS = "workers"
+"""Name of the mesh axis along which simulated workers are laid out."""
+
+
+def backend_started() -> bool:
+  """Whether JAX has already created its backends (device counts are then fixed)."""
+  return _xb.backends_are_initialized()
+
+
+def set_cpu_device_count(n: int) -> None:
+  """Asks for ``n`` CPU devices in this process. Call before any JAX computation.
+
+  Raises:
+    ValueError: ``n`` is not a positive integer.
+    RuntimeError: the backend already started with fewer than ``n`` CPU devices.
+  """
+  if not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"CPU device count must be a positive integer, got {n!r}.")
+  if backend_started():
+    have = len(jax.local_devices(backend="cpu"))
+    if have < n:
+      raise RuntimeError(
+          f"Asked for {n} CPU devices, but JAX already started its backend with "
+          f"{have}. The device count is fixed by the first JAX operation, so call "
+          "jaxgc.parallel.set_cpu_device_count(n) right after `import jax` (before "
+          "anything touches jax.devices() or computes), or start Python with "
+          f"XLA_FLAGS=--xla_force_host_platform_device_count={n}.")
+    return
+  jax.config.update("jax_num_cpu_devices", int(n))
+
+
+def use_gloo() -> None:
+  """Selects gloo CPU collectives, needed when several processes form one CPU cluster."""
+  if backend_started():
+    if jax.config.jax_cpu_collectives_implementation != "gloo":
+      raise RuntimeError(
+          "gloo CPU collectives must be selected before the JAX backend starts; "
+          "call jaxgc.parallel.use_gloo() before jax.distributed.initialize() and "
+          "before any JAX operation.")
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def make_mesh(num_devices: int | None = None, platform: str | None = None,
+              axis_name: str = AXIS) -> Mesh:
+  """A 1-D mesh over the first ``num_devices`` global devices of ``platform``.
+
+  With several processes the global device list spans all of them, so the
+  same call on every process builds the same mesh.
+  """
+  devices = jax.devices(platform) if platform else jax.devices()
+  n = len(devices) if num_devices is None else int(num_devices)
+  if n < 1:
+    raise ValueError(f"num_devices must be >= 1, got {n}.")
+  if n > len(devices):
+    kind = platform or jax.default_backend()
+    hint = (" For CPU, ask for more devices with set_cpu_device_count() before JAX "
+            "starts (train.py does this from config.num_cpu_devices)."
+            if kind == "cpu" else "")
+    raise RuntimeError(
+        f"config asks for {n} devices but only {len(devices)} {kind} device(s) "
+        f"exist across {jax.process_count()} process(es).{hint}")
+  return Mesh(np.asarray(devices[:n]), (axis_name,))
+
+
+def workers_per_device(num_workers: int, num_devices: int) -> int:
+  """Simulated workers per device, ``ceil(m / devices)``; the rest are phantom workers."""
+  return -(-int(num_workers) // int(num_devices))

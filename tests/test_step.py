@@ -1,0 +1,279 @@
+"""The coded shard_map step: exactness, faults, layout, and the check_vma decoder."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxgc import assignments, data, models, protocols, timing
+from jaxgc import parallel
+from jaxgc.parallel import step as step_lib
+
+M, LOAD, BATCH = 20, 4, 160
+
+
+@pytest.fixture(scope="module")
+def setup():
+  assert len(jax.devices()) >= 8, "conftest must give 8 CPU devices"
+  mesh = parallel.make_mesh(8)
+  ds = data.load("digits")
+  model = models.get_model("mlp", ds.num_classes, (32,))
+  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
+  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
+  train_data = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+  return mesh, train_data, model, params, loss_fn
+
+
+def full_grad(loss_fn, params, chunks):
+  """jax.grad of the whole batch's loss (the sum of the chunk losses)."""
+  total = lambda p: jnp.sum(jax.vmap(lambda c: loss_fn(p, c))(chunks))
+  return jax.grad(total)(params)
+
+
+def rel_err(a, b):
+  a, b = (jax.flatten_util.ravel_pytree(t)[0] for t in (a, b))
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name,ell,tol", [
+    ("partial_straggler", 1, 1e-5),
+    ("partial_straggler", 2, 1e-5),
+    ("uncoded", 1, 1e-6),
+])
+def test_exact_mode_equals_full_batch_gradient_every_step(setup, name, ell, tol):
+  mesh, train_data, _, params, loss_fn = setup
+  proto = protocols.get_protocol(name, assignments.cyclic(M, LOAD), ell)
+  coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn,
+                                   optax.sgd(0.5), mesh)
+  grad_fn = jax.jit(coded.gradient)
+  data_key = jax.random.key(1)
+  for s in range(4):
+    chunks = data.step_chunks(train_data, data_key, s, BATCH, M)
+    g, metrics = grad_fn(params, chunks, jax.random.key(100 + s))
+    want = full_grad(loss_fn, params, chunks)
+    assert rel_err(g, want) < tol, (s, rel_err(g, want))
+    assert bool(metrics["exact"]) and bool(metrics["decodable"])
+    assert not bool(metrics["skipped"]) and int(metrics["erasures"]) == 0
+    assert int(metrics["min_coverage"]) >= proto.ell
+    assert np.isfinite(float(metrics["step_sim_time"]))
+    params = jax.tree.map(lambda p, d: p - 0.5 * d, params, want)
+
+
+@pytest.mark.parametrize("name,ell,mode", [
+    ("original", 1, "exact"), ("original", 2, "exact"), ("original", 2, "deadline"),
+    ("ignore_stragglers", 1, "deadline"), ("partial_straggler", 3, "deadline"),
+])
+def test_sharded_step_matches_reference_encode_decode(setup, name, ell, mode):
+  """Whatever the protocol's own numerical quality (the float32 original codes are
+  far from exact, PROTOCOL.md §3), the sharded step reproduces its
+  encode -> decode at the same state."""
+  mesh, train_data, _, params, loss_fn = setup
+  a = assignments.cyclic(M, LOAD)
+  proto = protocols.get_protocol(name, a, ell)
+  coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn,
+                                   optax.sgd(0.5), mesh, mode=mode,
+                                   deadline=7.0 if mode == "deadline" else None)
+  chunks = data.step_chunks(train_data, jax.random.key(1), 0, BATCH, M)
+  g, metrics = jax.jit(coded.gradient)(params, chunks, jax.random.key(5))
+  flat, _ = jax.flatten_util.ravel_pytree(params)
+  per_chunk = jax.vmap(lambda c: jax.flatten_util.ravel_pytree(
+      jax.grad(loss_fn)(params, c))[0])(chunks)                        # [N, d]
+  slots = per_chunk[np.maximum(a.order, 0)]                            # [m, L, d]
+  enc, dec = proto.coefficients(metrics["counts"])
+  want = protocols.decode(protocols.encode(slots, enc), dec, flat.shape[0])
+  got = jax.flatten_util.ravel_pytree(g)[0]
+  scale = float(jnp.linalg.norm(want)) + 1e-12
+  assert float(jnp.linalg.norm(got - want)) / scale < 1e-4
+
+
+def test_pipelined_plan_changes_nothing(setup):
+  """A state with a precomputed plan steps exactly like one planning in-step."""
+  mesh, train_data, _, params, loss_fn = setup
+  proto = protocols.PartialStraggler(assignments.cyclic(M, LOAD), 2)
+  coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn,
+                                   optax.adam(1e-2), mesh, message_loss_prob=0.2)
+  key, data_key = jax.random.key(7), jax.random.key(8)
+
+  @jax.jit
+  def run(state):
+    for _ in range(3):
+      chunks = data.step_chunks(train_data, data_key, state.step, BATCH, M)
+      state, metrics = coded.update(state, chunks, key)
+    return state, metrics
+
+  a, ma = run(coded.init_state(params, key))
+  b, mb = run(parallel.TrainState.create(params, coded.tx))
+  assert b.plan is None and a.plan is not None
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert float(a.sim_time) == float(b.sim_time) and int(a.num_erasures) == int(b.num_erasures)
+  assert float(ma["loss"]) == float(mb["loss"])
+
+
+def test_deadline_mode_heavy_faults_keeps_params_finite(setup):
+  mesh, train_data, _, params, loss_fn = setup
+  proto = protocols.PartialStraggler(assignments.cyclic(M, LOAD), 2)
+  straggler = timing.get_model("shifted_exponential", failure_prob=0.6)
+  coded = parallel.make_coded_step(proto, straggler, loss_fn, optax.adam(1e-2), mesh,
+                                   mode="deadline", deadline=1.5, message_loss_prob=0.4,
+                                   nan_message_prob=0.4)
+  step = jax.jit(coded.update)
+  state = coded.init_state(params, jax.random.key(0))
+  seen = {"skipped": 0, "erasures": 0, "approx": 0}
+  for s in range(12):
+    chunks = data.step_chunks(train_data, jax.random.key(3), s, BATCH, M)
+    state, metrics = step(state, chunks, jax.random.key(0))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert float(metrics["step_sim_time"]) <= 1.5
+    seen["skipped"] += int(metrics["skipped"])
+    seen["erasures"] += int(metrics["erasures"])
+    seen["approx"] += int(not bool(metrics["exact"]))
+  assert seen["erasures"] > 0 and seen["approx"] > 0
+  assert int(state.num_skipped) == seen["skipped"]
+  assert int(state.num_erasures) == seen["erasures"]
+
+
+def test_nan_chunk_gradient_is_erased_not_applied(setup):
+  """A chunk whose gradient is NaN makes its finishers' messages erasures."""
+  mesh, train_data, _, params, loss_fn = setup
+  proto = protocols.PartialStraggler(assignments.cyclic(M, LOAD), 1)
+  coded = parallel.make_coded_step(proto, timing.ShiftedExponential(), loss_fn,
+                                   optax.sgd(0.1), mesh)
+  x, y = data.step_chunks(train_data, jax.random.key(3), 0, BATCH, M)
+  x = x.at[5, 0, 0].set(jnp.nan)
+  state = coded.init_state(params, jax.random.key(0))
+  new, metrics = jax.jit(coded.update)(state, (x, y), jax.random.key(0))
+  assert int(metrics["erasures"]) >= 1
+  # Every finisher of chunk 5 is erased, so chunk 5 is lost: an approximation.
+  assert not bool(metrics["decodable"]) and int(metrics["min_coverage"]) == 0
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(new.params))
+  assert not bool(metrics["skipped"])
+  changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params),
+                                                         jax.tree.leaves(state.params)))
+  assert changed
+
+
+def test_step_without_any_sender_is_skipped(setup):
+  mesh, train_data, _, params, loss_fn = setup
+  proto = protocols.PartialStraggler(assignments.cyclic(M, LOAD), 1)
+  coded = parallel.make_coded_step(proto, timing.ShiftedExponential(shift=5.0), loss_fn,
+                                   optax.sgd(0.1), mesh, mode="deadline", deadline=1.0)
+  chunks = data.step_chunks(train_data, jax.random.key(3), 0, BATCH, M)
+  state = coded.init_state(params, jax.random.key(0))
+  new, metrics = jax.jit(coded.update)(state, chunks, jax.random.key(0))
+  assert bool(metrics["skipped"]) and int(new.num_skipped) == 1 and int(new.step) == 1
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(new.sim_time) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("m,load", [(5, 2), (8, 3), (13, 3)])
+def test_any_worker_count_on_eight_devices(setup, m, load):
+  """Fewer, equal and more workers than devices (phantom-padded) all decode exactly."""
+  mesh, train_data, _, params, _ = setup
+  batch = 8 * m
+  model = models.get_model("mlp", 10, (32,))
+  loss_fn = models.chunk_loss_fn(model.apply, batch)
+  proto = protocols.PartialStraggler(assignments.cyclic(m, load), 2)
+  coded = parallel.make_coded_step(proto, timing.ShiftedExponential(), loss_fn,
+                                   optax.sgd(0.1), mesh)
+  chunks = data.step_chunks(train_data, jax.random.key(0), 0, batch, m)
+  g, metrics = jax.jit(coded.gradient)(params, chunks, jax.random.key(1))
+  assert rel_err(g, full_grad(loss_fn, params, chunks)) < 1e-5
+  assert bool(metrics["exact"])
+
+
+def test_plain_step_is_the_full_batch_gradient(setup):
+  mesh, train_data, _, params, loss_fn = setup
+  plain = parallel.make_plain_step(assignments.cyclic(M, LOAD), loss_fn, optax.sgd(0.1), mesh)
+  chunks = data.step_chunks(train_data, jax.random.key(0), 0, BATCH, M)
+  g, loss = jax.jit(plain.gradient)(params, chunks)
+  assert rel_err(g, full_grad(loss_fn, params, chunks)) < 1e-6
+  want = jnp.sum(jax.vmap(lambda c: loss_fn(params, c))(chunks))
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+
+
+def test_decoder_under_shard_map_with_check_vma():
+  """decode_sharded == protocols.decode, and its output is device-invariant (P())."""
+  mesh = parallel.make_mesh(8)
+  m_pad, ell, d = 24, 3, 100
+  b = protocols.num_blocks(d, ell)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  msgs = jax.random.normal(k1, (m_pad, b))
+  dec = jax.random.normal(k2, (ell, m_pad)).at[:, 5].set(0.0)
+  msgs = msgs.at[5].set(jnp.nan)   # a non-sender's garbage must not leak in
+  fn = parallel.shard_map(functools.partial(parallel.decode_sharded, d=d),
+                          mesh=mesh, in_specs=(P("workers"), P(None, "workers")),
+                          out_specs=P(), check_vma=True)
+  got = jax.jit(fn)(msgs, dec)
+  want = protocols.decode(msgs, dec, d)
+  assert np.isfinite(np.asarray(got)).all()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_pvary_gives_local_gradients():
+  """The PROTOCOL.md §6 pitfall: without pvary, grad w.r.t. P() params is all-reduced."""
+  mesh = parallel.make_mesh(8)
+  w = jnp.ones(3)
+  xs = jnp.arange(8.0)[:, None] * jnp.ones((8, 3))
+
+  def body(w, x, cast):
+    wv = parallel.pvary(w, "workers") if cast else w
+    g = jax.grad(lambda w: jnp.sum(w * x))(wv)[None]
+    return g if cast else parallel.pvary(g, "workers")
+
+  run = lambda cast: jax.jit(parallel.shard_map(
+      functools.partial(body, cast=cast), mesh=mesh, in_specs=(P(), P("workers")),
+      out_specs=P("workers")))(w, xs)
+  np.testing.assert_allclose(np.asarray(run(True)), np.asarray(xs))
+  np.testing.assert_allclose(np.asarray(run(False)), np.broadcast_to(xs.sum(0), (8, 3)))
+
+
+def test_psum_packed_roundtrip():
+  mesh = parallel.make_mesh(8)
+  tree = {"a": jnp.arange(3.0), "b": jnp.array([True, False]), "c": jnp.array(7, jnp.int32)}
+
+  def body(t):
+    mine = jax.lax.axis_index("workers") == 2
+    t = jax.tree.map(lambda x: jnp.where(mine, x, jnp.zeros_like(x)), t)
+    return step_lib._psum_packed(t, "workers")  # pylint: disable=protected-access
+
+  out = jax.jit(parallel.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()))(tree)
+  assert out["b"].dtype == jnp.bool_ and out["c"].dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(out["a"]), [0.0, 1.0, 2.0])
+  np.testing.assert_array_equal(np.asarray(out["b"]), [True, False])
+  assert int(out["c"]) == 7
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="deadline"), "deadline"),
+    (dict(mode="deadline", deadline=-1.0), "deadline"),
+    (dict(mode="eventually"), "unknown mode"),
+    (dict(message_loss_prob=1.5), "message_loss_prob"),
+])
+def test_bad_step_arguments(setup, kwargs, match):
+  mesh, _, _, _, loss_fn = setup
+  proto = protocols.PartialStraggler(assignments.cyclic(M, LOAD), 1)
+  with pytest.raises(ValueError, match=match):
+    parallel.make_coded_step(proto, timing.ShiftedExponential(), loss_fn, optax.sgd(0.1),
+                             mesh, **kwargs)
+
+
+def test_ignore_stragglers_has_no_exact_mode(setup):
+  mesh, _, _, _, loss_fn = setup
+  proto = protocols.IgnoreStragglers(assignments.cyclic(M, LOAD))
+  with pytest.raises(ValueError, match="deadline"):
+    parallel.make_coded_step(proto, timing.ShiftedExponential(), loss_fn, optax.sgd(0.1),
+                             mesh, mode="exact")
+
+
+def test_set_cpu_device_count_fails_loudly_when_too_late():
+  jax.devices()  # the backend is up (8 devices from conftest)
+  parallel.set_cpu_device_count(8)       # enough: fine
+  with pytest.raises(RuntimeError, match="already started"):
+    parallel.set_cpu_device_count(64)
+  with pytest.raises(RuntimeError, match="only 8"):
+    parallel.make_mesh(64)
