@@ -175,3 +175,23 @@ def test_synthetic_config_runs(tmp_path):
 def test_pod_config_validates():
   from configs import pod  # pylint: disable=import-outside-toplevel
   train.validate_config(pod.get_config())
+
+
+def test_command_line_defaults_from_any_directory(tmp_path):
+  """`python train.py` needs no flags: configs/default.py is found beside train.py."""
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+  run = lambda *flags: subprocess.run(
+      [sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True,
+      timeout=300)
+  out = run("--config.num_steps=4", "--config.eval_every=2", "--config.checkpoint_every=0",
+            "--config.hidden=(16,)")
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = read(tmp_path / "workdir")
+  train_lines = [r for r in lines if "loss" in r]
+  assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
+  assert all({"step", "loss", "sim_time"} <= set(r) for r in train_lines)
+  assert sum("test_accuracy" in r for r in lines) == 3          # steps 0, 2, 4
+  assert (tmp_path / "workdir" / "accuracy_vs_time.png").exists()
+  bad = run("--config.nm_steps=4")
+  assert bad.returncode != 0 and "num_steps" in bad.stderr

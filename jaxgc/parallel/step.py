@@ -286,7 +286,7 @@ class CodedStep:
     self.nan_message_prob = float(nan_message_prob)
     self.axis_name = axis_name
     self.check_vma = check_vma
-    self.report_condition = report_condition and hasattr(protocol, "condition_number")
+    self.report_condition = report_condition and hasattr(protocol, "solve")
     self.layout = _Layout(self.assignment, mesh.shape[axis_name], _used_slots(protocol))
 
   # -- plan: when the PS stops and what state it sees ------------------------
@@ -308,7 +308,10 @@ class CodedStep:
   def _ps_solve(self, counts):
     """Everything the PS derives from a state: padded coefficients and diagnostics."""
     lay, proto = self.layout, self.protocol
-    enc, dec = proto.coefficients(counts)
+    if self.report_condition:
+      enc, dec, cond = proto.solve(counts)
+    else:
+      enc, dec = proto.coefficients(counts)
     cov = proto.coverage(counts)
     decodable = proto.is_decodable(counts)
     out = {
@@ -320,7 +323,7 @@ class CodedStep:
         "decodable": decodable,
     }
     if self.report_condition:
-      out["condition_number"] = jnp.asarray(proto.condition_number(counts), jnp.float32)
+      out["condition_number"] = jnp.asarray(cond, jnp.float32)
     return out
 
   def _ps_plan(self, key, step=None):

@@ -37,6 +37,23 @@ def decoding_candidates(kind, ell: int, m: int, num_candidates: int, seed: int) 
   return np.swapaxes(q, 1, 2) * np.sqrt(m / ell)  # unit-norm columns on average
 
 
+def condition_numbers(a, finished):
+  """``cond(A[:, S_i])`` on rank ``min(|S_i|, ℓ)``, ``[N]``: singular values only.
+
+  Same values as :func:`min_norm_solve`'s, at about half the cost of a full SVD,
+  so candidate matrices are ranked with this and only the winner is solved.
+  """
+  ell = a.shape[0]
+  s = jnp.linalg.svd(jnp.where(finished.T[:, :, None], a.T[None], 0), compute_uv=False)
+  return _condition(s, jnp.minimum(jnp.sum(finished, axis=0), ell))
+
+
+def _condition(s, rank):
+  # A tiny singular value dropped by the solve's threshold must still count.
+  s_last = jnp.take_along_axis(s, jnp.maximum(rank - 1, 0)[:, None], axis=-1)[:, 0]
+  return jnp.where(rank > 0, s[:, 0] / s_last, 1.0)
+
+
 def min_norm_solve(a, finished, rcond):
   """``B_i = pinv(A[:, S_i])`` for all chunks at once, by SVD.
 
@@ -48,18 +65,18 @@ def min_norm_solve(a, finished, rcond):
   """
   ell = a.shape[0]
   mat = jnp.where(finished.T[:, :, None], a.T[None], 0)           # A_{S_i}^T: [N, m, ℓ]
+  if ell == 1:
+    # pinv of a row vector is v / ‖v‖², and its condition number is 1: no SVD needed.
+    sq = jnp.sum(mat[..., 0] ** 2, axis=1)
+    ok = sq > rcond * jnp.max(a[0] ** 2)
+    return mat / jnp.where(ok, sq, 1.0)[:, None, None] * ok[:, None, None], jnp.ones(sq.shape, a.dtype)
   u, s, vt = jnp.linalg.svd(mat, full_matrices=False)
   cov = jnp.sum(finished, axis=0)
   # Rank is |S_i| generically; the threshold catches structured A (e.g. 0/1 colourings).
   keep = (jnp.arange(ell)[None] < cov[:, None]) & (s > rcond * s[:, :1])
   sinv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
   b = jnp.einsum("nmk,nk,nkl->nml", u, sinv, vt)
-  # Condition number on the rank the coverage promises, min(|S_i|, ℓ): a tiny singular
-  # value dropped by the threshold must still count against this A.
-  rank = jnp.minimum(cov, ell)
-  s_last = jnp.take_along_axis(s, jnp.maximum(rank - 1, 0)[:, None], axis=-1)[:, 0]
-  cond = jnp.where(rank > 0, s[:, 0] / s_last, 1.0)
-  return b, cond
+  return b, _condition(s, jnp.minimum(cov, ell))
 
 
 class PartialStraggler(Protocol):
@@ -109,24 +126,32 @@ class PartialStraggler(Protocol):
   def _solve(self, counts):
     """(B [N, m, ℓ], A [ℓ, m], cond [N]) for the best candidate at this state."""
     fin = self.assignment.finished(counts)
-    solve = lambda a: min_norm_solve(a, fin, self._rcond)
-    if self.candidates.shape[0] == 1:
-      b, cond = solve(self.candidates[0])
-      return b, self.candidates[0], cond
-    bs, conds = jax.vmap(solve)(self.candidates)
-    best = jnp.argmin(jnp.max(conds, axis=-1))
-    return bs[best], self.candidates[best], conds[best]
+    a = self.candidates[0]
+    if self.candidates.shape[0] > 1 and self.ell > 1:   # for ℓ = 1 every cond is 1
+      conds = jax.vmap(lambda c: condition_numbers(c, fin))(self.candidates)
+      a = self.candidates[jnp.argmin(jnp.max(conds, axis=-1))]
+    b, cond = min_norm_solve(a, fin, self._rcond)
+    return b, a, cond
 
-  def coefficients(self, counts):
+  def solve(self, counts):
+    """``(enc [m, max_load, ℓ], dec [ℓ, m], worst cond(A[:, S_i]) [])`` in one solve.
+
+    :meth:`coefficients` plus :meth:`condition_number` without solving twice.
+    """
     counts = self.check_counts(counts)
-    b, a, _ = self._solve(counts)
+    b, a, cond = self._solve(counts)
     enc = self.slot_coefficients(jnp.swapaxes(b, 0, 1), self.finished_slots(counts))
     dec = jnp.where(jnp.asarray(counts)[None, :] > 0, a, 0).astype(self.dtype)
-    return enc, dec
+    return enc, dec, jnp.max(cond)
+
+  def coefficients(self, counts):
+    return self.solve(counts)[:2]
 
   def condition_number(self, counts):
     """Worst ``cond(A[:, S_i])`` over chunks at this state (the numerical-risk diagnostic)."""
-    return jnp.max(self._solve(self.check_counts(counts))[2])
+    fin = self.assignment.finished(self.check_counts(counts))
+    conds = jax.vmap(lambda c: condition_numbers(c, fin))(self.candidates)
+    return jnp.min(jnp.max(conds, axis=-1))
 
   def is_decodable(self, counts):
     return jnp.min(self.coverage(counts), axis=-1) >= self.ell
