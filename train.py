@@ -391,10 +391,13 @@ def time_to_target(records: list[dict], target: float, key: str = "test_accuracy
 
 def plot_accuracy_vs_time(runs: dict[str, str], path: str, target: float | None = None):
   """Test accuracy against cumulative simulated time, one curve per run directory."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  # A bare Figure on the Agg canvas: no pyplot, so no global backend switch (which
+  # would silence inline figures in a notebook that calls this).
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(7, 4.5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   for name, wd in runs.items():
     ev = [r for r in read_metrics(wd) if "test_accuracy" in r]
     t = [r["sim_time"] for r in ev]
@@ -411,7 +414,6 @@ def plot_accuracy_vs_time(runs: dict[str, str], path: str, target: float | None 
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def compare_protocols(config, workdir: str, names=("partial_straggler", "original", "uncoded")):
