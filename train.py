@@ -210,18 +210,24 @@ def _keys(seed: int):
   return jax.random.split(jax.random.key(seed), 3)
 
 
-def train_step(state: parallel.TrainState, train_data, *, coded_step: parallel.CodedStep,
-               batch_size: int, seed: int):
+def train_step(state: parallel.TrainState, train_data, perm, *,
+               coded_step: parallel.CodedStep, batch_size: int, seed: int):
   """One coded step on the batch of step ``state.step`` (jit this).
 
-  The batch and the step's PRNG key are folded from ``(seed, state.step)`` only:
-  every protocol sees the same chunks, and a resumed run replays the same
+  ``perm`` is the current epoch's example order (:func:`epoch_permutation`).
+  The batch and the step's PRNG key are functions of ``(seed, state.step)``
+  only: every protocol sees the same chunks, and a resumed run replays the same
   straggler durations.
   """
   _, data_key, step_key = _keys(seed)
   chunks = data.step_chunks(train_data, data_key, state.step, batch_size,
-                            coded_step.assignment.num_chunks)
+                            coded_step.assignment.num_chunks, perm=perm)
   return coded_step.update(state, chunks, step_key)
+
+
+def epoch_permutation(seed: int, epoch, num_train: int):
+  """Epoch ``epoch``'s example order (jit this once; call it once per epoch)."""
+  return data.epoch_permutation(_keys(seed)[1], epoch, num_train)
 
 
 def evaluate(apply_fn, params, test_data, regression: bool = False) -> dict[str, float]:
@@ -322,6 +328,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> paral
   step_fn = jax.jit(functools.partial(train_step, coded_step=coded,
                                       batch_size=config.batch_size, seed=config.seed),
                     donate_argnums=(0,))
+  num_train = len(ds.x_train)
+  per_epoch = data.steps_per_epoch(num_train, config.batch_size)
+  perm_fn = jax.jit(functools.partial(epoch_permutation, config.seed, num_train=num_train),
+                    out_shardings=rep)
+  epoch, perm = None, None
   regression = ds.is_regression
   score_key = "test_mse" if regression else "test_accuracy"
 
@@ -335,7 +346,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> paral
   bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
              disable=not lead, desc=f"{config.protocol}/{config.mode}")
   for step in bar:
-    state, metrics = step_fn(state, train_data)
+    if step // per_epoch != epoch:
+      epoch = step // per_epoch
+      perm = perm_fn(epoch)
+    state, metrics = step_fn(state, train_data, perm)
     rec = {"step": step + 1, **_to_python(metrics)}
     log.write(rec)
     if (step + 1) % config.eval_every == 0 or step + 1 == config.num_steps:

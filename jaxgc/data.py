@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Dataset", "load", "batch_indices", "step_chunks", "DATASETS"]
+__all__ = ["Dataset", "load", "steps_per_epoch", "epoch_permutation", "batch_indices",
+           "step_chunks", "DATASETS"]
 
 DATASETS = ("digits", "synthetic_logistic", "synthetic_linear")
 
@@ -93,23 +94,42 @@ def load(name: str, *, test_fraction: float = 0.2, split_seed: int = 0,
   raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}.")
 
 
-def batch_indices(data_key, step, num_train: int, batch_size: int):
-  """Indices of step ``step``'s batch: int32 ``[batch_size]``.
-
-  Epoch ``e = step // (num_train // batch_size)`` uses the permutation drawn from
-  ``fold_in(data_key, e)`` and the batch is its next slice, so batches within an
-  epoch are disjoint and the whole thing is a function of ``(data_key, step)``.
-  Jit-able in ``step``.
-  """
+def steps_per_epoch(num_train: int, batch_size: int) -> int:
+  """Steps in one pass over the data (the tail ``num_train % batch_size`` is dropped)."""
   if not 1 <= batch_size <= num_train:
     raise ValueError(f"batch_size must be in 1..{num_train}, got {batch_size}.")
-  per_epoch = num_train // batch_size
+  return num_train // batch_size
+
+
+def epoch_permutation(data_key, epoch, num_train: int):
+  """The example order of epoch ``epoch``: int32 ``[num_train]``, from ``fold_in(data_key, epoch)``."""
+  return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_train)
+
+
+def batch_indices(data_key, step, num_train: int, batch_size: int, perm=None):
+  """Indices of step ``step``'s batch: int32 ``[batch_size]``.
+
+  Epoch ``e = step // steps_per_epoch`` uses :func:`epoch_permutation` ``(data_key, e)``
+  and the batch is its next slice, so batches within an epoch are disjoint and
+  the whole thing is a function of ``(data_key, step)``. Jit-able in ``step``.
+
+  Args:
+    perm: that epoch's permutation if the caller already holds it. Drawing it
+      sorts ``num_train`` keys, which on a CPU mesh costs more than a small
+      model's whole step, so a training loop draws it once per epoch.
+  """
+  per_epoch = steps_per_epoch(num_train, batch_size)
   step = jnp.asarray(step, jnp.int32)
-  perm = jax.random.permutation(jax.random.fold_in(data_key, step // per_epoch), num_train)
+  if perm is None:
+    perm = epoch_permutation(data_key, step // per_epoch, num_train)
+  elif jnp.shape(perm) != (num_train,):
+    raise ValueError(f"perm must be the epoch's permutation of shape ({num_train},), got "
+                     f"{jnp.shape(perm)}; build it with epoch_permutation(data_key, epoch, "
+                     f"{num_train}).")
   return jax.lax.dynamic_slice(perm, ((step % per_epoch) * batch_size,), (batch_size,))
 
 
-def step_chunks(data, data_key, step, batch_size: int, num_chunks: int):
+def step_chunks(data, data_key, step, batch_size: int, num_chunks: int, perm=None):
   """The batch of step ``step`` split into ``N`` equal chunks.
 
   Args:
@@ -117,6 +137,7 @@ def step_chunks(data, data_key, step, batch_size: int, num_chunks: int):
     data_key, step: as in :func:`batch_indices`.
     batch_size: examples per step; must be a multiple of ``num_chunks``.
     num_chunks: ``N``.
+    perm: optional, the epoch's permutation (see :func:`batch_indices`).
 
   Returns:
     The pytree with leaves ``[N, batch_size // N, ...]``.
@@ -126,5 +147,5 @@ def step_chunks(data, data_key, step, batch_size: int, num_chunks: int):
         f"batch_size={batch_size} is not a multiple of the number of chunks "
         f"{num_chunks}; pick a batch_size divisible by it.")
   n = jax.tree.leaves(data)[0].shape[0]
-  idx = batch_indices(data_key, step, n, batch_size).reshape(num_chunks, -1)
+  idx = batch_indices(data_key, step, n, batch_size, perm).reshape(num_chunks, -1)
   return jax.tree.map(lambda a: jnp.asarray(a)[idx], data)

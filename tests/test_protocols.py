@@ -91,6 +91,79 @@ def test_unfinished_nan_gradients_do_not_leak():
   np.testing.assert_allclose(est, g.sum(0), rtol=1e-5, atol=1e-5)
 
 
+@st.composite
+def two_row_states(draw):
+  """A ∈ R^{2×m} (generic, nearly parallel rows, equal-norm orthogonal rows) and a state."""
+  m = draw(st.integers(1, 24))
+  n = draw(st.integers(1, 12))
+  seed = draw(st.integers(0, 2**31 - 1))
+  kind = draw(st.sampled_from(["generic", "near_parallel", "orthogonal", "parallel"]))
+  rng = np.random.default_rng(seed)
+  a = rng.standard_normal((2, m))
+  if kind == "near_parallel":
+    a[1] = a[0] + 10.0 ** rng.uniform(-3, -1) * rng.standard_normal(m)
+  elif kind == "parallel":
+    a[1] = 2 * a[0]
+  elif kind == "orthogonal" and m >= 2:
+    q, _ = np.linalg.qr(rng.standard_normal((m, 2)))
+    a = q.T * 3.0                                  # equal norms, zero inner product
+  fin = rng.random((m, n)) < rng.uniform(0, 1)
+  return a.astype(np.float32), fin
+
+
+@SETTINGS
+@given(two_row_states())
+def test_two_column_closed_form_matches_lapack(inst):
+  """ℓ = 2 solves by one Jacobi rotation; it must agree with numpy's SVD / pinv."""
+  from jaxgc.protocols import partial_straggler as ps
+  a, fin = inst
+  a64 = a.astype(np.float64)
+  rcond = 1e-4
+  b, cond = ps.min_norm_solve(jnp.asarray(a), jnp.asarray(fin), rcond)
+  got_cond = np.asarray(ps.condition_numbers(jnp.asarray(a), jnp.asarray(fin)))
+  b = np.asarray(b, np.float64)
+  for i in range(fin.shape[1]):
+    a_s = a64 * fin[:, i]
+    sv = np.pad(np.linalg.svd(a_s, compute_uv=False), (0, 1))[:2]   # m = 1 has one
+    if sv[0] > 0 and 1e-5 < sv[1] / sv[0] < 1e-3:
+      continue                                     # rank depends on the rounding near rcond
+    rank = int(np.sum(sv > rcond * sv[0]))
+    if rank == 0:
+      np.testing.assert_array_equal(b[i], 0)
+      continue
+    want = sv[0] / sv[min(fin[:, i].sum(), 2) - 1]
+    if rank == 2:
+      # Exact recovery A_S B_i = I, to within round-off amplified by cond (as LAPACK's).
+      eps = np.finfo(np.float32).eps
+      assert np.abs(a_s @ b[i] - np.eye(2)).max() < 50 * eps * want
+      np.testing.assert_allclose([got_cond[i], float(cond[i])], want, rtol=1e-5 + 10 * eps * want)
+    else:
+      # Rank one: B_i = pinv(A_S), and A_S B_i is the projector onto A_S's range.
+      want_b = np.linalg.pinv(a_s, rcond=rcond)
+      np.testing.assert_allclose(b[i], want_b, atol=1e-5 * np.abs(want_b).max() + 1e-7)
+
+
+@pytest.mark.parametrize("unroll", [64, 0])   # the fused unrolled sum and the masked einsum
+@pytest.mark.parametrize("ell,d", [(1, 7), (2, 7), (3, 10)])
+def test_encode_matches_direct_sum(monkeypatch, unroll, ell, d):
+  """z_j = Σ_t Σ_k enc[j,t,k] g_{order[j,t]}^(k), computed directly; NaN in unused slots stays out."""
+  from jaxgc.protocols import base
+  monkeypatch.setattr(base, "_UNROLL", unroll)
+  rng = np.random.default_rng(ell * 100 + d)
+  m, load = 5, 3
+  grads = rng.standard_normal((m, load, d)).astype(np.float32)
+  enc = rng.standard_normal((m, load, ell)).astype(np.float32)
+  enc[:, -1] = 0                                  # last slot unused by every worker
+  grads[:, -1] = np.nan
+  b = -(-d // ell)
+  padded = np.zeros((m, load, ell * b), np.float32)
+  padded[..., :d] = np.nan_to_num(grads)
+  want = np.einsum("jtk,jtkb->jb", enc, padded.reshape(m, load, ell, b))
+  got = np.asarray(jaxgc.encode(grads, enc))
+  assert got.shape == (m, b)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("ell,lost", [(2, 1), (3, 2), (4, 3)])
 def test_deadline_mse_matches_formula(ell, lost):
   """E‖ĝ − g‖² = σ² (d/ℓ) Σ_i max(0, ℓ − c_i) for isotropic chunk gradients."""

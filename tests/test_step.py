@@ -86,7 +86,13 @@ def test_sharded_step_matches_reference_encode_decode(setup, name, ell, mode):
   want = protocols.decode(protocols.encode(slots, enc), dec, flat.shape[0])
   got = jax.flatten_util.ravel_pytree(g)[0]
   scale = float(jnp.linalg.norm(want)) + 1e-12
-  assert float(jnp.linalg.norm(got - want)) / scale < 1e-4
+  # Both sides evaluate one formula in float32 with different summation orders;
+  # an ill-conditioned code amplifies that rounding exactly as it amplifies its
+  # own error against the true sum, so that error bounds the gap too.
+  tol = 1e-4
+  if mode == "exact":
+    tol += 2 * float(jnp.linalg.norm(want - per_chunk.sum(0))) / scale
+  assert float(jnp.linalg.norm(got - want)) / scale < tol
 
 
 def test_pipelined_plan_changes_nothing(setup):

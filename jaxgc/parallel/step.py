@@ -453,8 +453,10 @@ class CodedStep:
     # One scalar instead of a reduction per leaf: any NaN/Inf makes the sum non-finite.
     finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
     skip = metrics["skipped"] | ~finite
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skip, b, a), new, old)
-    params, opt_state = keep((params, opt_state), (state.params, state.opt_state))
+    # One conditional rather than a select per leaf: fewer kernels, each of which
+    # runs on every device of the mesh.
+    params, opt_state = jax.lax.cond(skip, lambda: (state.params, state.opt_state),
+                                     lambda: (params, opt_state))
     sim_time = state.sim_time + metrics["step_sim_time"]
     new = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, sim_time=sim_time,
@@ -509,7 +511,11 @@ class PlainStep:
 
     def body(params, chunks):
       grads, loss, weight, _ = _local_chunk_grads(self.loss_fn, params, chunks, lay, ax)
-      return _psum_packed((jnp.einsum("ws,wsd->d", weight, grads), loss), ax)
+      # An unrolled weighted sum: one fused pass over the gradients, like the coded
+      # encode (XLA:CPU's dot and reduce over the leading axes are 1.1-2x slower).
+      total = sum(weight[w, t] * grads[w, t] for w in range(grads.shape[0])
+                  for t in range(grads.shape[1]))
+      return _psum_packed((total, loss), ax)
 
     fn = shard_map(body, mesh=self.mesh, in_specs=(P(), P()), out_specs=(P(), P()),
                    check_vma=self.check_vma)

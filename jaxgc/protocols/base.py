@@ -28,6 +28,9 @@ def split_blocks(x, ell: int):
   return x.reshape(*x.shape[:-1], ell, b)
 
 
+_UNROLL = 64   # max_load · ℓ up to which encode is one unrolled elementwise sum
+
+
 def encode(chunk_grads, enc):
   """Worker messages ``z_j = Σ_t Σ_k enc[j,t,k] g_{order[j,t]}^{(k)}``.
 
@@ -45,10 +48,20 @@ def encode(chunk_grads, enc):
         f"encode: chunk_grads {chunk_grads.shape} and enc {enc.shape} do not match; "
         "expected chunk_grads [..., max_load, d] and enc [..., max_load, ell] with the "
         "same leading shape.")
-  ell = enc.shape[-1]
-  used = jnp.any(enc != 0, axis=-1, keepdims=True)
-  g = jnp.where(used, chunk_grads, 0)
-  return jnp.einsum("...tk,...tkb->...b", enc.astype(g.dtype), split_blocks(g, ell))
+  slots, ell = enc.shape[-2:]
+  enc = enc.astype(chunk_grads.dtype)
+  used = jnp.any(enc != 0, axis=-1)
+  blocks = split_blocks(chunk_grads, ell)                     # [..., max_load, ℓ, b]
+  if slots * ell <= _UNROLL:
+    # One fused pass over the gradients: a masked einsum would first copy them
+    # (the mask) and then run a matrix-vector product, two passes at twice the cost.
+    z = 0
+    for t in range(slots):
+      for k in range(ell):
+        z = z + jnp.where(used[..., t, None], enc[..., t, k, None] * blocks[..., t, k, :], 0)
+    return z
+  g = jnp.where(used[..., None, None], blocks, 0)
+  return jnp.einsum("...tk,...tkb->...b", enc, g)
 
 
 def decode(msgs, dec, d: int):

@@ -40,12 +40,64 @@ def decoding_candidates(kind, ell: int, m: int, num_candidates: int, seed: int) 
 def condition_numbers(a, finished):
   """``cond(A[:, S_i])`` on rank ``min(|S_i|, ℓ)``, ``[N]``: singular values only.
 
-  Same values as :func:`min_norm_solve`'s, at about half the cost of a full SVD,
-  so candidate matrices are ranked with this and only the winner is solved.
+  Same values as :func:`min_norm_solve`'s without the solve, so candidate
+  matrices are ranked with this and only the winner is solved.
   """
   ell = a.shape[0]
-  s = jnp.linalg.svd(jnp.where(finished.T[:, :, None], a.T[None], 0), compute_uv=False)
+  s = _singular_values(jnp.where(finished.T[:, :, None], a.T[None], 0))
   return _condition(s, jnp.minimum(jnp.sum(finished, axis=0), ell))
+
+
+def _rotate2(mat):
+  """One Jacobi rotation of the two columns of ``[..., m, 2]``, which makes them orthogonal.
+
+  Returns the rotated columns ``(big, small)``, their squared norms and ``V``
+  ``[..., 2, 2]`` (columns: right singular vectors, in the same order). The
+  norms come from the columns themselves (one-sided Jacobi), so the singular
+  values' absolute error is ``O(eps·s_max)``, as for LAPACK's SVD.
+  """
+  c1, c2 = mat[..., 0], mat[..., 1]
+  a, b, d = jnp.sum(c1 * c1, -1), jnp.sum(c1 * c2, -1), jnp.sum(c2 * c2, -1)
+  # tan θ of the rotation zeroing the Gram matrix's off-diagonal (Golub & Van Loan, sym.schur2).
+  off = b != 0
+  zeta = (d - a) / (2 * jnp.where(off, b, 1))
+  t = jnp.where(zeta >= 0, 1.0, -1.0) / (jnp.abs(zeta) + jnp.sqrt(1 + zeta * zeta))
+  t = jnp.where(off, t, 0.0)
+  c = jax.lax.rsqrt(1 + t * t)
+  sn = c * t
+  w1, w2 = c[..., None] * c1 - sn[..., None] * c2, sn[..., None] * c1 + c[..., None] * c2
+  n1, n2 = jnp.sum(w1 * w1, -1), jnp.sum(w2 * w2, -1)
+  first = n1 >= n2
+  v1, v2 = jnp.stack([c, -sn], -1), jnp.stack([sn, c], -1)
+  v = jnp.stack([jnp.where(first[..., None], v1, v2), jnp.where(first[..., None], v2, v1)], -1)
+  pick = lambda x, y: jnp.where(first[..., None], x, y)
+  return pick(w1, w2), pick(w2, w1), jnp.maximum(n1, n2), jnp.minimum(n1, n2), v
+
+
+def _svd(mat):
+  """Thin SVD ``mat = U diag(s) Vᵀ`` of ``[..., m, ℓ]``, as ``(W = U diag(s), s, V)``, ``s`` descending.
+
+  For ``ℓ = 2`` a closed form (:func:`_rotate2`): a few fused elementwise passes
+  instead of one LAPACK call per chunk, which on CPU dominate the PS's per-step work.
+  """
+  if mat.shape[-1] != 2:
+    u, s, vt = jnp.linalg.svd(mat, full_matrices=False)
+    return u * s[..., None, :], s, jnp.swapaxes(vt, -1, -2)
+  big, small, nb, _, v = _rotate2(mat)
+  # The angle is only eps-accurate: the small column keeps an O(eps·s_max) part
+  # along the big one, which A_S·B would amplify by cond². One Gram-Schmidt step
+  # removes it, so A_S·B − I is O(eps·cond), as with LAPACK.
+  small = small - (jnp.sum(big * small, -1) / jnp.where(nb > 0, nb, 1))[..., None] * big
+  s = jnp.sqrt(jnp.stack([nb, jnp.sum(small * small, -1)], -1))
+  return jnp.stack([big, small], -1), s, v
+
+
+def _singular_values(mat):
+  """Singular values of ``[..., m, ℓ]``, descending (closed form for ``ℓ = 2``)."""
+  if mat.shape[-1] != 2:
+    return jnp.linalg.svd(mat, compute_uv=False)
+  _, _, nb, ns, _ = _rotate2(mat)
+  return jnp.sqrt(jnp.stack([nb, ns], -1))
 
 
 def _condition(s, rank):
@@ -70,12 +122,12 @@ def min_norm_solve(a, finished, rcond):
     sq = jnp.sum(mat[..., 0] ** 2, axis=1)
     ok = sq > rcond * jnp.max(a[0] ** 2)
     return mat / jnp.where(ok, sq, 1.0)[:, None, None] * ok[:, None, None], jnp.ones(sq.shape, a.dtype)
-  u, s, vt = jnp.linalg.svd(mat, full_matrices=False)
+  w, s, v = _svd(mat)                                              # mat = (W/s) diag(s) Vᵀ
   cov = jnp.sum(finished, axis=0)
   # Rank is |S_i| generically; the threshold catches structured A (e.g. 0/1 colourings).
   keep = (jnp.arange(ell)[None] < cov[:, None]) & (s > rcond * s[:, :1])
-  sinv = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
-  b = jnp.einsum("nmk,nk,nkl->nml", u, sinv, vt)
+  sinv2 = jnp.where(keep, 1.0 / jnp.where(keep, s * s, 1.0), 0.0)
+  b = jnp.einsum("nmk,nk,nlk->nml", w, sinv2, v)                    # U S⁻¹ Vᵀ
   return b, _condition(s, jnp.minimum(cov, ell))
 
 
