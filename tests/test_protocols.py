@@ -148,7 +148,7 @@ def test_two_column_closed_form_matches_lapack(inst):
 def test_encode_matches_direct_sum(monkeypatch, unroll, ell, d):
   """z_j = Σ_t Σ_k enc[j,t,k] g_{order[j,t]}^(k), computed directly; NaN in unused slots stays out."""
   from jaxgc.protocols import base
-  monkeypatch.setattr(base, "_UNROLL", unroll)
+  monkeypatch.setattr(base, "UNROLL_LIMIT", unroll)
   rng = np.random.default_rng(ell * 100 + d)
   m, load = 5, 3
   grads = rng.standard_normal((m, load, d)).astype(np.float32)

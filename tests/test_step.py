@@ -192,7 +192,9 @@ def test_any_worker_count_on_eight_devices(setup, m, load):
   assert bool(metrics["exact"])
 
 
-def test_plain_step_is_the_full_batch_gradient(setup):
+@pytest.mark.parametrize("unroll", [64, 0])   # the unrolled sum and the einsum
+def test_plain_step_is_the_full_batch_gradient(setup, monkeypatch, unroll):
+  monkeypatch.setattr(protocols.base, "UNROLL_LIMIT", unroll)
   mesh, train_data, _, params, loss_fn = setup
   plain = parallel.make_plain_step(assignments.cyclic(M, LOAD), loss_fn, optax.sgd(0.1), mesh)
   chunks = data.step_chunks(train_data, jax.random.key(0), 0, BATCH, M)

@@ -512,9 +512,13 @@ class PlainStep:
     def body(params, chunks):
       grads, loss, weight, _ = _local_chunk_grads(self.loss_fn, params, chunks, lay, ax)
       # An unrolled weighted sum: one fused pass over the gradients, like the coded
-      # encode (XLA:CPU's dot and reduce over the leading axes are 1.1-2x slower).
-      total = sum(weight[w, t] * grads[w, t] for w in range(grads.shape[0])
-                  for t in range(grads.shape[1]))
+      # encode (on the 563k-parameter MLP, XLA:CPU's dot took 1.2x and a reduce over
+      # the leading axes 2.5x as long).
+      w_, t_ = grads.shape[:2]
+      if w_ * t_ <= _protocols.base.UNROLL_LIMIT:
+        total = sum(weight[w, t] * grads[w, t] for w in range(w_) for t in range(t_))
+      else:
+        total = jnp.einsum("ws,wsd->d", weight, grads)
       return _psum_packed((total, loss), ax)
 
     fn = shard_map(body, mesh=self.mesh, in_specs=(P(), P()), out_specs=(P(), P()),

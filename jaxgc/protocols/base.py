@@ -28,7 +28,7 @@ def split_blocks(x, ell: int):
   return x.reshape(*x.shape[:-1], ell, b)
 
 
-_UNROLL = 64   # max_load · ℓ up to which encode is one unrolled elementwise sum
+UNROLL_LIMIT = 64   # terms up to which a weighted sum of gradients is unrolled into one fused pass
 
 
 def encode(chunk_grads, enc):
@@ -52,7 +52,7 @@ def encode(chunk_grads, enc):
   enc = enc.astype(chunk_grads.dtype)
   used = jnp.any(enc != 0, axis=-1)
   blocks = split_blocks(chunk_grads, ell)                     # [..., max_load, ℓ, b]
-  if slots * ell <= _UNROLL:
+  if slots * ell <= UNROLL_LIMIT:
     # One fused pass over the gradients: a masked einsum would first copy them
     # (the mask) and then run a matrix-vector product, two passes at twice the cost.
     z = 0
