@@ -226,8 +226,28 @@ def train_step(state: parallel.TrainState, train_data, perm, *,
 
 
 def epoch_permutation(seed: int, epoch, num_train: int):
-  """Epoch ``epoch``'s example order (jit this once; call it once per epoch)."""
+  """Epoch ``epoch``'s example order (the ``perm`` of :func:`train_step`)."""
   return data.epoch_permutation(_keys(seed)[1], epoch, num_train)
+
+
+def epoch_permutations(seed: int, num_train: int, batch_size: int, sharding):
+  """``step -> perm`` for :func:`train_step`: jitted, and drawn once per epoch.
+
+  Drawing a permutation sorts ``num_train`` keys, which on a CPU mesh costs more
+  than a small model's whole step, so the current epoch's is kept.
+  """
+  per_epoch = data.steps_per_epoch(num_train, batch_size)
+  draw = jax.jit(functools.partial(epoch_permutation, seed, num_train=num_train),
+                 out_shardings=sharding)
+  held = {}
+
+  def perm_for(step: int):
+    epoch = step // per_epoch
+    if epoch not in held:
+      held.clear()
+      held[epoch] = draw(epoch)
+    return held[epoch]
+  return perm_for
 
 
 def evaluate(apply_fn, params, test_data, regression: bool = False) -> dict[str, float]:
@@ -328,11 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> paral
   step_fn = jax.jit(functools.partial(train_step, coded_step=coded,
                                       batch_size=config.batch_size, seed=config.seed),
                     donate_argnums=(0,))
-  num_train = len(ds.x_train)
-  per_epoch = data.steps_per_epoch(num_train, config.batch_size)
-  perm_fn = jax.jit(functools.partial(epoch_permutation, config.seed, num_train=num_train),
-                    out_shardings=rep)
-  epoch, perm = None, None
+  perm_for = epoch_permutations(config.seed, len(ds.x_train), config.batch_size, rep)
   regression = ds.is_regression
   score_key = "test_mse" if regression else "test_accuracy"
 
@@ -346,10 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> paral
   bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
              disable=not lead, desc=f"{config.protocol}/{config.mode}")
   for step in bar:
-    if step // per_epoch != epoch:
-      epoch = step // per_epoch
-      perm = perm_fn(epoch)
-    state, metrics = step_fn(state, train_data, perm)
+    state, metrics = step_fn(state, train_data, perm_for(step))
     rec = {"step": step + 1, **_to_python(metrics)}
     log.write(rec)
     if (step + 1) % config.eval_every == 0 or step + 1 == config.num_steps:

@@ -62,7 +62,7 @@ def main():
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from jaxgc import data, models, parallel  # pylint: disable=import-outside-toplevel
+  from jaxgc import models, parallel  # pylint: disable=import-outside-toplevel
 
   ds = train.load_dataset(config)
   rep = NamedSharding(mesh, P())
@@ -93,18 +93,14 @@ def main():
     fns = {name: jax.jit(functools.partial(train.train_step, coded_step=s,
                                            batch_size=config.batch_size, seed=0))
            for name, s in (("coded", coded), ("uncoded", plain))}
-    # The epoch's example order is drawn once per epoch, outside the step (as train.py does).
-    n = len(ds.x_train)
-    per_epoch = data.steps_per_epoch(n, config.batch_size)
-    perm_fn = jax.jit(functools.partial(train.epoch_permutation, 0, num_train=n),
-                      out_shardings=rep)
+    # The epoch's example order is drawn once per epoch, outside the timed step (as in train.py).
+    perm_for = train.epoch_permutations(0, len(ds.x_train), config.batch_size, rep)
     times = {name: [] for name in fns}
     start = time.perf_counter()
     for it in range(args.warmup + args.iters):
       if it > args.warmup + 5 and time.perf_counter() - start > args.max_seconds:
         break
-      if it % per_epoch == 0:
-        perm = jax.block_until_ready(perm_fn(it // per_epoch))
+      perm = jax.block_until_ready(perm_for(it))
       for name, fn in fns.items():       # interleaved, so drifts hit both alike
         t = time.perf_counter()
         states[name], metrics = fn(states[name], train_data, perm)

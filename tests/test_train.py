@@ -195,3 +195,15 @@ def test_command_line_defaults_from_any_directory(tmp_path):
   assert (tmp_path / "workdir" / "accuracy_vs_time.png").exists()
   bad = run("--config.nm_steps=4")
   assert bad.returncode != 0 and "num_steps" in bad.stderr
+
+
+def test_epoch_permutations_draw_each_epoch_once():
+  """perm_for(step) is that step's epoch permutation, and one array per epoch."""
+  num_train, batch = 100, 30                         # 3 steps per epoch
+  perm_for = train.epoch_permutations(7, num_train, batch, None)
+  for step in range(7):
+    np.testing.assert_array_equal(perm_for(step), train.epoch_permutation(7, step // 3, num_train))
+  assert perm_for(6) is perm_for(8)
+  assert not np.array_equal(perm_for(0), perm_for(3))
+  with pytest.raises(ValueError, match="batch_size must be in 1..100"):
+    train.epoch_permutations(7, num_train, 0, None)

@@ -28,7 +28,26 @@ def split_blocks(x, ell: int):
   return x.reshape(*x.shape[:-1], ell, b)
 
 
-UNROLL_LIMIT = 64   # terms up to which a weighted sum of gradients is unrolled into one fused pass
+UNROLL_LIMIT = 64   # terms up to which weighted_sum is unrolled into one fused pass
+
+
+def weighted_sum(coef, x, mask=None):
+  """``Σ_k coef[..., k] · x[..., k, :]`` -> ``[..., b]``, leaving out terms where ``mask`` is False.
+
+  A masked-out term is excluded even if its ``x`` is NaN/Inf. Up to
+  :data:`UNROLL_LIMIT` terms this is one unrolled, fused elementwise pass over
+  ``x``; a masked einsum would copy ``x`` (the mask) and then run a
+  matrix-vector product, and XLA:CPU's dot alone took 1.2x as long on a
+  563k-parameter gradient.
+  """
+  if coef.shape[-1] <= UNROLL_LIMIT:
+    terms = [coef[..., k, None] * x[..., k, :] for k in range(coef.shape[-1])]
+    if mask is not None:
+      terms = [jnp.where(mask[..., k, None], t, 0) for k, t in enumerate(terms)]
+    return sum(terms)
+  if mask is not None:
+    x = jnp.where(mask[..., None], x, 0)
+  return jnp.einsum("...k,...kb->...b", coef, x)
 
 
 def encode(chunk_grads, enc):
@@ -50,18 +69,13 @@ def encode(chunk_grads, enc):
         "same leading shape.")
   slots, ell = enc.shape[-2:]
   enc = enc.astype(chunk_grads.dtype)
-  used = jnp.any(enc != 0, axis=-1)
+  lead = enc.shape[:-2]
+  used = jnp.broadcast_to(jnp.any(enc != 0, axis=-1, keepdims=True), enc.shape)
   blocks = split_blocks(chunk_grads, ell)                     # [..., max_load, ℓ, b]
-  if slots * ell <= UNROLL_LIMIT:
-    # One fused pass over the gradients: a masked einsum would first copy them
-    # (the mask) and then run a matrix-vector product, two passes at twice the cost.
-    z = 0
-    for t in range(slots):
-      for k in range(ell):
-        z = z + jnp.where(used[..., t, None], enc[..., t, k, None] * blocks[..., t, k, :], 0)
-    return z
-  g = jnp.where(used[..., None, None], blocks, 0)
-  return jnp.einsum("...tk,...tkb->...b", enc, g)
+  # Terms (t, k) in slot-major order: z = Σ_t Σ_k enc[t, k] · block k of slot t.
+  return weighted_sum(enc.reshape(*lead, slots * ell),
+                      blocks.reshape(*lead, slots * ell, blocks.shape[-1]),
+                      used.reshape(*lead, slots * ell))
 
 
 def decode(msgs, dec, d: int):

@@ -68,9 +68,9 @@ def _rotate2(mat):
   w1, w2 = c[..., None] * c1 - sn[..., None] * c2, sn[..., None] * c1 + c[..., None] * c2
   n1, n2 = jnp.sum(w1 * w1, -1), jnp.sum(w2 * w2, -1)
   first = n1 >= n2
-  v1, v2 = jnp.stack([c, -sn], -1), jnp.stack([sn, c], -1)
-  v = jnp.stack([jnp.where(first[..., None], v1, v2), jnp.where(first[..., None], v2, v1)], -1)
   pick = lambda x, y: jnp.where(first[..., None], x, y)
+  v1, v2 = jnp.stack([c, -sn], -1), jnp.stack([sn, c], -1)
+  v = jnp.stack([pick(v1, v2), pick(v2, v1)], -1)
   return pick(w1, w2), pick(w2, w1), jnp.maximum(n1, n2), jnp.minimum(n1, n2), v
 
 
