@@ -22,6 +22,7 @@ __all__ = [
     "ShiftedExponential", "Pareto", "Slowdown", "Failures", "Trace", "get_model",
     "finish_times", "progress", "worker_finish_times", "oracle_time",
     "kth_smallest", "check_durations", "event_loop_completion_time",
+    "init_state", "sample_step",
 ]
 
 
@@ -122,6 +123,26 @@ def get_model(name: str, failure_prob: float = 0.0, **params):
   if not 0.0 <= failure_prob <= 1.0:
     raise ValueError(f"failure_prob must be in [0, 1], got {failure_prob}.")
   return Failures(model, failure_prob) if failure_prob > 0 else model
+
+
+# -- models with memory across steps ---------------------------------------------
+
+def init_state(model, key, num_workers: int):
+  """The model's state before step 0: ``()`` for i.i.d. models.
+
+  A model that remembers across steps (persistent stragglers) declares
+  ``stateful = True`` and implements ``init_state(key, num_workers)`` and
+  ``sample_step(key, state, assignment) -> (durations, state)``. The state is a
+  pytree of arrays, so it lives in the training state and in checkpoints.
+  """
+  return model.init_state(key, num_workers) if getattr(model, "stateful", False) else ()
+
+
+def sample_step(model, key, state, assignment: Assignment):
+  """One step's durations ``[m, max_load]`` and the model's next state."""
+  if getattr(model, "stateful", False):
+    return model.sample_step(key, state, assignment)
+  return model.sample(key, assignment), state
 
 
 # -- state from durations ------------------------------------------------------
