@@ -323,7 +323,7 @@ def test_bad_inputs_raise_clear_errors():
   proto = jaxgc.PartialStraggler(asg, 2)
   with pytest.raises(ValueError, match="0 <= k_j <= load_j"):
     proto.encoding(np.array([3, 0, 0, 0]))
-  with pytest.raises(ValueError, match="trailing shape"):
+  with pytest.raises(ValueError, match=r"must have shape \[num_workers\] = \[4\]"):
     proto.encoding(np.array([1, 1, 1]))
   with pytest.raises(ValueError, match="do not match"):
     jaxgc.encode(np.zeros((4, 2, 5)), np.zeros((4, 3, 2)))

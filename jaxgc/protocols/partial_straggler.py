@@ -13,7 +13,9 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
-from jaxgc.protocols.base import Protocol
+from jaxgc.protocols.base import Coefficients, Protocol
+
+__all__ = ["PartialStraggler", "decoding_candidates", "condition_numbers", "min_norm_solve"]
 
 _MATRICES = ("auto", "ones", "gaussian", "orthogonal")
 
@@ -147,10 +149,12 @@ class PartialStraggler(Protocol):
   """
 
   name = "partial_straggler"
+  reports_condition = True
 
-  def __init__(self, assignment: Assignment, ell: int = 1, decoding_matrix="auto",
-               num_candidates: int | None = None, seed: int = 0, dtype=jnp.float32):
-    super().__init__(assignment, ell, dtype)
+  def __init__(self, assignment: Assignment, ell: int = 1, *, decoding_matrix="auto",
+               num_candidates: int | None = None, seed: int = 0, dtype=jnp.float32,
+               **options):
+    super().__init__(assignment, ell, dtype=dtype, **options)
     m = assignment.num_workers
     if isinstance(decoding_matrix, str):
       if decoding_matrix not in _MATRICES:
@@ -185,23 +189,20 @@ class PartialStraggler(Protocol):
     b, cond = min_norm_solve(a, fin, self._rcond)
     return b, a, cond
 
-  def solve(self, counts):
-    """``(enc [m, max_load, ℓ], dec [ℓ, m], worst cond(A[:, S_i]) [])`` in one solve.
-
-    :meth:`coefficients` plus :meth:`condition_number` without solving twice.
-    """
+  def solve(self, counts) -> Coefficients:
+    """:class:`Coefficients` at state ``counts`` ``[m]``; ``condition`` is the worst
+    ``cond(A[:, S_i])`` of the chosen candidate, from the same solve."""
     counts = self.check_counts(counts)
     b, a, cond = self._solve(counts)
     enc = self.slot_coefficients(jnp.swapaxes(b, 0, 1), self.finished_slots(counts))
-    dec = jnp.where(jnp.asarray(counts)[None, :] > 0, a, 0).astype(self.dtype)
-    return enc, dec, jnp.max(cond)
-
-  def coefficients(self, counts):
-    return self.solve(counts)[:2]
+    senders = (counts > 0) & jnp.any(a != 0, axis=0)   # a zero column of A has nothing to send
+    dec = jnp.where(senders[None, :], a, 0).astype(self.dtype)
+    return Coefficients(enc, dec, senders, jnp.max(cond))
 
   def condition_number(self, counts):
     """Worst ``cond(A[:, S_i])`` over chunks at this state (the numerical-risk diagnostic)."""
     fin = self.assignment.finished(self.check_counts(counts))
+    # Candidates' singular values only: cheaper than solve(counts).condition.
     conds = jax.vmap(lambda c: condition_numbers(c, fin))(self.candidates)
     return jnp.min(jnp.max(conds, axis=-1))
 
@@ -210,7 +211,7 @@ class PartialStraggler(Protocol):
 
   def completion_time(self, durations):
     """``t* = max_i (ℓ-th smallest of {F_{j,pos_j(i)} : j ∈ W(i)})``, ``[...]``."""
-    f = timing.finish_times(durations)
+    f = timing.finish_times(self.check_durations(durations))
     m, width = self.assignment.num_workers, self.assignment.max_load
     workers, slots = self.assignment.holders
     idx = np.where(workers >= 0, workers * width + slots, m * width)   # pad → the inf column
