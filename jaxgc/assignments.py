@@ -106,6 +106,7 @@ class Assignment:
   def coverage(self, counts):
     """``c_i(k) = #{j : pos_j(i) ≤ k_j}``: int32 ``[..., N]`` from counts ``[..., m]``."""
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    counts = self.check_counts(counts, batched=True, what="coverage")
     return jnp.sum(self.finished(counts), axis=-2, dtype=jnp.int32)
 
   # "Finished" is one concept at three granularities: a worker has finished chunk
@@ -169,7 +170,7 @@ class Assignment:
       if not np.isfinite(c).all() or (c != np.round(c)).any():
         bad = c[~np.isfinite(c) | (c != np.round(c))].ravel()[0]
         raise ValueError(
-            f"{what}: counts must be whole numbers of chunks, got {bad!r}; pass integers "
+            f"{what}: counts must be whole numbers of chunks, got {bad}; pass integers "
             "0 <= k_j <= load_j (e.g. timing.progress(durations, t)).")
     over = (c < 0) | (c > self.loads)
     if over.any():

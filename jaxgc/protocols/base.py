@@ -277,10 +277,10 @@ class Protocol:
   def message_size(self, d: int) -> int:
     return num_blocks(d, self.ell)
 
-  def check_counts(self, counts, batched: bool = False):
+  def check_counts(self, counts, batched: bool = False, what: str = "solve"):
     """Validates a state ``[m]`` (``[..., m]`` if ``batched``); returns it as int32."""
     return self.assignment.check_counts(counts, batched=batched,
-                                        what=f"{type(self).__name__}.solve")
+                                        what=f"{type(self).__name__}.{what}")
 
   def check_durations(self, durations):
     """Validates durations ``[..., m, max_load]`` (shape even under ``jit``)."""

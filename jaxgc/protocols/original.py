@@ -188,7 +188,9 @@ class Original(Protocol):
     counts = self.check_counts(counts)
     done = self.assignment.finished_workers(counts)
     enc = self.slot_coefficients(self.coef, done[:, None] & jnp.asarray(self.assignment.slot_mask))
-    return Coefficients(enc, self._decoding(done), done, jnp.ones((), self.dtype))
+    # pinv leaves O(eps) weights on non-senders; exact zeros keep their garbage (NaN) out.
+    dec = jnp.where(done[None, :], self._decoding(done), 0).astype(self.dtype)
+    return Coefficients(enc, dec, done, jnp.ones((), self.dtype))
 
   def _decoding(self, done):
     if self.construction == "frc":
@@ -215,6 +217,7 @@ class Original(Protocol):
     return jnp.zeros((self.ell, m), self.dtype).at[:, first].set(rows.T)
 
   def is_decodable(self, counts):
+    counts = self.check_counts(counts, batched=True, what="is_decodable")
     done = self.assignment.finished_workers(counts)
     if self.construction == "frc":
       g = jnp.asarray(self.groups)

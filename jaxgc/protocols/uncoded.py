@@ -48,7 +48,7 @@ class Uncoded(Protocol):
 
   def finished_slots(self, counts):
     """bool ``[..., m, max_load]``: designated slots computed at state ``counts``."""
-    counts = self.assignment.check_counts(counts, what="finished_slots")
+    counts = self.check_counts(counts, batched=True, what="finished_slots")
     return jnp.asarray(self.designated) & (jnp.asarray(self.rank) < jnp.asarray(counts)[..., :, None])
 
   def solve(self, counts) -> Coefficients:
@@ -62,7 +62,7 @@ class Uncoded(Protocol):
     return jnp.where(senders, 1.0, 0.0)[None].astype(self.dtype)
 
   def is_decodable(self, counts):
-    counts = self.assignment.check_counts(counts, what="is_decodable")
+    counts = self.check_counts(counts, batched=True, what="is_decodable")
     return jnp.all(jnp.asarray(counts) >= self.num_designated, axis=-1)
 
   def coverage(self, counts):
