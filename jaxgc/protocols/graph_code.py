@@ -162,13 +162,15 @@ class GraphCode(Protocol):
     m = self.assignment.num_workers
     rank = jnp.argsort(jnp.argsort(t, axis=-1), axis=-1)
     finite = jnp.isfinite(t)
-    lo = jnp.zeros(t.shape[:-1], jnp.int32)          # prefix lo: not decodable (empty)
-    hi = jnp.full(t.shape[:-1], m + 1, jnp.int32)    # prefix hi: decodable (m+1: never)
-    for _ in range(math.ceil(math.log2(m + 1))):
+    n = self.assignment.num_chunks
+
+    def bisect(_, bounds):
+      lo, hi = bounds          # prefix lo is not decodable (0: empty), prefix hi is (m+1: never)
       mid = (lo + hi) // 2
-      done = (rank < mid[..., None]) & finite
-      ok = self._squared_error(done) / self.assignment.num_chunks <= self.tol
-      lo, hi = jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+      ok = self._squared_error((rank < mid[..., None]) & finite) / n <= self.tol
+      return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+    start = (jnp.zeros(t.shape[:-1], jnp.int32), jnp.full(t.shape[:-1], m + 1, jnp.int32))
+    _, hi = jax.lax.fori_loop(0, math.ceil(math.log2(m + 1)), bisect, start)
     t_sorted = jnp.sort(t, axis=-1)
     at = jnp.take_along_axis(t_sorted, jnp.minimum(hi, m)[..., None] - 1, axis=-1)[..., 0]
     return jnp.where(hi <= m, at, jnp.inf)
