@@ -151,7 +151,7 @@ def test_solve_is_jittable_and_registered():
   b = asg.biadjacency.T.astype(np.float64)
   done = counts == 2
   w = np.linalg.lstsq(b[:, done], np.ones(6), rcond=None)[0]   # the minimum-norm weights
-  np.testing.assert_allclose(np.asarray(c.dec)[0, done], w, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(c.dec)[0, done], w, atol=1e-5)
   assert np.all(np.asarray(c.dec)[0, ~done] == 0)
   assert c.enc.shape == (6, 2, 1) and c.dec.shape == (1, 6)
 
