@@ -108,8 +108,7 @@ def test_frc_exact_with_one_finisher_per_group():
 
   @jax.jit
   def run(counts):
-    enc, dec = proto.coefficients(counts)
-    est = jaxgc.decode(jaxgc.encode(g[asg.order], enc), dec, 5)
+    est = jaxgc.protocols.estimate(proto, g[asg.order], counts)
     return est, proto.is_decodable(counts), proto.optimal_error(counts)
   for _ in range(5):
     counts = rng.integers(0, 3, size=12)          # nobody finished ...
@@ -162,3 +161,8 @@ def test_ell_above_one_names_the_alternatives(ell):
     GraphCode(assignments.cyclic(6, 3), ell)
   with pytest.raises(ValueError, match="ell must be 1"):
     get_protocol("graph_code", assignments.cyclic(6, 3), ell=ell)
+
+
+def test_unknown_option_is_refused():
+  with pytest.raises(ValueError, match="unknown option"):
+    get_protocol("graph_code", assignments.cyclic(6, 3), construction="frc")

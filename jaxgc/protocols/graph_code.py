@@ -19,7 +19,6 @@ bound ``‖α − 1‖ ≤ (λ₂/d)·√(n s/(n − s))`` (:func:`jaxgc.spectra
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +26,7 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
-from jaxgc.protocols.base import Protocol, min_norm_decoder
-
-try:
-  from jaxgc.protocols.base import Coefficients
-except ImportError:   # the shared interface (COMMON.md §1) is not on this base yet
-  class Coefficients(NamedTuple):
-    enc: jax.Array        # [m, max_load, ℓ]
-    dec: jax.Array        # [ℓ, m]
-    senders: jax.Array    # bool [m]
-    condition: jax.Array  # []
+from jaxgc.protocols.base import Coefficients, Protocol, min_norm_decoder
 
 __all__ = ["GraphCode", "decoding_error", "effective_weights"]
 
@@ -82,6 +72,7 @@ class GraphCode(Protocol):
   """
 
   name = "graph_code"
+  reports_condition = True
 
   def __init__(self, assignment: Assignment, ell: int = 1, *, dtype=jnp.float32):
     if ell != 1:
@@ -89,13 +80,14 @@ class GraphCode(Protocol):
           f"graph_code sends the plain sum of a worker's chunk gradients, so ell must be 1, "
           f"got ell={ell!r}. For ell > 1 use partial_straggler (any ell, uses partial work) "
           "or original (construction='polynomial').")
-    super().__init__(assignment, 1, dtype)
+    super().__init__(assignment, 1, dtype=dtype)
     self.chunk_matrix = jnp.asarray(assignment.biadjacency.T, self.dtype)   # B: [N, m]
     self.tol = float((100 * jnp.finfo(self.dtype).eps) ** 2)
 
-  def done(self, counts):
+  def done(self, counts, what: str = "done"):
     """bool ``[..., m]``: worker finished its whole list (only those send)."""
-    return jnp.asarray(counts) >= jnp.asarray(self.assignment.loads)
+    counts = self.check_counts(counts, batched=True, what=what)
+    return self.assignment.finished_workers(counts)
 
   def weights(self, done):
     """Least-squares ``w = argmin ‖B_F w − 1‖`` (minimum norm), ``[..., m]``, 0 outside ``F``.
@@ -113,11 +105,11 @@ class GraphCode(Protocol):
 
   def chunk_weights(self, counts):
     """``α = B_F w``: the weight of each chunk in the estimate, ``[..., N]``."""
-    return self.weights(self.done(counts)) @ self.chunk_matrix.T
+    return self.weights(self.done(counts, "chunk_weights")) @ self.chunk_matrix.T
 
   def optimal_error(self, counts):
     """Glasgow & Wootters' optimal decoding error ``min_w ‖B_F w − 1‖² = ‖α − 1‖²``, ``[...]``."""
-    return self._squared_error(self.done(counts))
+    return self._squared_error(self.done(counts, "optimal_error"))
 
   def _squared_error(self, done):
     alpha = self.weights(done) @ self.chunk_matrix.T
@@ -133,7 +125,7 @@ class GraphCode(Protocol):
   def solve(self, counts) -> Coefficients:
     """0/1 encoding on finished workers, ``dec = wᵀ``, condition of ``B_F`` on its rank."""
     counts = self.check_counts(counts)
-    done = self.done(counts)
+    done = self.assignment.finished_workers(counts)
     enc = jnp.where(done[:, None] & jnp.asarray(self.assignment.slot_mask), 1, 0)
     w = self.weights(done)
     mat = jnp.where(done[None, :], self.chunk_matrix, 0)
@@ -143,12 +135,10 @@ class GraphCode(Protocol):
     cond = jnp.where(jnp.any(kept), s[0] / jnp.min(jnp.where(kept, s, jnp.inf)), 1.0)
     return Coefficients(enc[..., None].astype(self.dtype), w[None], done, cond.astype(self.dtype))
 
-  def coefficients(self, counts):
-    return tuple(self.solve(counts)[:2])
-
   def is_decodable(self, counts):
     """``1 ∈ span(B_F)``, numerically ``‖α − 1‖²/N ≤ (100·eps)²``, ``[...]``."""
-    return self.decoding_error(counts) <= self.tol
+    err = self._squared_error(self.done(counts, "is_decodable"))
+    return err / self.assignment.num_chunks <= self.tol
 
   def completion_time(self, durations):
     """First time the finished set's columns span ``1``, ``[...]``; ``inf`` if never.
@@ -158,7 +148,7 @@ class GraphCode(Protocol):
     the prefix length needs ``⌈log₂(m+1)⌉`` batched least-squares solves, not ``m``.
     Ties are harmless: at a tied time all tied workers are finished together.
     """
-    t = timing.worker_finish_times(durations, self.assignment)       # [..., m]
+    t = timing.worker_finish_times(self.check_durations(durations), self.assignment)   # [..., m]
     m = self.assignment.num_workers
     rank = jnp.argsort(jnp.argsort(t, axis=-1), axis=-1)
     finite = jnp.isfinite(t)
