@@ -75,13 +75,13 @@ class GraphCode(Protocol):
   name = "graph_code"
   reports_condition = True
 
-  def __init__(self, assignment: Assignment, ell: int = 1, *, dtype=jnp.float32):
+  def __init__(self, assignment: Assignment, ell: int = 1, *, dtype=jnp.float32, **options):
     if ell != 1:
       raise ValueError(
           f"graph_code sends the plain sum of a worker's chunk gradients, so ell must be 1, "
           f"got ell={ell!r}. For ell > 1 use partial_straggler (any ell, uses partial work) "
           "or original (construction='polynomial').")
-    super().__init__(assignment, 1, dtype=dtype)
+    super().__init__(assignment, 1, dtype=dtype, **options)
     self.chunk_matrix = jnp.asarray(assignment.biadjacency.T, self.dtype)   # B: [N, m]
     self.tol = float((100 * jnp.finfo(self.dtype).eps) ** 2)
 
