@@ -43,7 +43,7 @@ def checked(index):
     est = jaxgc.decode(jaxgc.encode(g[np.maximum(asg.order, 0)], c.enc), c.dec, g.shape[1])
     return dict(alpha=proto.chunk_weights(counts), err=proto.optimal_error(counts), est=est,
                 metric=decoding_error(proto, counts), fast=proto.decoding_error(counts),
-                decodable=proto.is_decodable(counts), senders=c.senders, enc=c.enc,
+                decodable=proto.is_decodable(counts), senders=c.senders, enc=c.enc, dec=c.dec,
                 condition=c.condition)
   return proto, run
 
@@ -68,6 +68,7 @@ def test_decode_is_numpys_least_squares_optimum(index, seed):
   np.testing.assert_allclose(out["fast"], err / asg.num_chunks, atol=1e-6, rtol=1e-4)
   assert bool(out["decodable"]) == (err < 1e-9)
   assert np.array_equal(out["senders"], done) and np.isfinite(out["condition"])
+  assert np.all(out["dec"][0, ~done] == 0)      # exactly: a silent worker's message is never used
   assert np.all(out["enc"][~done] == 0) and np.all(out["enc"][done][asg.slot_mask[done]] == 1)
 
 

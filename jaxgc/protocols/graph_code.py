@@ -102,7 +102,9 @@ class GraphCode(Protocol):
       coef = jnp.where(f[:, None], self.chunk_matrix.T, 0)[:, :, None]   # [m, N, 1]
       return min_norm_decoder(coef, jnp.ones((1, n, 1), self.dtype))[0]
     flat = done.reshape(-1, done.shape[-1])
-    return jax.vmap(one)(flat).reshape(done.shape).astype(self.dtype)
+    w = jax.vmap(one)(flat).reshape(done.shape).astype(self.dtype)
+    # The SVD leaves round-off on the zeroed columns; a silent worker must get exactly 0.
+    return jnp.where(done, w, 0)
 
   def chunk_weights(self, counts):
     """``α = B_F w``: the weight of each chunk in the estimate, ``[..., N]``."""
