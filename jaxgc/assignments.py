@@ -385,3 +385,36 @@ def _check_sizes(num_workers, load):
   if not isinstance(load, (int, np.integer)) or not 1 <= load <= num_workers:
     raise ValueError(
         f"load must be an integer in 1..num_workers={num_workers}, got {load!r}.")
+
+
+def expander(num_workers: int, load: int, seed: int = 0) -> Assignment:
+  """A Ramanujan ``load``-regular bipartite assignment, ``N = m``: worker ``j`` holds its neighbours.
+
+  The graph is networkx's ``random_regular_expander_graph(m, load)``: a simple
+  ``load``-regular graph (``load/2`` random permutations) kept only once networkx
+  certifies it Ramanujan, every non-trivial eigenvalue ``|λ| < 2√(load−1)``.
+  Worker ``j`` holds the chunks ``i`` adjacent to vertex ``j`` (the bipartite double
+  cover), so the biadjacency's second singular value, the ``λ₂`` of Raviv et al.'s
+  bound (:func:`jaxgc.spectral.raviv_bound`), obeys the same ``2√(load−1)``.
+
+  Why this one: networkx's explicit expanders do not give a sparse regular
+  assignment at useful sizes. ``margulis_gabber_galil_graph`` and
+  ``chordal_cycle_graph`` are multigraphs with self-loops (a worker would hold a
+  chunk twice, and merging the copies makes the load irregular), and
+  ``paley_graph`` has load ``(p−1)/2``, half of the workers. Any ``m > load``
+  works here; ``load`` must be even. Chunks per worker come in ascending order.
+  """
+  import networkx as nx  # pylint: disable=import-outside-toplevel
+  _check_sizes(num_workers, load)
+  if load % 2 or load < 2 or load >= num_workers:
+    raise ValueError(
+        f"expander needs an even load with 2 <= load < num_workers={num_workers} (it is "
+        f"built from load/2 permutations), got load={load}. Use an even load, or "
+        "random_regular() for an odd one.")
+  # Its rejection sampler needs ~e^{load} tries for disjoint cycles; networkx allows 100.
+  graph = nx.random_regular_expander_graph(num_workers, load, seed=seed, max_tries=100_000)
+  adj = nx.to_numpy_array(graph, nodelist=range(num_workers)) != 0
+  return from_biadjacency(adj)
+
+
+__all__ += ["expander"]

@@ -419,7 +419,7 @@ def test_solve_is_the_one_source_of_coefficients(name):
   asg = assignments.cyclic(6, 3)
   proto = jaxgc.get_protocol(name, asg, 2 if name in ("partial_straggler", "original") else 1)
   assert proto.has_exact_mode == (name != "ignore_stragglers")
-  assert proto.reports_condition == (name == "partial_straggler")
+  assert proto.reports_condition == (name in ("partial_straggler", "graph_code"))
   states = np.random.default_rng(0).integers(0, 4, (8, 6))
   c = jax.jit(jax.vmap(proto.solve))(states)
   assert isinstance(c, jaxgc.Coefficients) and c.senders.dtype == jnp.bool_

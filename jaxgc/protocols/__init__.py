@@ -8,6 +8,7 @@ from jaxgc.protocols.base import (MODES, Coefficients, Protocol, decode, encode,
 # Not public (absent from __all__); still reachable here for the step until it imports base.
 from jaxgc.protocols.base import (decode_blocks, min_norm_decoder, num_blocks,  # noqa: F401
                                   split_blocks, weighted_sum)
+from jaxgc.protocols.graph_code import GraphCode
 from jaxgc.protocols.original import Original
 from jaxgc.protocols.partial_straggler import PartialStraggler
 from jaxgc.protocols.uncoded import IgnoreStragglers, Uncoded
@@ -19,6 +20,7 @@ __all__ = [
     "Original",
     "Uncoded",
     "IgnoreStragglers",
+    "GraphCode",
     "PROTOCOLS",
     "get_protocol",
     "MODES",
@@ -34,6 +36,7 @@ PROTOCOLS = {
     "original": Original,
     "uncoded": Uncoded,
     "ignore_stragglers": IgnoreStragglers,
+    "graph_code": GraphCode,
 }
 
 
