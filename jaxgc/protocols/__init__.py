@@ -1,6 +1,7 @@
 """Gradient-coding protocols: coefficients from the state, encode, decode."""
 from jaxgc.protocols.base import (Protocol, decode, decode_blocks, encode, expected_mse,
                                   min_norm_decoder, num_blocks, split_blocks, weighted_sum)
+from jaxgc.protocols.backup_workers import BackupWorkers
 from jaxgc.protocols.original import Original
 from jaxgc.protocols.partial_straggler import PartialStraggler
 from jaxgc.protocols.uncoded import IgnoreStragglers, Uncoded
@@ -10,6 +11,7 @@ PROTOCOLS = {
     "original": Original,
     "uncoded": Uncoded,
     "ignore_stragglers": IgnoreStragglers,
+    "backup_workers": BackupWorkers,
 }
 
 
