@@ -23,7 +23,7 @@ from jaxgc.assignments import Assignment
 
 __all__ = [
     "ShiftedExponential", "Pareto", "Slowdown", "Failures", "Trace",
-    "GilbertElliott", "TraceReplay", "TRACES", "load_trace",
+    "FixedSlowdown", "GilbertElliott", "TraceReplay", "TRACES", "load_trace",
     "get_straggler_model", "get_model", "MODEL_PARAMS", "check_model",
     "finish_times", "progress", "worker_finish_times", "oracle_time",
     "kth_smallest", "check_durations", "event_loop_completion_time",
@@ -72,6 +72,23 @@ class Slowdown(NamedTuple):
     rank = jnp.argsort(jnp.argsort(u, axis=-1), axis=-1)
     slow = rank < jnp.round(self.fraction * m)
     return jnp.where(slow[..., None], tau * self.factor, tau)
+
+
+class FixedSlowdown(NamedTuple):
+  """``base`` durations; the workers in ``workers`` are ``factor`` times slower at every step.
+
+  The extreme of persistence (a fail-slow GPU, a throttled host), e.g. the
+  adjacent workers ``(0, 1, 2, 3)`` that defeat a cyclic assignment.
+  """
+  base: Any = ShiftedExponential()
+  workers: tuple = (0, 1, 2, 3)
+  factor: float = 5.0
+
+  def sample(self, key, assignment: Assignment, shape=()):
+    tau = self.base.sample(key, assignment, shape)
+    slow = np.zeros(assignment.num_workers, bool)
+    slow[np.asarray(self.workers, int)] = True
+    return jnp.where(jnp.asarray(slow)[:, None], tau * self.factor, tau)
 
 
 class Failures(NamedTuple):
@@ -358,7 +375,7 @@ def check_model(model):
     for k in ("scale", "alpha"):
       if p[k] <= 0:
         raise _range_error(k, p[k], "must be > 0", f"use a positive {k}")
-  if isinstance(model, (Slowdown, GilbertElliott)) and model.factor < 1:
+  if isinstance(model, (Slowdown, GilbertElliott, FixedSlowdown)) and model.factor < 1:
     raise _range_error("factor", model.factor, "is below 1 (slow workers would be faster)",
                        "use factor >= 1")
   if isinstance(model, Slowdown) and not 0 <= model.fraction <= 1:
@@ -396,7 +413,8 @@ def get_straggler_model(name: str, failure_prob: float = 0.0, **params):
   if unknown:
     raise ValueError(f"straggler model {name!r} takes no parameter(s) {unknown}; it takes "
                      f"{list(MODEL_PARAMS[name])}.")
-  base_params = {k: params.pop(k) for k in ("shift", "rate") if k in params}
+  if name in ("slowdown", "gilbert_elliott", "trace"):
+    base_params = {k: params.pop(k) for k in ("shift", "rate") if k in params}
   if name == "slowdown":
     model = Slowdown(ShiftedExponential(**base_params), **params)
   elif name == "gilbert_elliott":
