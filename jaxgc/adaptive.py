@@ -169,13 +169,16 @@ class AdaptivePS(NamedTuple):
 
 
 def simulate(protocol, straggler, key, num_steps: int, adaptive: AdaptivePS | None = None,
-             state=None):
+             state=None, others=None):
   """Runs ``num_steps`` exact-mode steps; per-step arrays ``[T]``.
 
   Returns a dict: ``time`` (the protocol's stop time with the placement in
   force, or the identity when ``adaptive`` is None), ``oracle`` (the oracle bound
-  on the same durations), ``perm`` ``[T, m]``. The straggler model's chain (if
-  any) starts from ``state`` or from its stationary law.
+  on the same durations), ``perm`` ``[T, m]``, and for each ``name: protocol`` in
+  ``others`` its completion time on the same (unplaced) durations. The
+  straggler model's chain (if any) starts from ``state`` or from its
+  stationary law; the durations are those of :func:`timing.sample_steps` with
+  the same key, whatever the placement.
   """
   asg = protocol.assignment
   m = asg.num_workers
@@ -195,6 +198,7 @@ def simulate(protocol, straggler, key, num_steps: int, adaptive: AdaptivePS | No
     if adaptive is not None:
       a = adaptive.observe(a, timing.progress(logical, stop), stop)
     out = {"time": stop, "oracle": timing.oracle_time(tau, asg, protocol.ell), "perm": perm}
+    out.update({name: p.completion_time(tau) for name, p in (others or {}).items()})
     return (s, a), out
 
   return jax.lax.scan(body, (state, ada), jnp.arange(num_steps))[1]
