@@ -25,7 +25,16 @@ placement depends only on past steps, so the completion time has the same law
 as with a static placement: never worse than static.
 
 Everything is a pure, jittable function of a NamedTuple state, so the training
-step can carry the state in its ``TrainState`` and checkpoint it.
+step can carry the state in its ``TrainState`` and checkpoint it. In a step that
+plans step ``t`` (durations, stop, state ``k``) before any gradient moves:
+
+    tau, s_state = timing.sample_step(straggler, key_t, s_state, assignment)
+    tau = apply_placement(tau, ps.placement(a_state), assignment)   # logical workers
+    stop = stop_time(protocol, tau); counts = timing.progress(tau, stop)
+    a_state = ps.observe(a_state, counts, stop)                      # for step t + 1
+
+Only the simulated durations move: each logical worker's chunks and gradients are
+the same, so the estimate, and exact mode, do not change.
 """
 from __future__ import annotations
 
@@ -37,7 +46,8 @@ import numpy as np
 
 from jaxgc import timing
 
-__all__ = ["AdaptiveState", "AdaptivePS", "apply_placement", "spread_positions", "simulate"]
+__all__ = ["AdaptiveState", "AdaptivePS", "update_rates", "apply_placement", "spread_positions",
+           "simulate", "speed_assignment", "completion_time_of", "simulate_assignment"]
 
 
 class AdaptiveState(NamedTuple):
@@ -169,13 +179,14 @@ class AdaptivePS(NamedTuple):
 
 
 def simulate(protocol, straggler, key, num_steps: int, adaptive: AdaptivePS | None = None,
-             state=None, others=None):
+             state=None, others=None, keep_durations: bool = False):
   """Runs ``num_steps`` exact-mode steps; per-step arrays ``[T]``.
 
   Returns a dict: ``time`` (the protocol's stop time with the placement in
   force, or the identity when ``adaptive`` is None), ``oracle`` (the oracle bound
   on the same durations), ``perm`` ``[T, m]``, and for each ``name: protocol`` in
-  ``others`` its completion time on the same (unplaced) durations. The
+  ``others`` its completion time on the same (unplaced) durations, and with
+  ``keep_durations`` those durations ``[T, m, max_load]`` as ``durations``. The
   straggler model's chain (if any) starts from ``state`` or from its
   stationary law; the durations are those of :func:`timing.sample_steps` with
   the same key, whatever the placement.
@@ -199,6 +210,8 @@ def simulate(protocol, straggler, key, num_steps: int, adaptive: AdaptivePS | No
       a = adaptive.observe(a, timing.progress(logical, stop), stop)
     out = {"time": stop, "oracle": timing.oracle_time(tau, asg, protocol.ell), "perm": perm}
     out.update({name: p.completion_time(tau) for name, p in (others or {}).items()})
+    if keep_durations:
+      out["durations"] = tau
     return (s, a), out
 
   return jax.lax.scan(body, (state, ada), jnp.arange(num_steps))[1]
