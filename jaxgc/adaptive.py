@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgc import timing
+from jaxgc.protocols.base import stop_time
 
 __all__ = ["AdaptiveState", "AdaptivePS", "update_rates", "apply_placement", "spread_positions",
            "simulate", "speed_assignment", "completion_time_of", "simulate_assignment"]
@@ -203,9 +204,7 @@ def simulate(protocol, straggler, key, num_steps: int, adaptive: AdaptivePS | No
     tau, s = timing.sample_step(straggler, jax.random.fold_in(key, t), s, asg)
     perm = adaptive.placement(a) if adaptive is not None else jnp.arange(m, dtype=jnp.int32)
     logical = apply_placement(tau, perm, asg)
-    t_star = protocol.completion_time(logical)
-    f = timing.finish_times(logical)
-    stop = jnp.where(jnp.isfinite(t_star), t_star, jnp.max(jnp.where(jnp.isfinite(f), f, 0.0)))
+    stop = stop_time(protocol, logical)
     if adaptive is not None:
       a = adaptive.observe(a, timing.progress(logical, stop), stop)
     out = {"time": stop, "oracle": timing.oracle_time(tau, asg, protocol.ell), "perm": perm}

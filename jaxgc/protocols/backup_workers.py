@@ -13,21 +13,8 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
-from jaxgc.protocols.base import Protocol
+from jaxgc.protocols.base import Coefficients, Protocol
 from jaxgc.protocols.uncoded import designated_slots
-
-try:
-  from jaxgc.protocols.base import Coefficients
-except ImportError:  # until the shared Coefficients lands in base.py (COMMON.md §1)
-  from typing import NamedTuple
-
-  import jax
-
-  class Coefficients(NamedTuple):
-    enc: jax.Array
-    dec: jax.Array
-    senders: jax.Array
-    condition: jax.Array
 
 __all__ = ["BackupWorkers"]
 
@@ -35,18 +22,23 @@ __all__ = ["BackupWorkers"]
 class BackupWorkers(Protocol):
   """Wait for the first ``m − num_backup`` workers' designated chunks; rescale their sum.
 
-  Uniform constructor; ``ell`` is ignored (messages are whole gradients, ``ℓ = 1``).
+  Messages are whole chunk gradients: ``ell`` is accepted for the uniform
+  constructor (a positive integer) but the protocol works with ``self.ell == 1``.
   Needs one designated chunk per worker (``N = m``, e.g. a cyclic assignment).
+  The stop rule is :meth:`completion_time`; :meth:`is_decodable` (the ``exact``
+  metric) holds only once every chunk arrived.
   """
 
   name = "backup_workers"
 
   def __init__(self, assignment: Assignment, ell: int = 1, *, num_backup: int = 1,
-               dtype=jnp.float32):
-    del ell
-    super().__init__(assignment, 1, dtype=dtype)
+               dtype=jnp.float32, **options):
+    if isinstance(ell, bool) or not isinstance(ell, (int, np.integer)) or ell < 1:
+      raise ValueError(f"ell must be a positive integer, got {ell!r}.")
+    super().__init__(assignment, 1, dtype=dtype, **options)
     m = assignment.num_workers
-    if not isinstance(num_backup, (int, np.integer)) or not 0 <= num_backup < m:
+    if (isinstance(num_backup, bool) or not isinstance(num_backup, (int, np.integer))
+        or not 0 <= num_backup < m):
       raise ValueError(f"num_backup must be an integer with 0 <= num_backup < num_workers={m}, "
                        f"got {num_backup!r}; the PS waits for num_workers - num_backup workers.")
     self.designated = designated_slots(assignment)
@@ -60,25 +52,22 @@ class BackupWorkers(Protocol):
 
   def received(self, counts):
     """bool ``[..., m]``: worker ``j``'s designated chunk has arrived."""
+    counts = self.check_counts(counts, batched=True, what="received")
     return jnp.asarray(counts) > jnp.asarray(self.slot)
 
   def solve(self, counts) -> Coefficients:
-    counts = self.check_counts(counts)
-    got = self.received(counts)
+    got = self.received(self.check_counts(counts))
     enc = (jnp.asarray(self.designated) & got[:, None])[..., None].astype(self.dtype)
     scale = self.assignment.num_chunks / jnp.maximum(jnp.sum(got), 1)
     dec = jnp.where(got, scale, 0.0)[None].astype(self.dtype)
-    return Coefficients(enc, dec, got, jnp.ones((), jnp.float32))
-
-  def coefficients(self, counts):
-    c = self.solve(counts)
-    return c.enc, c.dec
+    return Coefficients(enc, dec, got, jnp.ones((), self.dtype))
 
   def is_decodable(self, counts):
     """Exact only when every chunk arrived (the ``exact`` metric stays honest)."""
     return jnp.all(self.received(counts), axis=-1)
 
   def coverage(self, counts):
+    """``[..., N]``: 1 for the chunks that arrived, 0 otherwise."""
     got = self.received(counts).astype(jnp.int32)
     chunk = self.assignment.order[np.arange(self.assignment.num_workers), self.slot]
     return jnp.zeros(got.shape[:-1] + (self.assignment.num_chunks,), jnp.int32).at[
@@ -86,7 +75,7 @@ class BackupWorkers(Protocol):
 
   def finish_times(self, durations):
     """When each worker's designated chunk arrives, ``[..., m]``."""
-    f = timing.finish_times(durations)
+    f = timing.finish_times(self.check_durations(durations))
     idx = jnp.broadcast_to(jnp.asarray(self.slot)[:, None], f.shape[:-1] + (1,))
     return jnp.take_along_axis(f, idx, axis=-1)[..., 0]
 
