@@ -141,3 +141,31 @@ def test_oracle_bound_formula():
   # finish times 1,2 | 2,4 | 5,10 ; N·ℓ = 3 → third smallest = 2
   assert float(timing.oracle_time(tau, asg, 1)) == 2.0
   assert float(timing.oracle_time(tau, asg, 2)) == 10.0
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("shifted_exponential", dict(shift=-1.0), "shift=-1.0 is negative; use shift >= 0"),
+    ("shifted_exponential", dict(rate=0.0), "rate=0.0 must be > 0"),
+    ("pareto", dict(alpha=0.0), "alpha=0.0 must be > 0; use a positive alpha"),
+    ("pareto", dict(scale=-2.0), "scale=-2.0 must be > 0"),
+    ("slowdown", dict(fraction=1.5), r"fraction=1.5 is outside \[0, 1\]"),
+    ("slowdown", dict(factor=0.5), "factor=0.5 is below 1.*use factor >= 1"),
+    ("slowdown", dict(rate=-1.0), "rate=-1.0 must be > 0"),
+    ("gilbert_elliott", dict(p_slow=1.2), r"p_slow=1.2 is outside \[0, 1\]"),
+    ("gilbert_elliott", dict(p_recover=-0.1), r"p_recover=-0.1 is outside \[0, 1\]"),
+    ("gilbert_elliott", dict(p_slow=0.0, p_recover=0.0), "no stationary law"),
+    ("gilbert_elliott", dict(factor=float("inf")), "factor=inf must be finite"),
+    ("slowdown", dict(alpha=2.0), r"takes no parameter\(s\) \['alpha'\]"),
+])
+def test_straggler_parameter_ranges(name, params, match):
+  with pytest.raises(ValueError, match=match):
+    timing.get_straggler_model(name, **params)
+
+
+def test_straggler_model_registry_names():
+  assert timing.get_model is timing.get_straggler_model
+  for name, params in timing.MODEL_PARAMS.items():
+    assert timing.get_straggler_model(name) is not None, name
+    assert set(params) >= ({"shift", "rate"} if name != "pareto" else {"alpha"})
+  ge = timing.get_straggler_model("gilbert_elliott", shift=2.0, p_slow=0.1, p_recover=0.3)
+  assert ge.base.shift == 2.0 and ge.slow_fraction == pytest.approx(0.25) and ge.stateful

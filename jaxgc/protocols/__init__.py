@@ -9,6 +9,7 @@ from jaxgc.protocols.base import (MODES, Coefficients, Protocol, decode, encode,
 from jaxgc.protocols.base import (decode_blocks, min_norm_decoder, num_blocks,  # noqa: F401
                                   split_blocks, weighted_sum)
 from jaxgc.protocols.graph_code import GraphCode
+from jaxgc.protocols.backup_workers import BackupWorkers
 from jaxgc.protocols.original import Original
 from jaxgc.protocols.partial_straggler import PartialStraggler
 from jaxgc.protocols.uncoded import IgnoreStragglers, Uncoded
@@ -21,6 +22,7 @@ __all__ = [
     "Uncoded",
     "IgnoreStragglers",
     "GraphCode",
+    "BackupWorkers",
     "PROTOCOLS",
     "get_protocol",
     "MODES",
@@ -37,6 +39,7 @@ PROTOCOLS = {
     "uncoded": Uncoded,
     "ignore_stragglers": IgnoreStragglers,
     "graph_code": GraphCode,
+    "backup_workers": BackupWorkers,
 }
 
 
