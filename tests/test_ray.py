@@ -1,0 +1,207 @@
+"""The Ray backend against a local Ray instance: exactness, erasures, deadline, startup errors."""
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from jaxgc import assignments, data, models, parallel, protocols, timing  # pylint: disable=wrong-import-position
+from jaxgc.ray_backend import RayStep, WorkerPool, measured_durations  # pylint: disable=wrong-import-position
+
+M, LOAD, BATCH = 4, 3, 32
+
+
+@pytest.fixture(scope="module")
+def pool():
+  ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+  try:
+    with WorkerPool(2) as p:     # workers 0, 2 on actor 0; 1, 3 on actor 1
+      yield p
+  finally:
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup():
+  ds = data.load("digits")
+  model = models.get_model("mlp", ds.num_classes, (8,))
+  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
+  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
+  train = (ds.x_train, ds.y_train)
+  chunks = [data.step_chunks(train, jax.random.key(1), s, BATCH, M) for s in range(3)]
+  return params, loss_fn, chunks
+
+
+@pytest.fixture(scope="module")
+def partial():
+  """partial_straggler with ell = 1, 2 on the cyclic assignment (shared: the PS compiles once)."""
+  a = assignments.cyclic(M, LOAD)
+  return {ell: protocols.get_protocol("partial_straggler", a, ell) for ell in (1, 2)}
+
+
+def full_grad(loss_fn, params, chunks):
+  return jax.grad(lambda p: jnp.sum(jax.vmap(lambda c: loss_fn(p, c))(chunks)))(params)
+
+
+def flat(tree):
+  return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
+
+
+def estimate_at(proto, loss_fn, params, chunks, counts):
+  """The PS's estimate at state ``counts``, from directly computed chunk gradients."""
+  a = proto.assignment
+  g = jax.vmap(lambda c: jax.flatten_util.ravel_pytree(jax.grad(loss_fn)(params, c))[0])(chunks)
+  slots = g[np.maximum(a.order, 0)]                                   # [m, max_load, d]
+  enc, dec = jax.jit(proto.coefficients)(jnp.asarray(counts))
+  sends = np.any(np.asarray(enc) != 0, axis=(1, 2))
+  msgs = jnp.where(sends[:, None], protocols.encode(slots, enc), 0.0)
+  return np.asarray(protocols.decode(msgs, dec, g.shape[-1]))
+
+
+def trace(rows):
+  """Injected durations ``[M, LOAD]`` given per worker."""
+  return timing.Trace(np.asarray(rows, np.float32))
+
+
+def test_exact_gradient_equals_full_batch_and_replays(pool, setup, partial):
+  params, loss_fn, chunks = setup
+  proto = partial[2]
+  step = RayStep(proto, timing.get_model("slowdown"), loss_fn, optax.sgd(0.1), pool=pool,
+                 time_scale=0.005)
+  for s in range(2):
+    g, metrics = step.gradient(params, chunks[s], jax.random.key(3), step=s)
+    np.testing.assert_allclose(flat(g), flat(full_grad(loss_fn, params, chunks[s])),
+                               rtol=1e-5, atol=1e-6)
+    assert metrics["exact"] and not metrics["skipped"] and metrics["erasures"] == 0
+    rec = step.last_record
+    # The PS stopped at the first decodable state it saw: replaying the measured
+    # arrival times in the simulator gives that same moment.
+    replay = float(proto.completion_time(jnp.asarray(measured_durations(rec), jnp.float32)))
+    np.testing.assert_allclose(replay * rec["time_scale"], rec["stop_wall"], rtol=0.05, atol=2e-3)
+    # and the simulator's stop for the injected durations is what the metrics report.
+    assert metrics["step_sim_time"] == pytest.approx(float(proto.completion_time(rec["durations"])))
+
+
+def test_exact_losses_equal_spmd_uncoded(pool, setup, partial):
+  params, loss_fn, chunks = setup
+  # SGD: Adam would blow float rounding on exactly-zero gradients up to full steps.
+  a, tx, key = assignments.cyclic(M, LOAD), optax.sgd(0.5), jax.random.key(7)
+  straggler = timing.get_model("slowdown")
+  ps = RayStep(partial[2], straggler, loss_fn, tx,
+               pool=pool, time_scale=0.005)
+  spmd = parallel.make_coded_step(protocols.get_protocol("uncoded", a), straggler, loss_fn, tx,
+                                  parallel.make_mesh(1))
+  update = ps.jit()
+  spmd_update = spmd.jit()
+  s_ray, s_spmd = ps.init_state(params, key), spmd.init_state(params, key)
+  for c in chunks:
+    s_ray, m_ray = update(s_ray, c, key)
+    s_spmd, m_spmd = spmd_update(s_spmd, c, key)
+    np.testing.assert_allclose(m_ray["loss"], float(m_spmd["loss"]), rtol=1e-5)
+    assert m_ray["exact"] and m_ray["wall_time"] > 0
+  np.testing.assert_allclose(flat(s_ray.params), flat(s_spmd.params), rtol=1e-4, atol=1e-5)
+  assert int(s_ray.step) == 3 and int(s_ray.num_skipped) == 0
+
+
+def test_deadline_stops_at_T_with_least_squares_estimate(pool, setup, partial):
+  params, loss_fn, chunks = setup
+  proto = partial[2]
+  # Workers 0, 1 finish a chunk per simulated second; 2, 3 nothing before T.
+  durations = trace([[1, 1, 1], [1, 1, 1], [50, 50, 50], [50, 50, 50]])
+  step = RayStep(proto, durations, loss_fn, optax.sgd(0.1), pool=pool, mode="deadline",
+                 deadline=2.5, time_scale=0.1)
+  g, metrics = step.gradient(params, chunks[0], jax.random.key(0))
+  rec = step.last_record
+  assert 0.25 <= rec["stop_wall"] < 0.25 + 0.2
+  assert metrics["step_sim_time"] == pytest.approx(2.5)
+  counts = rec["counts"]
+  assert counts.sum() > 0 and not bool(proto.is_decodable(counts)) and not metrics["exact"]
+  # The recorded state is what had arrived by the stop ...
+  np.testing.assert_array_equal(counts, np.sum(rec["finish_wall"] <= rec["stop_wall"], axis=1))
+  # ... and the update is the protocol's least-squares estimate at that state.
+  np.testing.assert_allclose(flat(g), estimate_at(proto, loss_fn, params, chunks[0], counts),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_nan_messages_are_erasures(pool, setup, partial):
+  params, loss_fn, chunks = setup
+  proto = partial[1]
+  # A chunk whose data is NaN poisons every message that carries it: real non-finite
+  # messages, erased; the PS re-solves without those workers.
+  bad = jax.tree.map(lambda x: np.asarray(x).copy(), chunks[0])
+  bad[0][3] = np.nan
+  step = RayStep(proto, trace([[1, 1, 1]] * M), loss_fn, optax.sgd(0.1), pool=pool,
+                 time_scale=0.01)
+  g, metrics = step.gradient(params, bad, jax.random.key(0))
+  rec = step.last_record
+  assert metrics["erasures"] >= 1 and not metrics["skipped"]
+  assert np.all(rec["counts"][rec["erased"]] == 0)
+  assert np.isfinite(flat(g)).all()
+  np.testing.assert_allclose(flat(g), estimate_at(proto, loss_fn, params, bad, rec["counts"]),
+                             rtol=1e-5, atol=1e-6)
+  assert metrics["exact"] == bool(proto.is_decodable(rec["counts"]))
+
+  # Every message corrupted: nothing decodes, the step is skipped and counted, and
+  # the parameters are untouched.
+  step = RayStep(proto, trace([[1, 1, 1]] * M), loss_fn, optax.sgd(0.1), pool=pool,
+                 time_scale=0.01, nan_message_prob=1.0)
+  state = step.init_state(params, jax.random.key(0))
+  state, metrics = step.update(state, chunks[0], jax.random.key(0))
+  assert metrics["skipped"] and metrics["erasures"] >= 1
+  assert int(state.num_skipped) == 1 and int(state.num_erasures) == metrics["erasures"]
+  np.testing.assert_array_equal(flat(state.params), flat(params))
+
+
+def test_startup_errors_are_one_line(monkeypatch, setup):
+  params, loss_fn, _ = setup
+  proto = protocols.get_protocol("uncoded", assignments.cyclic(M, LOAD))
+  t0 = time.perf_counter()
+  with pytest.raises(ValueError, match="cannot reach the Ray cluster") as err:
+    RayStep(proto, timing.get_model("slowdown"), loss_fn, optax.sgd(0.1), address="127.0.0.1:1")
+  assert "\n" not in str(err.value) and time.perf_counter() - t0 < 10
+  monkeypatch.setitem(sys.modules, "ray", None)      # what `import ray` sees without Ray
+  with pytest.raises(ValueError, match=r"needs Ray: pip install 'jaxgc\[ray\]'") as err:
+    RayStep(proto, timing.get_model("slowdown"), loss_fn, optax.sgd(0.1))
+  assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("ell", [1, 2])
+def test_killed_actor_is_an_erasure(pool, setup, ell):
+  """Actor 1 (workers 1, 3) dies mid-step after reporting a chunk each.
+
+  Workers 0 and 2 first compute what 1 and 3 had reported, then the rest, so
+  their first two chunks cover every chunk once: ell=1 still decodes exactly,
+  whether or not the PS noticed the death before its stop; ell=2 cannot, and
+  the PS applies the least-squares estimate of what survived.
+  """
+  params, loss_fn, chunks = setup
+  lists = [[1, 0, 2], [1, 2, 3], [3, 2, 0], [3, 0, 1]]
+  proto = protocols.get_protocol("partial_straggler", assignments.from_lists(lists), ell)
+  durations = trace([[2, 2, 2], [0.5, 50, 50], [2, 2, 2], [0.5, 50, 50]])
+  step = RayStep(proto, durations, loss_fn, optax.sgd(0.1), pool=pool, time_scale=0.2)
+  step.gradient(params, chunks[1], jax.random.key(0))       # warm (and waits out a restart)
+  killer = threading.Timer(0.25, lambda: ray.kill(pool.actors[1], no_restart=False))
+  killer.start()
+  g, metrics = step.gradient(params, chunks[0], jax.random.key(0))
+  killer.join()
+  rec = step.last_record
+  # Ray reports the death after a while: the PS erases them when it notices, or
+  # when their messages fail; either way they end with k_j = 0.
+  assert metrics["erasures"] == 2
+  # ell=1 stops at the first decodable state; ell=2 once nothing more can arrive.
+  np.testing.assert_array_equal(rec["counts"], [2, 0, 2, 0] if ell == 1 else [LOAD, 0, LOAD, 0])
+  assert np.isfinite(flat(g)).all() and not metrics["skipped"]
+  if ell == 1:
+    assert metrics["exact"]
+    np.testing.assert_allclose(flat(g), flat(full_grad(loss_fn, params, chunks[0])),
+                               rtol=1e-5, atol=1e-6)
+  else:
+    assert not metrics["exact"] and metrics["chunks_below_ell"] == 2
+    np.testing.assert_allclose(flat(g), estimate_at(proto, loss_fn, params, chunks[0],
+                                                    rec["counts"]), rtol=1e-5, atol=1e-6)
