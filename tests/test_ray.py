@@ -1,4 +1,5 @@
 """The Ray backend against a local Ray instance: exactness, erasures, deadline, startup errors."""
+import functools
 import sys
 import threading
 import time
@@ -33,8 +34,9 @@ def setup():
   model = models.get_model("mlp", ds.num_classes, (8,))
   params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
   loss_fn = models.chunk_loss_fn(model.apply, BATCH)
-  train = (ds.x_train, ds.y_train)
-  chunks = [data.step_chunks(train, jax.random.key(1), s, BATCH, M) for s in range(3)]
+  # Three steps' batches, split into M chunks (plain slicing: nothing to compile).
+  chunks = [(ds.x_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M, -1),
+             ds.y_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M)) for s in range(3)]
   return params, loss_fn, chunks
 
 
@@ -45,6 +47,7 @@ def partial():
   return {ell: protocols.get_protocol("partial_straggler", a, ell) for ell in (1, 2)}
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def full_grad(loss_fn, params, chunks):
   return jax.grad(lambda p: jnp.sum(jax.vmap(lambda c: loss_fn(p, c))(chunks)))(params)
 
@@ -53,10 +56,15 @@ def flat(tree):
   return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def chunk_grads(loss_fn, params, chunks):
+  return jax.vmap(lambda c: jax.flatten_util.ravel_pytree(jax.grad(loss_fn)(params, c))[0])(chunks)
+
+
 def estimate_at(proto, loss_fn, params, chunks, counts):
   """The PS's estimate at state ``counts``, from directly computed chunk gradients."""
   a = proto.assignment
-  g = jax.vmap(lambda c: jax.flatten_util.ravel_pytree(jax.grad(loss_fn)(params, c))[0])(chunks)
+  g = chunk_grads(loss_fn, params, chunks)
   slots = g[np.maximum(a.order, 0)]                                   # [m, max_load, d]
   enc, dec = jax.jit(proto.coefficients)(jnp.asarray(counts))
   sends = np.any(np.asarray(enc) != 0, axis=(1, 2))
@@ -74,6 +82,7 @@ def test_exact_gradient_equals_full_batch_and_replays(pool, setup, partial):
   proto = partial[2]
   step = RayStep(proto, timing.get_model("slowdown"), loss_fn, optax.sgd(0.1), pool=pool,
                  time_scale=0.005)
+  completion = jax.jit(proto.completion_time)
   for s in range(2):
     g, metrics = step.gradient(params, chunks[s], jax.random.key(3), step=s)
     np.testing.assert_allclose(flat(g), flat(full_grad(loss_fn, params, chunks[s])),
@@ -82,10 +91,10 @@ def test_exact_gradient_equals_full_batch_and_replays(pool, setup, partial):
     rec = step.last_record
     # The PS stopped at the first decodable state it saw: replaying the measured
     # arrival times in the simulator gives that same moment.
-    replay = float(proto.completion_time(jnp.asarray(measured_durations(rec), jnp.float32)))
+    replay = float(completion(jnp.asarray(measured_durations(rec), jnp.float32)))
     np.testing.assert_allclose(replay * rec["time_scale"], rec["stop_wall"], rtol=0.05, atol=2e-3)
     # and the simulator's stop for the injected durations is what the metrics report.
-    assert metrics["step_sim_time"] == pytest.approx(float(proto.completion_time(rec["durations"])))
+    assert metrics["step_sim_time"] == pytest.approx(float(completion(rec["durations"])))
 
 
 def test_exact_losses_equal_spmd_uncoded(pool, setup, partial):
@@ -99,7 +108,8 @@ def test_exact_losses_equal_spmd_uncoded(pool, setup, partial):
                                   parallel.make_mesh(1))
   update = ps.jit()
   spmd_update = spmd.jit()
-  s_ray, s_spmd = ps.init_state(params, key), spmd.init_state(params, key)
+  # Unplanned SPMD state (plan=None): one compile instead of two, same numbers.
+  s_ray, s_spmd = ps.init_state(params, key), parallel.TrainState.create(params, tx)
   for c in chunks:
     s_ray, m_ray = update(s_ray, c, key)
     s_spmd, m_spmd = spmd_update(s_spmd, c, key)
