@@ -576,6 +576,7 @@ class RayStep:
     finish = np.full((m, width), np.nan)       # arrival at the PS, s since dispatch
     chunk_s = np.full((m, width), np.nan)      # worker-measured chunk time (compute + sleep)
     compute_s = np.full((m, width), np.nan)    # of which real compute
+    worker_t = np.full((m, width), np.nan)     # finish as the worker saw it, s since its start
     losses = np.full(a.num_chunks, np.nan)
     dead, erased = np.zeros(m, bool), np.zeros(m, bool)
     if self.mode == "deadline":
@@ -592,7 +593,7 @@ class RayStep:
       for g in ready:
         h = live[g]
         try:
-          j, n, loss, comp, took, _ = ray.get(next(g))
+          j, n, loss, comp, took, at = ray.get(next(g))
         except StopIteration:
           del live[g]
           continue
@@ -607,7 +608,7 @@ class RayStep:
           continue
         counts[j] = n + 1
         finish[j, n] = time.perf_counter() - t0
-        chunk_s[j, n], compute_s[j, n] = took, comp
+        chunk_s[j, n], compute_s[j, n], worker_t[j, n] = took, comp, at
         chunk = a.order[j, self.slots[j][n]]
         if np.isnan(losses[chunk]):
           losses[chunk] = loss
@@ -658,6 +659,7 @@ class RayStep:
     self.last_record = {
         "step": int(step), "time_scale": self.time_scale, "durations": tau,
         "finish_wall": finish, "chunk_wall": chunk_s, "compute_wall": compute_s,
+        "worker_wall": worker_t,
         "counts_observed": observed, "counts": counts, "stop_wall": stop_wall,
         "sim_stop": sim_stop, "erased": erased, "dead": dead, "dispatch_s": t0 - wall0,
     }

@@ -168,6 +168,33 @@ def test_nan_messages_are_erasures(pool, setup, partial):
   np.testing.assert_array_equal(flat(state.params), flat(params))
 
 
+class _Warming:
+  """A straggler model with memory: every chunk of step ``t`` takes ``1 + t``."""
+  stateful = True
+
+  def init_state(self, key, num_workers):
+    del key, num_workers
+    return jnp.zeros((), jnp.float32)
+
+  def sample_step(self, key, state, assignment):
+    del key
+    shape = (assignment.num_workers, assignment.max_load)
+    return jnp.full(shape, 1.0 + state, jnp.float32), state + 1
+
+
+def test_stateful_straggler_model_carries_its_state(pool, setup, partial):
+  params, loss_fn, chunks = setup
+  step = RayStep(partial[1], _Warming(), loss_fn, optax.sgd(0.1), pool=pool, time_scale=0.002)
+  state = step.init_state(params, jax.random.key(0))
+  times = []
+  for c in chunks[:2]:
+    state, metrics = step.update(state, c, jax.random.key(0))
+    times.append(metrics["step_sim_time"])
+    # ell=1, cyclic: every worker's first chunk covers a different chunk.
+    assert metrics["exact"]
+  assert times == [1.0, 2.0]
+
+
 def test_startup_errors_are_one_line(monkeypatch, setup):
   params, loss_fn, _ = setup
   proto = protocols.get_protocol("uncoded", assignments.cyclic(M, LOAD))
