@@ -12,8 +12,11 @@ and the driver plays the PS, in real time:
    an injected sleep of ``τ · time_scale`` seconds; ``τ = inf`` (a failed worker)
    stops it. It keeps each finished chunk gradient and reports the chunk to the PS.
 2. **Watch.** The PS reads the reports as they come (``ray.wait`` on streaming
-   generators, never a blocking get on one worker) and stops at the first state
-   ``k`` that :meth:`is_decodable` accepts (exact mode), or at the deadline
+   generators, never a blocking get on one worker) and stops as soon as the
+   protocol's ``completion_time`` of the arrivals so far is finite, i.e. at the
+   moment the simulator would stop on these arrival times (for the coded
+   protocols: every chunk has ``ℓ`` finishers; for backup workers: ``m − b``
+   workers reported), in exact mode; or at the deadline
    ``T · time_scale`` wall seconds after dispatch (deadline mode; ``T`` is in
    simulated seconds as everywhere in jaxgc, so one config runs on both backends).
    An exact-mode step that can never decode (dead workers) stops once nothing
@@ -134,12 +137,21 @@ _decode = jax.jit(_protocols.decode, static_argnums=2)
 
 
 def _ps_functions(protocol):
-  """The PS's jitted ``is_decodable``, solve and ``coverage``, compiled once per protocol object."""
+  """The PS's jitted ``is_decodable``, solve, ``coverage`` and stop test, once per protocol object.
+
+  The stop test takes the arrival times ``F [m, max_load]`` so far (``inf`` for
+  chunks not arrived) and asks the simulator's own rule: is ``completion_time``
+  of those durations already finite?
+  """
   if protocol not in _PS_FUNCTIONS:
     ref = weakref.ref(protocol)     # a strong one in the values would keep every key alive
+    def complete(f):
+      tau = jnp.diff(f, axis=1, prepend=0.0)
+      return jnp.isfinite(ref().completion_time(jnp.where(jnp.isfinite(f), tau, jnp.inf)))
     _PS_FUNCTIONS[protocol] = (jax.jit(lambda c: ref().is_decodable(c)),
                                jax.jit(lambda c: _solve(ref(), c)),
-                               jax.jit(lambda c: ref().coverage(c)))
+                               jax.jit(lambda c: ref().coverage(c)),
+                               jax.jit(complete))
   return _PS_FUNCTIONS[protocol]
 
 
@@ -493,7 +505,7 @@ class RayStep:
     self.last_record: dict | None = None
     self._warm = False
     self._straggler_state = None
-    self._decodable, self._coefficients, self._coverage = _ps_functions(protocol)
+    self._decodable, self._coefficients, self._coverage, self._complete = _ps_functions(protocol)
 
   # -- state ------------------------------------------------------------------------
   def init_state(self, params, key) -> TrainState:
@@ -525,7 +537,8 @@ class RayStep:
           pending.append(h)
       time.sleep(0.1 if pending else 0)
     counts = jnp.asarray(a.loads, jnp.int32)
-    jax.block_until_ready((self._decodable(counts), self._coefficients(counts)))
+    jax.block_until_ready((self._decodable(counts), self._coefficients(counts),
+                           self._complete(np.full((a.num_workers, a.max_load), np.inf, np.float32))))
     self._warm = True
 
   def gradient(self, params, chunks, key, step: int = 0, straggler_state=None):
@@ -584,8 +597,9 @@ class RayStep:
     else:
       limit = np.inf if self.timeout is None else self.timeout * self.time_scale
     live = dict(zip(gens, range(num_actors)))
-    decodable = bool(self._decodable(counts))
-    while live and not decodable:
+    arrived = np.full((m, width), np.inf, np.float32)   # the stop test's view of `finish`
+    complete = bool(self._complete(arrived))
+    while live and not complete:
       left = limit - (time.perf_counter() - t0)
       if left <= 0:
         break
@@ -603,16 +617,17 @@ class RayStep:
           erased[gone] |= counts[gone] > 0        # counted work that will never be sent
           dead[gone] = True
           counts[gone] = 0
+          arrived[gone] = np.inf
           continue
         if dead[j]:
           continue
         counts[j] = n + 1
-        finish[j, n] = time.perf_counter() - t0
+        finish[j, n] = arrived[j, n] = time.perf_counter() - t0
         chunk_s[j, n], compute_s[j, n], worker_t[j, n] = took, comp, at
         chunk = a.order[j, self.slots[j][n]]
         if np.isnan(losses[chunk]):
           losses[chunk] = loss
-      decodable = bool(self._decodable(counts))
+      complete = bool(self._complete(arrived))
     stop_wall = time.perf_counter() - t0
     observed = counts.copy()
 
