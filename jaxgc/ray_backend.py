@@ -41,13 +41,14 @@ for :class:`jaxgc.timing.Trace`, so a real run replays in the simulator.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import os
 import socket
 import time
 import uuid
 import weakref
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -462,13 +463,15 @@ class RayStep:
     message_loss_prob, nan_message_prob: injected faults per message (round 1).
     pool: a :class:`WorkerPool` to run on (shared, not closed by :meth:`close`).
     message_timeout: wall seconds to wait for messages; later ones are erased.
+    keep_records: how many recent steps :attr:`records` keeps.
   """
 
   def __init__(self, protocol, straggler, loss_fn: Callable, tx: optax.GradientTransformation, *,
                mode: str = "exact", deadline: float | None = None, timeout: float | None = None,
                num_actors: int = 4, time_scale: float = 0.01, address: str | None = None,
                message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
-               pool: WorkerPool | None = None, message_timeout: float = 60.0):
+               pool: WorkerPool | None = None, message_timeout: float = 60.0,
+               keep_records: int = 1000):
     if mode not in MODES:
       raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}.")
     if mode == "deadline" and (deadline is None or not np.isfinite(deadline) or deadline <= 0):
@@ -498,10 +501,10 @@ class RayStep:
     self.slots = work_slots(protocol)
     self.owns_pool = pool is None
     self.pool = WorkerPool(num_actors, address=address) if pool is None else pool
-    ray = self.ray = self.pool.ray
+    self.ray = self.pool.ray
     self.token, self.setup = self.pool.program(loss_fn)
     self.key = uuid.uuid4().hex
-    self.records: list[dict] = []
+    self.records: collections.deque = collections.deque(maxlen=keep_records)
     self.last_record: dict | None = None
     self._warm = False
     self._straggler_state = None
@@ -519,8 +522,21 @@ class RayStep:
       self._straggler_state = s0
     return state
 
+  def warmup(self, params, chunks, straggler_state=None):
+    """Compiles every actor's programs and the PS's, outside any step's clock.
+
+    The first :meth:`update` or :meth:`gradient` calls it; call it earlier to
+    keep compilation out of a measurement. Waits for restarting actors.
+    """
+    host = jax.device_get(params)
+    self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)))
+    _draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
+          self.message_loss_prob, self.nan_message_prob, jax.random.key(0), 0,
+          () if straggler_state is None else straggler_state)
+    _apply_update(self.tx, params, self.tx.init(params),
+                  np.zeros(sum(int(np.size(x)) for x in jax.tree.leaves(host)), np.float32))
+
   def _warmup(self, params_ref, chunks):
-    """Compiles every actor's programs and the PS's, outside any step's clock."""
     ray, a = self.ray, self.assignment
     one = jax.tree.map(lambda x: np.asarray(x[0]), chunks)
     pending, until = list(self.pool.actors), time.perf_counter() + self.pool.startup_timeout
@@ -584,7 +600,7 @@ class RayStep:
           self.token, self.setup, self.key, step, params_ref, sub, work, width))
       workers_of.append(mine)
 
-    # Watch: reports as they come; stop at decodability, the deadline or nothing left.
+    # Watch: reports as they come; stop at completion, the deadline or nothing left.
     counts = np.zeros(m, np.int32)
     finish = np.full((m, width), np.nan)       # arrival at the PS, s since dispatch
     chunk_s = np.full((m, width), np.nan)      # worker-measured chunk time (compute + sleep)
@@ -724,8 +740,7 @@ class RayStep:
         function of ``(key, data)`` and resumes exactly from a checkpoint.
     """
     if not self._warm:
-      self._warmup(self.ray.put(jax.device_get(state.params)),
-                   jax.tree.map(np.asarray, jax.device_get(chunks)))
+      self.warmup(state.params, chunks, getattr(state, "straggler_state", self._straggler_state))
     wall0 = time.perf_counter()
     step = int(state.step)
     s_state = getattr(state, "straggler_state", self._straggler_state)
