@@ -1,0 +1,779 @@
+"""The coded step on real asynchronous workers: Ray actors and a PS that never waits for stragglers.
+
+The SPMD step (:mod:`jaxgc.parallel`) simulates time: every device waits for every
+other one, so a real straggler slows all protocols alike. Here the ``m`` jaxgc
+workers run on ``num_actors`` Ray actors (worker ``j`` on actor ``j mod num_actors``)
+and the driver plays the PS, in real time:
+
+1. **Dispatch.** The step's injected durations ``τ [m, max_load]`` come from the
+   straggler model and the step's key (``fold_in(key, step)``, as in
+   :class:`jaxgc.parallel.CodedStep`). Each worker processes its chunks in its
+   assigned order: real JAX compute (one jitted ``value_and_grad`` per actor), then
+   an injected sleep of ``τ · time_scale`` seconds; ``τ = inf`` (a failed worker)
+   stops it. It keeps each finished chunk gradient and reports the chunk to the PS.
+2. **Watch.** The PS reads the reports as they come (``ray.wait`` on streaming
+   generators, never a blocking get on one worker) and stops as soon as the
+   protocol's ``completion_time`` of the arrivals so far is finite, i.e. at the
+   moment the simulator would stop on these arrival times (for the coded
+   protocols: every chunk has ``ℓ`` finishers; for backup workers: ``m − b``
+   workers reported), in exact mode; or at the deadline
+   ``T · time_scale`` wall seconds after dispatch (deadline mode; ``T`` is in
+   simulated seconds as everywhere in jaxgc, so one config runs on both backends).
+   An exact-mode step that can never decode (dead workers) stops once nothing
+   more can arrive, or at ``timeout · time_scale``.
+3. **Round.** The PS solves the coefficients of the observed state with the
+   protocol's own solve, sends each worker its row, and collects the ``⌈d/ℓ⌉``
+   messages (:func:`jaxgc.protocols.encode` on the worker). That call also stops
+   every worker: work no longer needed is dropped between chunks and mid-sleep.
+4. **Erasures** (PROTOCOL.md §2). A worker whose actor died, whose message is
+   lost or non-finite, gets ``k_j = 0``; the PS re-solves once and collects again
+   from the rest. Exact if coverage still allows, else the deadline-mode estimate
+   (``exact`` is False). A failure in that second round, or no sender at all,
+   skips the step; a skipped or non-finite update never touches the parameters.
+5. **Decode and update** on the PS (:func:`jaxgc.protocols.decode`, ``optax``).
+
+Times: ``step_sim_time`` is the simulator's stop time for the injected durations
+(the same number the SPMD backend reports for the same key), ``wall_time`` the
+real seconds of the step. Each step's measured chunk finish times are kept in
+:attr:`RayStep.last_record`; :func:`measured_durations` turns one into durations
+for :class:`jaxgc.timing.Trace`, so a real run replays in the simulator.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import os
+import socket
+import time
+import uuid
+import weakref
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from jaxgc import protocols as _protocols
+from jaxgc import timing
+from jaxgc.parallel import MODES, TrainState
+
+__all__ = ["RayStep", "WorkerPool", "connect", "measured_durations", "work_slots"]
+
+INSTALL_HINT = "pip install 'jaxgc[ray]'"
+# Each actor is one CPU-sized worker: one XLA thread, one CPU device.
+ACTOR_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=1"
+_STRAGGLER_INIT = 0x7FFFFFFF    # fold_in tag of the straggler model's initial-state key
+
+
+def _import_ray():
+  try:
+    import ray  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ValueError(f"the Ray backend needs Ray: {INSTALL_HINT}") from None
+  return ray
+
+
+def _one_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return text[0] if text else type(err).__name__
+
+
+# -- the protocol interface, in one place ------------------------------------------
+
+def _solve(protocol, counts):
+  """``(enc [m, max_load, ℓ], dec [ℓ, m])`` at ``counts``: the protocol's one solve.
+
+  ``protocol.solve`` returns :class:`jaxgc.protocols.Coefficients` where the shared
+  interface has landed; older protocols only have ``coefficients``.
+  """
+  if hasattr(_protocols, "Coefficients") and hasattr(protocol, "solve"):
+    c = protocol.solve(counts)
+    return c[0], c[1]
+  return tuple(protocol.coefficients(counts))
+
+
+def _stop_time(protocol, durations, mode, deadline, timeout):
+  """The simulator's stop time (:func:`jaxgc.protocols.stop_time` where it exists)."""
+  rule = getattr(_protocols, "stop_time", None)
+  if rule is not None:
+    return rule(protocol, durations, mode=mode, deadline=deadline, timeout=timeout)
+  t_star = protocol.completion_time(durations)
+  if mode == "deadline":
+    return jnp.minimum(jnp.float32(deadline), t_star)
+  f = timing.finish_times(durations)
+  never = jnp.max(jnp.where(jnp.isfinite(f), f, 0.0)) if timeout is None else jnp.float32(timeout)
+  return jnp.where(jnp.isfinite(t_star), t_star, never)
+
+
+def _has_exact_mode(protocol) -> bool:
+  return getattr(protocol, "has_exact_mode",
+                 not isinstance(protocol, _protocols.IgnoreStragglers))
+
+
+def work_slots(protocol) -> list[np.ndarray]:
+  """Per worker, the list slots it processes, in order; ``k_j`` counts them.
+
+  The uncoded protocols count designated chunks only (each chunk computed once),
+  so their workers skip the rest of their lists. Every other protocol counts
+  along the list, up to its last slot that can ever carry a coefficient (probed
+  at the all-finished state, as the SPMD step does).
+  """
+  a = protocol.assignment
+  if isinstance(protocol, _protocols.Uncoded):
+    return [np.flatnonzero(row).astype(np.int32) for row in protocol.designated]
+  enc = np.asarray(_ps_functions(protocol)[1](jnp.asarray(a.loads, jnp.int32))[0])
+  used = np.any(enc != 0, axis=-1) & a.slot_mask
+  out = []
+  for j in range(a.num_workers):
+    last = np.flatnonzero(used[j])
+    out.append(np.arange(last[-1] + 1 if last.size else 0, dtype=np.int32))
+  return out
+
+
+_PS_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_decode = jax.jit(_protocols.decode, static_argnums=2)
+
+
+def _ps_functions(protocol):
+  """The PS's jitted ``is_decodable``, solve, ``coverage`` and stop test, once per protocol object.
+
+  The stop test takes the arrival times ``F [m, max_load]`` so far (``inf`` for
+  chunks not arrived) and asks the simulator's own rule: is ``completion_time``
+  of those durations already finite?
+  """
+  if protocol not in _PS_FUNCTIONS:
+    ref = weakref.ref(protocol)     # a strong one in the values would keep every key alive
+    def complete(f):
+      tau = jnp.diff(f, axis=1, prepend=0.0)
+      return jnp.isfinite(ref().completion_time(jnp.where(jnp.isfinite(f), tau, jnp.inf)))
+    _PS_FUNCTIONS[protocol] = (jax.jit(lambda c: ref().is_decodable(c)),
+                               jax.jit(lambda c: _solve(ref(), c)),
+                               jax.jit(lambda c: ref().coverage(c)),
+                               jax.jit(complete))
+  return _PS_FUNCTIONS[protocol]
+
+
+# -- Ray: connecting ---------------------------------------------------------------
+
+def _check_reachable(address: str, timeout: float) -> None:
+  """Fails in ``timeout`` seconds, not Ray's minute, when nothing listens at ``address``."""
+  if address in ("auto", "local"):
+    return
+  hostport = address.split("://", 1)[-1]
+  host, sep, port = hostport.rpartition(":")
+  if not sep or not port.isdigit():
+    raise ValueError(f"Ray address {address!r} is not host:port (or ray://host:port, or 'auto'); "
+                     "fix --config.ray.address, or leave it unset to start a local Ray instance.")
+  try:
+    socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+  except OSError as err:
+    raise ValueError(f"cannot reach the Ray cluster at {address!r} ({_one_line(err)}); fix "
+                     "--config.ray.address, or leave it unset to start a local Ray instance.") from None
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None,
+            connect_timeout: float = 5.0) -> bool:
+  """Joins the Ray cluster at ``address``, or starts a local one; returns whether it started one.
+
+  Args:
+    address: ``None`` uses the Ray instance this process already joined, else
+      starts a local one; ``"host:port"``, ``"ray://host:port"`` or ``"auto"``
+      joins an existing cluster.
+    num_cpus: logical CPUs of a local instance.
+    connect_timeout: seconds before an unreachable address is an error.
+  Raises:
+    ValueError: Ray missing, or the address is malformed or unreachable (one line each).
+  """
+  ray = _import_ray()
+  if address is None:
+    if ray.is_initialized():
+      return False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    return True
+  _check_reachable(address, connect_timeout)
+  if ray.is_initialized():
+    raise ValueError(f"this process already joined a Ray instance, so it cannot join {address!r}; "
+                     "leave the address unset to use the current one.")
+  try:
+    ray.init(address=address, configure_logging=False, log_to_driver=False)
+  except Exception as err:  # pylint: disable=broad-except
+    raise ValueError(f"cannot join the Ray cluster at {address!r}: {_one_line(err)}") from None
+  return False
+
+
+# -- the actor -----------------------------------------------------------------------
+
+class _Program:
+  """What an actor compiles once per step object: the chunk gradient and the encode."""
+
+  def __init__(self, loss_fn):
+    def chunk_grad(params, chunk):
+      loss, g = jax.value_and_grad(loss_fn)(params, chunk)
+      return loss, ravel_pytree(g)[0]
+    self.grad = jax.jit(chunk_grad)
+    self.encode = jax.jit(_protocols.encode)
+
+
+class _Run:
+  """An actor's state for one step: its workers' chunk gradients and the stop signal."""
+
+  def __init__(self, step: int, program: _Program):
+    self.step, self.program = step, program
+    self.stop = asyncio.Event()
+    self.grads: dict[int, np.ndarray] = {}
+
+
+class _WorkerHost:
+  """One Ray actor hosting several jaxgc workers; they overlap their injected sleeps."""
+
+  def __init__(self, xla_flags: str | None):
+    if xla_flags is not None:      # before this process's JAX starts its backend
+      os.environ["XLA_FLAGS"] = xla_flags
+    self.programs: dict[str, _Program] = {}
+    self.runs: dict[str, _Run] = {}
+
+  def ready(self):
+    return socket.gethostname(), os.getpid()
+
+  async def _program(self, token, setup) -> _Program:
+    if token not in self.programs:
+      # ``setup`` is a one-element list so that Ray hands over the reference,
+      # which is fetched only on first use (and again after a restart).
+      self.programs[token] = _Program(await setup[0])
+    return self.programs[token]
+
+  async def warmup(self, token, setup, params, chunk, max_load: int, ell: int):
+    """Compiles the gradient and the encode, so that no step's clock pays for it."""
+    prog = await self._program(token, setup)
+    _, g = prog.grad(params, chunk)
+    prog.encode(np.zeros((max_load, g.shape[0]), np.float32), np.zeros((max_load, ell), np.float32))
+    return True
+
+  async def run(self, token, setup, key: str, step: int, params, chunks, work, max_load: int):
+    """Step ``step`` of run ``key``'s workers: yields ``(j, n, loss, compute_s, chunk_s, t)`` per chunk.
+
+    ``work``: ``[(j, rows, slots, sleeps)]``: worker ``j`` computes ``chunks[rows[n]]``
+    into list slot ``slots[n]``, then sleeps ``sleeps[n]`` seconds (``inf``: it fails).
+    ``t`` is the finish time since this call started.
+    """
+    prog = await self._program(token, setup)
+    old = self.runs.get(key)
+    if old is not None:
+      old.stop.set()
+    run = self.runs[key] = _Run(step, prog)
+    params = jax.device_put(params)
+    d = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    queue: asyncio.Queue = asyncio.Queue()
+    start = time.perf_counter()
+
+    async def worker(j, rows, slots, sleeps):
+      grads = run.grads[j] = np.zeros((max_load, d), np.float32)
+      for n, (row, slot, pause) in enumerate(zip(rows, slots, sleeps)):
+        if run.stop.is_set() or not np.isfinite(pause):
+          break
+        c0 = time.perf_counter()
+        loss, g = prog.grad(params, jax.tree.map(lambda a, r=row: a[r], chunks))
+        g = np.asarray(g)
+        compute = time.perf_counter() - c0
+        if pause > 0:
+          try:       # an interruptible sleep: the PS may stop the step meanwhile
+            await asyncio.wait_for(run.stop.wait(), pause)
+          except asyncio.TimeoutError:
+            pass
+        if run.stop.is_set():
+          break
+        grads[slot] = g        # kept before the report, so a counted chunk can be encoded
+        now = time.perf_counter()
+        queue.put_nowait((j, n, float(loss), compute, now - c0, now - start))
+        await asyncio.sleep(0)   # let the report go out before the next compute
+      queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(worker(*w)) for w in work]
+    left = len(tasks)
+    while left:
+      item = await queue.get()
+      if item is None:
+        left -= 1
+      else:
+        yield item
+    await asyncio.gather(*tasks)
+
+  async def encode(self, key: str, step: int, rows, stop: bool = True):
+    """Messages ``{j: z_j}`` for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops the step.
+
+    ``fault`` injects what the network or the worker might do: ``"lost"`` (no
+    message arrives) or ``"nan"`` (a corrupted one). ``None`` for a worker that
+    holds no gradients for this step (e.g. restarted since): the PS erases it.
+    """
+    run = self.runs.get(key)
+    if run is None or run.step != step:
+      return {j: None for j in rows}
+    if stop:
+      run.stop.set()
+    prog = run.program
+    out = {}
+    for j, (enc, fault) in rows.items():
+      if fault == "lost" or j not in run.grads:
+        out[j] = None
+        continue
+      z = np.asarray(prog.encode(run.grads[j], enc))
+      out[j] = np.full_like(z, np.nan) if fault == "nan" else z
+    return out
+
+
+class WorkerPool:
+  """``num_actors`` Ray actors that host jaxgc workers; several :class:`RayStep` may share one.
+
+  Args:
+    num_actors: actors to start (one per CPU, GPU or host).
+    address: Ray cluster to join (see :func:`connect`); ``None`` starts a local
+      instance, or uses the one this process already joined.
+    actor_options: passed to ``ActorClass.options`` (e.g. ``{"num_gpus": 1}``);
+      the default asks one logical CPU per actor and restarts dead actors.
+    xla_flags: ``XLA_FLAGS`` of the actors' processes (``None`` leaves theirs);
+      by default one CPU device and one XLA thread per actor.
+    startup_timeout: seconds for the actors to start before giving up.
+    connect_timeout: seconds before an unreachable ``address`` is an error.
+  """
+
+  def __init__(self, num_actors: int = 4, *, address: str | None = None,
+               actor_options: dict | None = None, xla_flags: str | None = ACTOR_XLA_FLAGS,
+               startup_timeout: float = 120.0, connect_timeout: float = 5.0):
+    if not isinstance(num_actors, (int, np.integer)) or num_actors < 1:
+      raise ValueError(f"num_actors must be a positive integer, got {num_actors!r}; set "
+                       "--config.ray.num_actors.")
+    ray = self.ray = _import_ray()
+    self.num_actors = int(num_actors)
+    self.startup_timeout = float(startup_timeout)
+    self._programs: dict[int, tuple] = {}
+    self.owns_ray = connect(address, num_cpus=max(self.num_actors, os.cpu_count() or 1),
+                            connect_timeout=connect_timeout)
+    options = {"num_cpus": 1, "max_restarts": -1, **(actor_options or {})}
+    cls = ray.remote(_WorkerHost)
+    self.actors = [cls.options(**options).remote(xla_flags) for _ in range(self.num_actors)]
+    try:
+      self.hosts = ray.get([a.ready.remote() for a in self.actors], timeout=startup_timeout)
+    except Exception as err:  # pylint: disable=broad-except
+      cpus = ray.cluster_resources().get("CPU", 0)
+      self.close()
+      raise ValueError(
+          f"the {num_actors} Ray actors did not start within {startup_timeout:.0f} s "
+          f"({_one_line(err)}); the cluster has {cpus:g} CPUs for {num_actors} actors asking "
+          f"{options.get('num_cpus', 1)} each. Lower --config.ray.num_actors or pass "
+          "actor_options.") from None
+
+  def program(self, loss_fn):
+    """``(token, setup)`` naming ``loss_fn`` on the actors: steps sharing it share one compile."""
+    if id(loss_fn) not in self._programs:     # holds loss_fn, so its id stays unique
+      self._programs[id(loss_fn)] = (uuid.uuid4().hex, [self.ray.put(loss_fn)], loss_fn)
+    return self._programs[id(loss_fn)][:2]
+
+  def close(self):
+    """Kills the actors, and shuts Ray down if this pool started it."""
+    for a in getattr(self, "actors", []):
+      try:
+        self.ray.kill(a, no_restart=True)
+      except Exception:  # pylint: disable=broad-except
+        pass
+    self.actors = []
+    if self.owns_ray and self.ray.is_initialized():
+      self.ray.shutdown()
+    self.owns_ray = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# -- the PS ---------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=tuple(range(7)))
+def _draw(protocol, straggler, mode, deadline, timeout, loss_prob, nan_prob, key, step,
+          straggler_state):
+  """One step's injected durations, faults and simulated stop, from ``fold_in(key, step)``.
+
+  Keys split as in the SPMD step, so both backends inject the same durations.
+  Module-level with static settings: steps with equal settings share one compile.
+  """
+  k_dur, k_loss, k_nan = jax.random.split(jax.random.fold_in(key, step), 3)
+  durations, straggler_state = timing.sample_step(straggler, k_dur, straggler_state,
+                                                  protocol.assignment)
+  m = protocol.assignment.num_workers
+  draw = lambda k, p: jax.random.bernoulli(k, p, (m,)) if p > 0 else jnp.zeros(m, bool)
+  sim_stop = _stop_time(protocol, durations, mode, deadline, timeout)
+  return durations, draw(k_loss, loss_prob), draw(k_nan, nan_prob), sim_stop, straggler_state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_update(tx, params, opt_state, g):
+  """``optax`` update from the flat gradient ``g [d]``, and whether it is finite."""
+  updates, new_opt = tx.update(ravel_pytree(params)[1](g), opt_state, params)
+  finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
+  return optax.apply_updates(params, updates), new_opt, finite
+
+
+def _unravel(like, flat):
+  """``flat [d]`` as a pytree like ``like`` (NumPy: nothing for JAX to compile on the PS)."""
+  leaves, treedef = jax.tree.flatten(like)
+  sizes = np.cumsum([np.size(x) for x in leaves])[:-1]
+  parts = np.split(np.asarray(flat), sizes)
+  return jax.tree.unflatten(treedef, [p.reshape(np.shape(x)).astype(np.asarray(x).dtype)
+                                      for p, x in zip(parts, leaves)])
+
+
+def measured_durations(record) -> np.ndarray:
+  """Durations ``[m, max_load]`` in simulated seconds, as the PS observed them in one step.
+
+  From the arrival times of the chunk reports (:attr:`RayStep.last_record`),
+  divided by ``time_scale``; chunks that did not arrive are ``inf``. Replay with
+  ``jaxgc.timing.Trace(measured_durations(record))``: its completion time is when
+  the PS saw the state become decodable.
+  """
+  f = np.asarray(record["finish_wall"], np.float64) / record["time_scale"]
+  prev = np.concatenate([np.zeros_like(f[:, :1]), f[:, :-1]], axis=1)
+  tau = f - prev
+  return np.where(np.isfinite(tau), tau, np.inf)
+
+
+class RayStep:
+  """A coded gradient step whose workers are Ray actors and whose PS is this process.
+
+  The step interface of :class:`jaxgc.parallel.CodedStep` (``init_state``,
+  ``update``, ``jit``), run on the host in real time; see the module docstring.
+
+  Args:
+    protocol: a :mod:`jaxgc.protocols` protocol.
+    straggler: a :mod:`jaxgc.timing` model; its durations become injected sleeps.
+    loss_fn: ``loss(params, chunk) -> scalar`` (:func:`jaxgc.models.chunk_loss_fn`).
+    tx: an ``optax.GradientTransformation``.
+    mode: ``"exact"`` or ``"deadline"``.
+    deadline: ``T`` in simulated seconds (deadline mode): the PS stops at
+      ``T · time_scale`` wall seconds after dispatch.
+    timeout: exact mode, simulated seconds after which a step that cannot decode
+      stops anyway (default: once nothing more can arrive).
+    num_actors: Ray actors (ignored when ``pool`` is given).
+    time_scale: wall seconds per simulated second of injected delay.
+    address: Ray cluster to join; ``None`` starts a local instance.
+    message_loss_prob, nan_message_prob: injected faults per message (round 1).
+    pool: a :class:`WorkerPool` to run on (shared, not closed by :meth:`close`).
+    message_timeout: wall seconds to wait for messages; later ones are erased.
+    keep_records: how many recent steps :attr:`records` keeps.
+  """
+
+  def __init__(self, protocol, straggler, loss_fn: Callable, tx: optax.GradientTransformation, *,
+               mode: str = "exact", deadline: float | None = None, timeout: float | None = None,
+               num_actors: int = 4, time_scale: float = 0.01, address: str | None = None,
+               message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
+               pool: WorkerPool | None = None, message_timeout: float = 60.0,
+               keep_records: int = 1000):
+    if mode not in MODES:
+      raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}.")
+    if mode == "deadline" and (deadline is None or not np.isfinite(deadline) or deadline <= 0):
+      raise ValueError(f"deadline mode needs a positive finite deadline, got {deadline!r}; set "
+                       "deadline=T (simulated seconds), or use mode='exact'.")
+    if mode == "exact" and not _has_exact_mode(protocol):
+      raise ValueError(f"{protocol.name} never recovers the gradient exactly, so it has no exact "
+                       "mode; use mode='deadline' with a deadline, or protocol 'uncoded'.")
+    if timeout is not None and (not np.isfinite(timeout) or timeout <= 0):
+      raise ValueError(f"timeout must be a positive finite time or None, got {timeout!r}.")
+    if not np.isfinite(time_scale) or time_scale <= 0:
+      raise ValueError(f"time_scale must be positive (wall seconds per simulated second), got "
+                       f"{time_scale!r}; set --config.ray.time_scale.")
+    for name, p in (("message_loss_prob", message_loss_prob),
+                    ("nan_message_prob", nan_message_prob)):
+      if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {p}.")
+    self.protocol, self.assignment = protocol, protocol.assignment
+    self.straggler, self.loss_fn, self.tx = straggler, loss_fn, tx
+    self.mode = mode
+    self.deadline = None if deadline is None else float(deadline)
+    self.timeout = None if timeout is None else float(timeout)
+    self.time_scale = float(time_scale)
+    self.message_loss_prob = float(message_loss_prob)
+    self.nan_message_prob = float(nan_message_prob)
+    self.message_timeout = float(message_timeout)
+    self.slots = work_slots(protocol)
+    self.owns_pool = pool is None
+    self.pool = WorkerPool(num_actors, address=address) if pool is None else pool
+    self.ray = self.pool.ray
+    self.token, self.setup = self.pool.program(loss_fn)
+    self.key = uuid.uuid4().hex
+    self.records: collections.deque = collections.deque(maxlen=keep_records)
+    self.last_record: dict | None = None
+    self._warm = False
+    self._straggler_state = None
+    self._decodable, self._coefficients, self._coverage, self._complete = _ps_functions(protocol)
+
+  # -- state ------------------------------------------------------------------------
+  def init_state(self, params, key) -> TrainState:
+    """A fresh :class:`jaxgc.parallel.TrainState` (``plan`` unused: the PS plans in real time)."""
+    state = TrainState.create(params, self.tx)
+    s0 = timing.init_state(self.straggler, jax.random.fold_in(key, _STRAGGLER_INIT),
+                           self.assignment.num_workers)
+    if hasattr(state, "straggler_state"):
+      state = state.replace(straggler_state=s0)
+    else:      # a TrainState without the field: the model's memory lives here
+      self._straggler_state = s0
+    return state
+
+  def warmup(self, params, chunks, straggler_state=None):
+    """Compiles every actor's programs and the PS's, outside any step's clock.
+
+    The first :meth:`update` or :meth:`gradient` calls it; call it earlier to
+    keep compilation out of a measurement. Waits for restarting actors.
+    """
+    host = jax.device_get(params)
+    self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)))
+    _draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
+          self.message_loss_prob, self.nan_message_prob, jax.random.key(0), 0,
+          () if straggler_state is None else straggler_state)
+    _apply_update(self.tx, params, self.tx.init(params),
+                  np.zeros(sum(int(np.size(x)) for x in jax.tree.leaves(host)), np.float32))
+
+  def _warmup(self, params_ref, chunks):
+    ray, a = self.ray, self.assignment
+    one = jax.tree.map(lambda x: np.asarray(x[0]), chunks)
+    pending, until = list(self.pool.actors), time.perf_counter() + self.pool.startup_timeout
+    while pending:
+      refs = [(h, h.warmup.remote(self.token, self.setup, params_ref, one, a.max_load,
+                                  self.protocol.ell)) for h in pending]
+      pending = []
+      for h, ref in refs:
+        try:
+          ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:     # restarting: wait for it
+          if time.perf_counter() > until:
+            raise
+          pending.append(h)
+      time.sleep(0.1 if pending else 0)
+    counts = jnp.asarray(a.loads, jnp.int32)
+    jax.block_until_ready((self._decodable(counts), self._coefficients(counts),
+                           self._complete(np.full((a.num_workers, a.max_load), np.inf, np.float32))))
+    self._warm = True
+
+  def gradient(self, params, chunks, key, step: int = 0, straggler_state=None):
+    """Runs the workers and the PS for one step: ``(ĝ as a pytree, metrics)``.
+
+    ``ĝ`` may be NaN only when ``metrics['skipped']``. The step's record goes to
+    :attr:`last_record` and :attr:`records`.
+    """
+    g, metrics, _ = self._gradient(params, chunks, key, step, straggler_state)
+    return _unravel(params, g), metrics
+
+  def _gradient(self, params, chunks, key, step, straggler_state):
+    ray, a, proto = self.ray, self.assignment, self.protocol
+    m, width, num_actors = a.num_workers, a.max_load, len(self.pool.actors)
+    wall0 = time.perf_counter()
+    if straggler_state is None:
+      straggler_state = ()
+    tau, lost, corrupt, sim_stop, straggler_state = _draw(
+        proto, self.straggler, self.mode, self.deadline, self.timeout, self.message_loss_prob,
+        self.nan_message_prob, key, step, straggler_state)
+    tau, lost, corrupt = np.asarray(tau, np.float64), np.asarray(lost), np.asarray(corrupt)
+    sim_stop = float(sim_stop)
+    host_params = jax.device_get(params)
+    d = sum(int(np.size(x)) for x in jax.tree.leaves(host_params))
+    chunks = jax.tree.map(np.asarray, jax.device_get(chunks))
+    params_ref = ray.put(host_params)
+    if not self._warm:
+      self._warmup(params_ref, chunks)
+      wall0 = time.perf_counter()
+
+    # Dispatch: each actor gets its workers' lists, sleeps and chunks.
+    chunk_of = [a.order[j, self.slots[j]] for j in range(m)]
+    gens, workers_of = [], []
+    t0 = time.perf_counter()
+    for h, actor in enumerate(self.pool.actors):
+      mine = list(range(h, m, num_actors))
+      ids = np.unique(np.concatenate([chunk_of[j] for j in mine] + [np.zeros(0, np.int32)]))
+      row = {int(i): r for r, i in enumerate(ids)}
+      work = [(j, np.array([row[int(i)] for i in chunk_of[j]], np.int32), self.slots[j],
+               tau[j, :len(self.slots[j])] * self.time_scale) for j in mine]
+      sub = jax.tree.map(lambda x, ids=ids: x[ids], chunks)
+      gens.append(actor.run.options(num_returns="streaming").remote(
+          self.token, self.setup, self.key, step, params_ref, sub, work, width))
+      workers_of.append(mine)
+
+    # Watch: reports as they come; stop at completion, the deadline or nothing left.
+    counts = np.zeros(m, np.int32)
+    finish = np.full((m, width), np.nan)       # arrival at the PS, s since dispatch
+    chunk_s = np.full((m, width), np.nan)      # worker-measured chunk time (compute + sleep)
+    compute_s = np.full((m, width), np.nan)    # of which real compute
+    worker_t = np.full((m, width), np.nan)     # finish as the worker saw it, s since its start
+    losses = np.full(a.num_chunks, np.nan)
+    dead, erased = np.zeros(m, bool), np.zeros(m, bool)
+    if self.mode == "deadline":
+      limit = self.deadline * self.time_scale
+    else:
+      limit = np.inf if self.timeout is None else self.timeout * self.time_scale
+    live = dict(zip(gens, range(num_actors)))
+    arrived = np.full((m, width), np.inf, np.float32)   # the stop test's view of `finish`
+    complete = bool(self._complete(arrived))
+    while live and not complete:
+      left = limit - (time.perf_counter() - t0)
+      if left <= 0:
+        break
+      ready, _ = ray.wait(list(live), num_returns=1, timeout=min(left, 1.0))
+      for g in ready:
+        h = live[g]
+        try:
+          j, n, loss, comp, took, at = ray.get(next(g))
+        except StopIteration:
+          del live[g]
+          continue
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+          del live[g]
+          gone = np.asarray(workers_of[h])
+          erased[gone] |= counts[gone] > 0        # counted work that will never be sent
+          dead[gone] = True
+          counts[gone] = 0
+          arrived[gone] = np.inf
+          continue
+        if dead[j]:
+          continue
+        counts[j] = n + 1
+        finish[j, n] = arrived[j, n] = time.perf_counter() - t0
+        chunk_s[j, n], compute_s[j, n], worker_t[j, n] = took, comp, at
+        chunk = a.order[j, self.slots[j][n]]
+        if np.isnan(losses[chunk]):
+          losses[chunk] = loss
+      complete = bool(self._complete(arrived))
+    stop_wall = time.perf_counter() - t0
+    observed = counts.copy()
+
+    # Round(s): solve for the observed state, collect messages, erase and redo once.
+    solve_s = round_s = 0.0
+    msgs = np.zeros((m, _protocols.num_blocks(d, proto.ell)), np.float32)
+    dec = None
+    failed_again = False
+    for attempt in range(2):
+      s0 = time.perf_counter()
+      enc, dec = (np.asarray(x) for x in self._coefficients(jnp.asarray(counts)))
+      senders = np.any(enc != 0, axis=(1, 2)) & ~dead
+      solve_s += time.perf_counter() - s0
+      r0 = time.perf_counter()
+      got, bad = self._collect(step, enc, senders, workers_of, dead,
+                               lost if attempt == 0 else None, corrupt if attempt == 0 else None,
+                               stop=attempt == 0)
+      round_s += time.perf_counter() - r0
+      for j, z in got.items():
+        msgs[j] = z
+      if not bad.any():
+        break
+      if attempt == 1:
+        failed_again = True
+        break
+      erased |= bad
+      counts = np.where(bad, 0, counts)
+      msgs[:] = 0
+    final_senders = np.any(enc != 0, axis=(1, 2)) & ~dead
+    g = np.asarray(_decode(msgs, dec, d))
+    skipped = bool(failed_again or not final_senders.any() or not np.isfinite(g).all())
+    exact = bool(self._decodable(counts)) and not skipped
+    known = np.isfinite(losses)
+    loss = float(np.sum(losses[known]) * a.num_chunks / known.sum()) if known.any() else np.nan
+    coverage = np.asarray(self._coverage(counts))
+    metrics = {
+        "loss": loss, "step_sim_time": sim_stop, "skipped": skipped, "exact": exact,
+        "erasures": int(erased.sum()), "dead_workers": int(dead.sum()),
+        "senders": int(final_senders.sum()), "min_coverage": int(coverage.min()),
+        "chunks_below_ell": int(np.sum(coverage < proto.ell)),
+        "stop_wall": stop_wall, "solve_s": solve_s, "round_s": round_s,
+        "compute_s": float(np.nansum(compute_s)),
+    }
+    self.last_record = {
+        "step": int(step), "time_scale": self.time_scale, "durations": tau,
+        "finish_wall": finish, "chunk_wall": chunk_s, "compute_wall": compute_s,
+        "worker_wall": worker_t,
+        "counts_observed": observed, "counts": counts, "stop_wall": stop_wall,
+        "sim_stop": sim_stop, "erased": erased, "dead": dead, "dispatch_s": t0 - wall0,
+    }
+    self.records.append(self.last_record)
+    return g, metrics, straggler_state
+
+  def _collect(self, step, enc, senders, workers_of, dead, lost, corrupt, stop):
+    """Sends each sender its coefficients and gathers ``{j: z_j}`` and the erased ``[m]``."""
+    ray, m = self.ray, self.assignment.num_workers
+    refs, asked = {}, {}
+    for h, actor in enumerate(self.pool.actors):
+      rows = {}
+      for j in workers_of[h]:
+        if senders[j]:
+          fault = ("lost" if lost is not None and lost[j] else
+                   "nan" if corrupt is not None and corrupt[j] else None)
+          rows[j] = (enc[j], fault)
+      if rows or (stop and not dead[workers_of[h]].all()):
+        ref = actor.encode.remote(self.key, step, rows, stop)
+        if rows:
+          refs[ref], asked[ref] = h, list(rows)
+    bad = np.zeros(m, bool)
+    got = {}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=self.message_timeout)
+    for ref in late:
+      bad[asked[ref]] = True
+    for ref in ready:
+      try:
+        out = ray.get(ref)
+      except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        bad[asked[ref]] = True
+        continue
+      for j, z in out.items():
+        if z is None or not np.all(np.isfinite(z)):
+          bad[j] = True
+        else:
+          got[j] = z
+    return got, bad
+
+  def update(self, state: TrainState, chunks, key):
+    """One optimizer step: ``(new_state, metrics)``; never writes NaN into the parameters.
+
+    Args:
+      state: from :meth:`init_state`.
+      chunks: pytree with leaves ``[N, chunk_batch, ...]`` (host or JAX arrays).
+      key: the *base* key; step ``s`` draws from ``fold_in(key, s)``, so a run is a
+        function of ``(key, data)`` and resumes exactly from a checkpoint.
+    """
+    if not self._warm:
+      self.warmup(state.params, chunks, getattr(state, "straggler_state", self._straggler_state))
+    wall0 = time.perf_counter()
+    step = int(state.step)
+    s_state = getattr(state, "straggler_state", self._straggler_state)
+    g, metrics, s_state = self._gradient(state.params, chunks, key, step, s_state)
+    params, opt_state, finite = _apply_update(self.tx, state.params, state.opt_state, g)
+    skip = metrics["skipped"] or not bool(finite)
+    if skip:
+      params, opt_state = state.params, state.opt_state
+    sim_time = state.sim_time + jnp.float32(metrics["step_sim_time"])
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        sim_time=sim_time, num_skipped=state.num_skipped + int(skip),
+                        num_erasures=state.num_erasures + metrics["erasures"])
+    if hasattr(state, "straggler_state"):
+      new = new.replace(straggler_state=s_state)
+    else:
+      self._straggler_state = s_state
+    metrics = dict(metrics, skipped=skip, exact=metrics["exact"] and not skip,
+                   sim_time=float(sim_time), wall_time=time.perf_counter() - wall0)
+    return new, metrics
+
+  def jit(self, donate: bool = False):
+    """``update`` itself: the PS runs on the host in real time, there is nothing to trace."""
+    del donate
+    return self.update
+
+  def close(self):
+    """Stops the actors (unless the pool was passed in) and a Ray instance this step started."""
+    if self.owns_pool and self.pool is not None:
+      self.pool.close()
+    self.pool = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
