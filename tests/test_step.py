@@ -213,7 +213,7 @@ def test_decoder_under_shard_map_with_check_vma():
   msgs = jax.random.normal(k1, (m_pad, b))
   dec = jax.random.normal(k2, (ell, m_pad)).at[:, 5].set(0.0)
   msgs = msgs.at[5].set(jnp.nan)   # a non-sender's garbage must not leak in
-  fn = parallel.shard_map(functools.partial(parallel.decode_sharded, d=d),
+  fn = jax.shard_map(functools.partial(parallel.decode_sharded, d=d),
                           mesh=mesh, in_specs=(P("workers"), P(None, "workers")),
                           out_specs=P(), check_vma=True)
   got = jax.jit(fn)(msgs, dec)
@@ -233,7 +233,7 @@ def test_pvary_gives_local_gradients():
     g = jax.grad(lambda w: jnp.sum(w * x))(wv)[None]
     return g if cast else parallel.pvary(g, "workers")
 
-  run = lambda cast: jax.jit(parallel.shard_map(
+  run = lambda cast: jax.jit(jax.shard_map(
       functools.partial(body, cast=cast), mesh=mesh, in_specs=(P(), P("workers")),
       out_specs=P("workers")))(w, xs)
   np.testing.assert_allclose(np.asarray(run(True)), np.asarray(xs))
@@ -249,7 +249,7 @@ def test_psum_packed_roundtrip():
     t = jax.tree.map(lambda x: jnp.where(mine, x, jnp.zeros_like(x)), t)
     return step_lib._psum_packed(t, "workers")  # pylint: disable=protected-access
 
-  out = jax.jit(parallel.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()))(tree)
+  out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()))(tree)
   assert out["b"].dtype == jnp.bool_ and out["c"].dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(out["a"]), [0.0, 1.0, 2.0])
   np.testing.assert_array_equal(np.asarray(out["b"]), [True, False])
