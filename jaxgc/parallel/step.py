@@ -13,7 +13,7 @@ One step, one jitted graph, one code path:
    ``z_j = Σ_t Σ_k enc[j,t,k] g_{order[j,t]}^{(k)}`` (length ``⌈d/ℓ⌉``) as it goes,
    so a worker's memory does not grow with its load.
 3. Erasures (lost or non-finite messages of workers due to send) set ``k_j = 0``:
-   the PS re-solves, and the workers whose coefficients changed stream again
+   the PS re-solves, and the workers that send in the second round stream again
    (their chunk gradients are recomputed; ``recomputed_fraction`` counts it).
 4. The PS decode ``ĝ^(r) = Σ_j A[r,j] z_j`` is a ``psum`` of per-device partial
    sums; the next step's plan, computed meanwhile on one device, rides in it.
@@ -155,22 +155,32 @@ class TrainState:
 
 # -- collectives -------------------------------------------------------------------
 
+PACK_LIMIT = 1 << 16   # leaves up to this many elements travel packed in one vector
+
+
 def _psum_packed(tree, axis_name):
-  """``psum`` of a pytree as one all-reduce per float dtype.
+  """``psum`` of a pytree as one all-reduce: small leaves packed, one vector per dtype.
 
   On CPU meshes every all-reduce is a rendezvous of all device threads and costs
   far more than the bytes it moves, so small leaves travel packed in one vector.
   Integer and bool leaves ride in float32, exact below 2**24 (counts and flags).
+  Large leaves (gradients) are operands of the same all-reduce as they are:
+  packing would copy them.
   """
   leaves, treedef = jax.tree.flatten(tree)
+  big = [i for i, x in enumerate(leaves) if x.size > PACK_LIMIT]
   wire = [jnp.float32 if not jnp.issubdtype(x.dtype, jnp.floating) else x.dtype for x in leaves]
   groups: dict[Any, list[int]] = {}
   for i, dt in enumerate(wire):
-    groups.setdefault(jnp.dtype(dt), []).append(i)
+    if i not in big:
+      groups.setdefault(jnp.dtype(dt), []).append(i)
+  packed = [jnp.concatenate([jnp.ravel(leaves[i]).astype(dt) for i in idx])
+            for dt, idx in groups.items()]
+  summed = jax.lax.psum(([leaves[i] for i in big], packed), axis_name)
   out = [None] * len(leaves)
-  for dt, idx in groups.items():
-    flat = jax.lax.psum(jnp.concatenate([jnp.ravel(leaves[i]).astype(dt) for i in idx]),
-                        axis_name)
+  for i, x in zip(big, summed[0]):
+    out[i] = x
+  for flat, idx in zip(summed[1], groups.values()):
     start = 0
     for i in idx:
       size = int(np.prod(leaves[i].shape))
@@ -396,7 +406,8 @@ class CodedStep:
                                   owner, ell, d, ax)
       sends = plan.solve.senders[wids]
       # A corrupted message is one the PS finds non-finite: erased like a lost one.
-      bad = sends & (plan.lost[wids] | plan.corrupt[wids] | ~jnp.all(jnp.isfinite(z), -1))
+      # One sum per message instead of an elementwise mask: NaN/Inf anywhere makes it non-finite.
+      bad = sends & (plan.lost[wids] | plan.corrupt[wids] | ~jnp.isfinite(jnp.sum(z, -1)))
       flags = jnp.zeros(lay.m_pad, jnp.int32).at[wids].set(bad.astype(jnp.int32))
       nxt = (None if next_draw is None else
              _compute_once(lambda: self._plan(*next_draw), ax, ps_device, broadcast=False))
@@ -409,22 +420,21 @@ class CodedStep:
 
       def redo():
         # The state is known before any gradient moves, so an erasure costs one
-        # re-solve, and the workers whose coefficients changed stream again.
+        # re-solve and a re-encode. Round 1's messages are not kept (that would
+        # hold a second message buffer through the decode): every worker that
+        # sends in round 2 streams its chunks again.
         counts = jnp.where(erased, 0, plan.counts)
         s2 = _compute_once(lambda: self._solve(counts), ax, ps_device)
         enc2 = s2.enc[wids]
-        changed = jnp.any(enc2 != enc, axis=(1, 2))
-        z2, _, again = _stream(self.loss_fn, pv, local, enc2,
-                               jnp.any(enc2 != 0, -1) & changed[:, None],
+        z2, _, again = _stream(self.loss_fn, pv, local, enc2, jnp.any(enc2 != 0, -1),
                                jnp.zeros_like(owner), ell, d, ax)
-        z2 = jnp.where(changed[:, None], z2, z)
         part2, again = _psum_packed((_base.decode_blocks(z2, s2.dec[:, wids]), again), ax)
         return part2, counts, s2, again
 
       keep = lambda: (part, plan.counts, plan.solve, jnp.zeros((), jnp.int32))
       part, counts, solve, again = jax.lax.cond(num_erased > 0, redo, keep)
       g = part.reshape(-1)[:d]
-      skipped = ~jnp.any(solve.senders) | ~jnp.all(jnp.isfinite(g))
+      skipped = ~jnp.any(solve.senders) | ~jnp.isfinite(jnp.sum(g))
       metrics = {
           "loss": loss, "step_sim_time": plan.stop, "erasures": num_erased,
           "skipped": skipped, "exact": solve.decodable & ~skipped,
