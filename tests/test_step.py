@@ -306,13 +306,21 @@ def small(setup):
   return mesh, params, loss_fn, chunks
 
 
-def test_sharded_layout_equals_replicated_path(small):
+@pytest.fixture(scope="module")
+def lossy(small):
+  """A coded step with message losses and its jitted gradient (shared: one compile)."""
+  mesh, _, loss_fn, _ = small
+  proto = protocols.PartialStraggler(assignments.cyclic(SM, SLOAD), 1)
+  coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn,
+                                   optax.sgd(0.1), mesh, message_loss_prob=0.12)
+  return proto, coded, jax.jit(coded.gradient)
+
+
+def test_sharded_layout_equals_replicated_path(small, lossy):
   """Per-worker input (host-built, process-local, or laid out by the step) gives
   bit-identical steps; each device holds load/m of the batch."""
-  mesh, params, loss_fn, chunks = small
-  proto = protocols.PartialStraggler(assignments.cyclic(SM, SLOAD), 2)
-  coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn,
-                                   optax.sgd(0.1), mesh, message_loss_prob=0.2)
+  _, params, _, chunks = small
+  _, coded, grad_fn = lossy
   host = jax.tree.map(np.asarray, chunks)
   sharded = coded.shard_chunks(host)
   lay = coded.layout
@@ -324,11 +332,10 @@ def test_sharded_layout_equals_replicated_path(small):
   assert x.shape[:2] == (SM, SLOAD) and x.sharding.spec == P("workers")
   global_bytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(host))
   assert lay.device_bytes(sharded) * SM == global_bytes * SLOAD
-  update = jax.jit(coded.update)
-  state = coded.init_state(params, jax.random.key(0))
-  (sa, ma), (sb, mb) = (update(state, c, jax.random.key(0)) for c in (chunks, sharded))
-  for a, b in zip(jax.tree.leaves((sa, ma)), jax.tree.leaves((sb, mb))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for key in (jax.random.key(0), jax.random.key(3)):
+    (ga, ma), (gb, mb) = (grad_fn(params, c, key) for c in (chunks, sharded))
+    for a, b in zip(jax.tree.leaves((ga, ma)), jax.tree.leaves((gb, mb))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_layout_for_the_wrong_mesh_is_refused(small):
@@ -352,21 +359,18 @@ def test_layout_for_the_wrong_mesh_is_refused(small):
     on8.shard_chunks(placed)
 
 
-def test_streaming_encode_under_erasures_is_exact(small):
+def test_streaming_encode_under_erasures_is_exact(small, lossy):
   """Erasures re-solve and re-stream: wherever the final state is decodable the
   step equals the full-batch gradient (PlainStep), elsewhere the reference
   encode -> decode at the final state; computed_fraction counts the slots with
   nonzero coefficients."""
   mesh, params, loss_fn, chunks = small
-  a = assignments.cyclic(SM, SLOAD)
-  proto = protocols.PartialStraggler(a, 1)
-  coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn,
-                                   optax.sgd(0.1), mesh, message_loss_prob=0.12)
+  proto, _, grad_fn = lossy
+  a = proto.assignment
   plain = parallel.make_plain_step(a, loss_fn, optax.sgd(0.1), mesh)
   want = jax.flatten_util.ravel_pytree(jax.jit(plain.gradient)(params, chunks)[0])[0]
   per_chunk = jax.vmap(lambda c: jax.flatten_util.ravel_pytree(
       jax.grad(loss_fn)(params, c))[0])(chunks)
-  grad_fn = jax.jit(coded.gradient)
   seen = {"exact_after_erasure": 0, "lossy": 0, "clean": 0}
   for s in range(12):
     g, met = grad_fn(params, chunks, jax.random.key(s))
