@@ -429,3 +429,18 @@ def test_stateful_straggler_advances_and_survives_checkpoint(small):
   for x, y in zip(jax.tree.leaves((sa, ma)), jax.tree.leaves((sb, mb))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(sb.straggler_state["steps"]) == 5 and float(mb["step_sim_time"]) == 4.0
+
+
+def test_undecodable_step_costs_the_timeout(setup):
+  """Issue #12: with every worker failing, exact mode waits `timeout`, not 0."""
+  mesh, _, _, _, loss_fn = setup
+  proto = protocols.PartialStraggler(assignments.cyclic(SM, SLOAD), 1)
+  dead = timing.get_model("shifted_exponential", failure_prob=1.0)
+  plan, _ = parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1), mesh,
+                                     timeout=5.0).init_plan(jax.random.key(0))
+  assert float(plan.stop) == 5.0 and not np.asarray(plan.solve.senders).any()
+  plan, _ = parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1),
+                                     mesh).init_plan(jax.random.key(0))
+  assert float(plan.stop) == 0.0       # without a timeout: the last finish, none here
+  with pytest.raises(ValueError, match="timeout"):
+    parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1), mesh, timeout=-1.0)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -79,6 +78,8 @@ class WorkerLayout:
           seen[i] = owner[j, t] = True
     self.loss_owner = owner
     self.sharding = NamedSharding(mesh, P(axis_name))
+    self._index = np.maximum(self.order, 0)     # phantom slots repeat chunk 0, never used
+    self._take = jax.jit(lambda x: x[self._index], out_shardings=self.sharding)
 
   # -- shapes and checks --------------------------------------------------------
   def _check_global(self, chunks):
@@ -121,11 +122,13 @@ class WorkerLayout:
     gathered with the result constrained to ``P("workers")``.
     """
     self._check_global(chunks)
-    index = np.maximum(self.order, 0)     # phantom slots repeat chunk 0, never used
+    index = self._index
 
     def place(x):
+      if isinstance(x, jax.core.Tracer):
+        return jax.lax.with_sharding_constraint(x[index], self.sharding)
       if isinstance(x, jax.Array):
-        return _gather(x, jnp.asarray(index), self.sharding)
+        return self._take(x)
       x = np.asarray(x)
       shape = self.order.shape + x.shape[1:]
       return jax.make_array_from_callback(shape, self.sharding,
@@ -179,10 +182,3 @@ class WorkerLayout:
 def _same_devices(a: Mesh, b: Mesh) -> bool:
   return a.devices.shape == b.devices.shape and all(
       x == y for x, y in zip(a.devices.flat, b.devices.flat))
-
-
-def _gather(x, index, sharding):
-  take = lambda x: jax.lax.with_sharding_constraint(x[index], sharding)
-  if isinstance(x, jax.core.Tracer):
-    return take(x)
-  return jax.jit(take, out_shardings=sharding)(x)

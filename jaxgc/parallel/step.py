@@ -584,8 +584,10 @@ class PlainStep:
     def body(params, local):
       wids = jax.lax.axis_index(ax) * lay.per_device + jnp.arange(lay.per_device)
       weight = jnp.asarray(self.weight)[wids]
+      # The loss as the coded step counts it: each chunk once, at its loss-owning slot.
+      owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
       z, loss, _ = _stream(self.loss_fn, pvary(params, ax), local, weight[..., None],
-                           weight != 0, weight, 1, d, ax)
+                           weight != 0, owner, 1, d, ax)
       return _psum_packed((jnp.sum(z, 0), loss), ax)
 
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax)), out_specs=(P(), P()),
