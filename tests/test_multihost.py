@@ -75,7 +75,7 @@ def test_two_processes_match_one(tmp_path):
 
 # Each process loads only the chunks its own devices hold (process_chunk_ids) and
 # assembles the per-worker input with from_process_chunks; the coded gradient must
-# equal the one from the replicated global batch, bit for bit.
+# equal the one from the replicated global batch laid out by the step, bit for bit.
 LAYOUT_WORKER = """
 import sys
 import jax
@@ -105,6 +105,7 @@ full = [chunk(i) for i in range(10)]
 rep = NamedSharding(mesh, P())
 glob = tuple(jax.make_array_from_callback(x.shape, rep, lambda idx, x=x: x[idx])
              for x in (np.stack([c[0] for c in full]), np.stack([c[1] for c in full])))
+glob = coded.shard_chunks(glob)   # laid out from the replicated batch (one step compile)
 grad = jax.jit(coded.gradient)
 out = [jax.tree.map(lambda v: np.asarray(v.addressable_data(0)),   # replicated outputs
                     grad(params, c, jax.random.key(4))) for c in (per_worker, glob)]
