@@ -115,12 +115,12 @@ def two_row_states(draw):
 @given(two_row_states())
 def test_two_column_closed_form_matches_lapack(inst):
   """ℓ = 2 solves by one Jacobi rotation; it must agree with numpy's SVD / pinv."""
-  from jaxgc.protocols import partial_straggler as ps
+  from jaxgc.protocols import partial_straggler
   a, fin = inst
   a64 = a.astype(np.float64)
   rcond = 1e-4
-  b, cond = ps.min_norm_solve(jnp.asarray(a), jnp.asarray(fin), rcond)
-  got_cond = np.asarray(ps.condition_numbers(jnp.asarray(a), jnp.asarray(fin)))
+  b, cond = partial_straggler.min_norm_solve(jnp.asarray(a), jnp.asarray(fin), rcond)
+  got_cond = np.asarray(partial_straggler.condition_numbers(jnp.asarray(a), jnp.asarray(fin)))
   b = np.asarray(b, np.float64)
   for i in range(fin.shape[1]):
     a_s = a64 * fin[:, i]
@@ -292,8 +292,8 @@ def test_polynomial_code_is_unstable_partial_straggler_is_not():
   counts = np.full(32, 4)
   counts[:poly.straggler_tolerance] = 0
   assert rel_err(roundtrip(poly, g[asg.order], counts, 16), g.sum(0)) > 1e-2
-  ps = jaxgc.PartialStraggler(asg, 2)
-  assert rel_err(roundtrip(ps, g[asg.order], counts, 16), g.sum(0)) < 1e-5
+  partial = jaxgc.PartialStraggler(asg, 2)
+  assert rel_err(roundtrip(partial, g[asg.order], counts, 16), g.sum(0)) < 1e-5
 
 
 # -- uncoded references --------------------------------------------------------
