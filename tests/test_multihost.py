@@ -1,4 +1,5 @@
-"""Two processes × 4 CPU devices (gloo) train like one process with 8 devices."""
+"""Two processes × 4 CPU devices (gloo) train like one process with 8 devices, and
+build the per-worker input from their own chunks only."""
 import json
 import os
 import socket
@@ -32,6 +33,7 @@ def command(workdir, *extra):
 def run_all(cmds):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each sets its own count
   env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT
   procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for c in cmds]
   outs = []
@@ -69,3 +71,52 @@ def test_two_processes_match_one(tmp_path):
   assert sa["sim_time"] == pytest.approx(sb["sim_time"], rel=1e-6)
   assert sa["erasures"] == sb["erasures"]
   assert sa["test_accuracy"] == pytest.approx(sb["test_accuracy"], abs=1e-6)
+
+
+# Each process loads only the chunks its own devices hold (process_chunk_ids) and
+# assembles the per-worker input with from_process_chunks; the coded gradient must
+# equal the one from the replicated global batch laid out by the step, bit for bit.
+LAYOUT_WORKER = """
+import sys
+import jax
+from jaxgc import parallel
+parallel.set_cpu_device_count(4)
+parallel.use_gloo()
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), initialization_timeout=60)
+import numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxgc import assignments, models, protocols, timing
+mesh = parallel.make_mesh(8)
+model = models.get_model("mlp", 3, (8,))
+params = models.init_params(model, jax.random.key(0), np.zeros((1, 5), np.float32))
+loss_fn = models.chunk_loss_fn(model.apply, 40)
+proto = protocols.PartialStraggler(assignments.cyclic(10, 3), 2)
+coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn, optax.sgd(0.1),
+                                 mesh, message_loss_prob=0.1)
+def chunk(i):   # chunk i of the step, as a data loader would read it
+  r = np.random.default_rng(int(i) + 1)
+  return r.normal(size=(4, 5)).astype(np.float32), r.integers(0, 3, 4).astype(np.int32)
+ids = coded.layout.process_chunk_ids()
+rows = [[chunk(max(i, 0)) for i in row] for row in ids]
+local = (np.asarray([[c[0] for c in r] for r in rows]), np.asarray([[c[1] for c in r] for r in rows]))
+assert local[0].shape[0] * 2 == coded.layout.m_pad, local[0].shape   # half the workers
+per_worker = coded.layout.from_process_chunks(local)
+full = [chunk(i) for i in range(10)]
+rep = NamedSharding(mesh, P())
+glob = tuple(jax.make_array_from_callback(x.shape, rep, lambda idx, x=x: x[idx])
+             for x in (np.stack([c[0] for c in full]), np.stack([c[1] for c in full])))
+glob = coded.shard_chunks(glob)   # laid out from the replicated batch (one step compile)
+grad = jax.jit(coded.gradient)
+out = [jax.tree.map(lambda v: np.asarray(v.addressable_data(0)),   # replicated outputs
+                    grad(params, c, jax.random.key(4))) for c in (per_worker, glob)]
+for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+  np.testing.assert_array_equal(a, b)
+print("OK", int(out[0][1]["erasures"]))
+"""
+
+
+def test_process_local_layout_matches_replicated_batch():
+  port = free_port()
+  outs = run_all([[sys.executable, "-c", LAYOUT_WORKER, f"localhost:{port}", str(i)]
+                  for i in range(2)])
+  assert all("OK" in out for out in outs), outs

@@ -1,6 +1,8 @@
 """The coded shard_map step: exactness, faults, layout, and the check_vma decoder."""
 import functools
+from typing import NamedTuple
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,9 +112,11 @@ def test_pipelined_plan_changes_nothing(setup):
       state, metrics = coded.update(state, chunks, key)
     return state, metrics
 
+  fresh = parallel.TrainState.create(params, coded.tx)
+  assert fresh.plan is None
   a, ma = run(coded.init_state(params, key))
-  b, mb = run(parallel.TrainState.create(params, coded.tx))
-  assert b.plan is None and a.plan is not None
+  b, mb = run(fresh)
+  assert isinstance(b.plan, parallel.Plan)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert float(a.sim_time) == float(b.sim_time) and int(a.num_erasures) == int(b.num_erasures)
@@ -213,7 +217,7 @@ def test_decoder_under_shard_map_with_check_vma():
   msgs = jax.random.normal(k1, (m_pad, b))
   dec = jax.random.normal(k2, (ell, m_pad)).at[:, 5].set(0.0)
   msgs = msgs.at[5].set(jnp.nan)   # a non-sender's garbage must not leak in
-  fn = parallel.shard_map(functools.partial(parallel.decode_sharded, d=d),
+  fn = jax.shard_map(functools.partial(parallel.decode_sharded, d=d),
                           mesh=mesh, in_specs=(P("workers"), P(None, "workers")),
                           out_specs=P(), check_vma=True)
   got = jax.jit(fn)(msgs, dec)
@@ -233,7 +237,7 @@ def test_pvary_gives_local_gradients():
     g = jax.grad(lambda w: jnp.sum(w * x))(wv)[None]
     return g if cast else parallel.pvary(g, "workers")
 
-  run = lambda cast: jax.jit(parallel.shard_map(
+  run = lambda cast: jax.jit(jax.shard_map(
       functools.partial(body, cast=cast), mesh=mesh, in_specs=(P(), P("workers")),
       out_specs=P("workers")))(w, xs)
   np.testing.assert_allclose(np.asarray(run(True)), np.asarray(xs))
@@ -249,7 +253,7 @@ def test_psum_packed_roundtrip():
     t = jax.tree.map(lambda x: jnp.where(mine, x, jnp.zeros_like(x)), t)
     return step_lib._psum_packed(t, "workers")  # pylint: disable=protected-access
 
-  out = jax.jit(parallel.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()))(tree)
+  out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()))(tree)
   assert out["b"].dtype == jnp.bool_ and out["c"].dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(out["a"]), [0.0, 1.0, 2.0])
   np.testing.assert_array_equal(np.asarray(out["b"]), [True, False])
@@ -285,3 +289,158 @@ def test_set_cpu_device_count_fails_loudly_when_too_late():
     parallel.set_cpu_device_count(64)
   with pytest.raises(RuntimeError, match="only 8"):
     parallel.make_mesh(64)
+
+
+# -- per-worker layout, streaming encode, straggler state --------------------------
+
+SM, SLOAD, SBATCH = 8, 4, 64      # small: one worker per device, quick to compile
+
+
+@pytest.fixture(scope="module")
+def small(setup):
+  mesh, train_data, _, _, _ = setup
+  model = models.get_model("mlp", 10, (16,))
+  params = models.init_params(model, jax.random.key(0), train_data[0][:1])
+  loss_fn = models.chunk_loss_fn(model.apply, SBATCH)
+  chunks = data.step_chunks(train_data, jax.random.key(2), 0, SBATCH, SM)
+  return mesh, params, loss_fn, chunks
+
+
+@pytest.fixture(scope="module")
+def lossy(small):
+  """A coded step with message losses and its jitted gradient (shared: one compile)."""
+  mesh, _, loss_fn, _ = small
+  proto = protocols.PartialStraggler(assignments.cyclic(SM, SLOAD), 1)
+  coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn,
+                                   optax.sgd(0.1), mesh, message_loss_prob=0.12)
+  return proto, coded, jax.jit(coded.gradient)
+
+
+def test_sharded_layout_equals_replicated_path(small, lossy):
+  """Per-worker input (host-built, process-local, or laid out by the step) gives
+  bit-identical steps; each device holds load/m of the batch."""
+  _, params, _, chunks = small
+  _, coded, grad_fn = lossy
+  host = jax.tree.map(np.asarray, chunks)
+  sharded = coded.shard_chunks(host)
+  lay = coded.layout
+  local = jax.tree.map(lambda x: x[np.maximum(lay.process_chunk_ids(), 0)], host)
+  from_local = lay.from_process_chunks(local)
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(from_local)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  x = jax.tree.leaves(sharded.data)[0]
+  assert x.shape[:2] == (SM, SLOAD) and x.sharding.spec == P("workers")
+  global_bytes = sum(np.asarray(v).nbytes for v in jax.tree.leaves(host))
+  assert lay.device_bytes(sharded) * SM == global_bytes * SLOAD
+  for key in (jax.random.key(0), jax.random.key(3)):
+    (ga, ma), (gb, mb) = (grad_fn(params, c, key) for c in (chunks, sharded))
+    for a, b in zip(jax.tree.leaves((ga, ma)), jax.tree.leaves((gb, mb))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_layout_for_the_wrong_mesh_is_refused(small):
+  mesh, params, loss_fn, chunks = small
+  proto = protocols.PartialStraggler(assignments.cyclic(12, 3), 1)
+  on8 = parallel.make_coded_step(proto, timing.ShiftedExponential(), loss_fn, optax.sgd(0.1),
+                                 mesh)
+  on4 = parallel.make_coded_step(proto, timing.ShiftedExponential(), loss_fn, optax.sgd(0.1),
+                                 parallel.make_mesh(4))
+  host = jax.tree.map(np.asarray, data.step_chunks(
+      (np.zeros((96, 3), np.float32), np.zeros(96, np.int32)), jax.random.key(0), 0, 96, 12))
+  wrong = on4.shard_chunks(host)               # [12, 3, ...] on 4 devices; on8 needs [16, 3]
+  with pytest.raises(ValueError, match="another mesh.*shard_chunks"):
+    on8.update(parallel.TrainState.create(params, on8.tx), wrong, jax.random.key(0))
+  with pytest.raises(ValueError, match="num_chunks=12"):
+    on8.shard_chunks(jax.tree.map(lambda v: v[:5], host))
+  with pytest.raises(ValueError, match="process_chunk_ids"):
+    on8.layout.from_process_chunks(jax.tree.map(lambda v: v[:3, None], host))
+  placed = jax.device_put(host, jax.sharding.NamedSharding(parallel.make_mesh(4), P()))
+  with pytest.raises(ValueError, match="another mesh"):
+    on8.shard_chunks(placed)
+
+
+def test_streaming_encode_under_erasures_is_exact(small, lossy):
+  """Erasures re-solve and re-stream: wherever the final state is decodable the
+  step equals the full-batch gradient (PlainStep), elsewhere the reference
+  encode -> decode at the final state; computed_fraction counts the slots with
+  nonzero coefficients."""
+  mesh, params, loss_fn, chunks = small
+  proto, _, grad_fn = lossy
+  a = proto.assignment
+  plain = parallel.make_plain_step(a, loss_fn, optax.sgd(0.1), mesh)
+  want = jax.flatten_util.ravel_pytree(jax.jit(plain.gradient)(params, chunks)[0])[0]
+  per_chunk = jax.vmap(lambda c: jax.flatten_util.ravel_pytree(
+      jax.grad(loss_fn)(params, c))[0])(chunks)
+  seen = {"exact_after_erasure": 0, "lossy": 0, "clean": 0}
+  for s in range(12):
+    g, met = grad_fn(params, chunks, jax.random.key(s))
+    got = jax.flatten_util.ravel_pytree(g)[0]
+    enc, dec = proto.coefficients(met["counts"])
+    # Slots with nonzero coefficients at the final state: round 1 computed just
+    # these when nothing was erased; after an erasure round 2 recomputes them.
+    used = int(np.sum(np.any(np.asarray(enc) != 0, axis=-1))) / a.loads.sum()
+    if int(met["erasures"]) == 0:
+      seen["clean"] += 1
+      assert float(met["computed_fraction"]) == pytest.approx(used)
+      assert float(met["recomputed_fraction"]) == 0.0
+    else:
+      assert float(met["recomputed_fraction"]) == pytest.approx(used)
+    if bool(met["exact"]):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+      seen["exact_after_erasure"] += int(met["erasures"]) > 0
+    else:
+      ref = protocols.decode(protocols.encode(per_chunk[np.maximum(a.order, 0)], enc), dec,
+                             want.shape[0])
+      np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
+      seen["lossy"] += 1
+  assert seen["exact_after_erasure"] and seen["lossy"] and seen["clean"], seen
+
+
+class CountingStraggler(NamedTuple):
+  """Slot durations ``1 + steps drawn so far``: a model with memory across steps."""
+  stateful = True
+
+  def init_state(self, key, num_workers):
+    del key, num_workers
+    return {"steps": jnp.zeros((), jnp.int32)}
+
+  def sample_step(self, key, state, assignment):
+    del key
+    tau = jnp.full(assignment.order.shape, 1.0 + state["steps"], jnp.float32)
+    return tau, {"steps": state["steps"] + 1}
+
+
+def test_stateful_straggler_advances_and_survives_checkpoint(small):
+  mesh, params, loss_fn, chunks = small
+  proto = protocols.PartialStraggler(assignments.cyclic(SM, SLOAD), 1)
+  coded = parallel.make_coded_step(proto, CountingStraggler(), loss_fn, optax.adam(1e-2), mesh)
+  update = jax.jit(coded.update)
+  state = coded.init_state(params, jax.random.key(0))
+  assert int(state.straggler_state["steps"]) == 1          # step 0 is planned ahead
+  for s in range(3):
+    state, met = update(state, chunks, jax.random.key(0))
+    # Equal slot durations 1 + s: every worker's first chunk decodes, at t = 1 + s.
+    assert float(met["step_sim_time"]) == 1.0 + s
+    assert float(met["computed_fraction"]) == pytest.approx(1 / SLOAD)
+  assert int(state.straggler_state["steps"]) == 4
+  blob = flax.serialization.to_bytes(state)
+  restored = flax.serialization.from_bytes(coded.init_state(params, jax.random.key(1)), blob)
+  (sa, ma), (sb, mb) = (update(st, chunks, jax.random.key(0)) for st in (state, restored))
+  for x, y in zip(jax.tree.leaves((sa, ma)), jax.tree.leaves((sb, mb))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(sb.straggler_state["steps"]) == 5 and float(mb["step_sim_time"]) == 4.0
+
+
+def test_undecodable_step_costs_the_timeout(setup):
+  """Issue #12: with every worker failing, exact mode waits `timeout`, not 0."""
+  mesh, _, _, _, loss_fn = setup
+  proto = protocols.PartialStraggler(assignments.cyclic(SM, SLOAD), 1)
+  dead = timing.get_model("shifted_exponential", failure_prob=1.0)
+  plan, _ = parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1), mesh,
+                                     timeout=5.0).init_plan(jax.random.key(0))
+  assert float(plan.stop) == 5.0 and not np.asarray(plan.solve.senders).any()
+  plan, _ = parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1),
+                                     mesh).init_plan(jax.random.key(0))
+  assert float(plan.stop) == 0.0       # without a timeout: the last finish, none here
+  with pytest.raises(ValueError, match="timeout"):
+    parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1), mesh, timeout=-1.0)

@@ -4,12 +4,13 @@ The CPU device count must be fixed before JAX starts its backend: the first
 ``jax.devices()`` (or any computation) freezes it. :func:`set_cpu_device_count`
 does it the supported way (``jax_num_cpu_devices``) and refuses loudly when it is
 too late, instead of silently running on fewer devices than the config asks for.
+Whether the backend started is read from the public config alone: JAX validates
+``jax_num_cpu_devices`` and refuses a change once its backends exist.
 """
 from __future__ import annotations
 
 import jax
 import numpy as np
-from jax._src import xla_bridge as _xb
 from jax.sharding import Mesh
 
 __all__ = [
@@ -21,9 +22,26 @@ AXIS = "workers"
 """Name of the mesh axis along which simulated workers are laid out."""
 
 
+def _set_num_cpu_devices(n: int) -> bool:
+  """Sets ``jax_num_cpu_devices``; False (nothing changed) when the backend has started."""
+  try:
+    jax.config.update("jax_num_cpu_devices", int(n))
+  except RuntimeError:   # JAX's own check: backends are already initialized
+    return False
+  return True
+
+
 def backend_started() -> bool:
-  """Whether JAX has already created its backends (device counts are then fixed)."""
-  return _xb.backends_are_initialized()
+  """Whether JAX has already created its backends (device counts are then fixed).
+
+  Probes with a change of ``jax_num_cpu_devices`` that JAX refuses once its
+  backends exist, and puts the value back when it was accepted.
+  """
+  current = int(jax.config.jax_num_cpu_devices)
+  if not _set_num_cpu_devices(current + 1 if current < 1 else current - 1):
+    return True
+  _set_num_cpu_devices(current)
+  return False
 
 
 def set_cpu_device_count(n: int) -> None:
@@ -35,7 +53,7 @@ def set_cpu_device_count(n: int) -> None:
   """
   if not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"CPU device count must be a positive integer, got {n!r}.")
-  if backend_started():
+  if not _set_num_cpu_devices(n):
     have = len(jax.local_devices(backend="cpu"))
     if have < n:
       raise RuntimeError(
@@ -44,8 +62,6 @@ def set_cpu_device_count(n: int) -> None:
           "jaxgc.parallel.set_cpu_device_count(n) right after `import jax` (before "
           "anything touches jax.devices() or computes), or start Python with "
           f"XLA_FLAGS=--xla_force_host_platform_device_count={n}.")
-    return
-  jax.config.update("jax_num_cpu_devices", int(n))
 
 
 def use_gloo() -> None:

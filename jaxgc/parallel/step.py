@@ -1,33 +1,31 @@
 """The coded training step under ``shard_map`` (PROTOCOL.md §6).
 
-One step, all in one jitted graph:
+One step, one jitted graph, one code path:
 
-1. straggler durations ``τ [m, max_load]`` are drawn from the step's PRNG key;
-2. the stop time and state ``k`` follow from the protocol and the mode
-   (exact: ``stop = completion_time``; deadline ``T``: ``stop = min(T, completion_time)``),
-   ``k = progress(τ, stop)``;
-3. every device computes its workers' chunk gradients (``vmap``), the encoding
-   coefficients of its workers, and their messages ``z_j``;
-4. erasures (lost or non-finite messages of workers that were due to send) set
-   ``k_j = 0`` and trigger one re-encoding round (PROTOCOL.md §2, robustness);
-5. the PS decode ``ĝ^(r) = Σ_j A[r,j] z_j`` is a ``psum`` of per-device partial sums;
-6. ``ĝ`` is unflattened to the parameter pytree and applied with ``optax``. A
-   step that cannot be decoded at all, or whose update is non-finite, is skipped.
+1. The step's :class:`Plan` was made one step ahead: straggler durations
+   ``τ [m, max_load]`` (from the step's key and the straggler model's state), the
+   stop time (:func:`jaxgc.protocols.stop_time`), the state ``k = progress(τ, stop)``,
+   the injected message faults, and the coefficient solve at ``k``. It needs the
+   key only, never gradients.
+2. Every device streams over its workers' chunk slots (``lax.scan``): it computes
+   a slot's chunk gradient only where the slot's encoding coefficients are
+   nonzero (``lax.cond``) and accumulates the worker's message
+   ``z_j = Σ_t Σ_k enc[j,t,k] g_{order[j,t]}^{(k)}`` (length ``⌈d/ℓ⌉``) as it goes,
+   so a worker's memory does not grow with its load.
+3. Erasures (lost or non-finite messages of workers due to send) set ``k_j = 0``:
+   the PS re-solves, and the workers that send in the second round stream again
+   (their chunk gradients are recomputed; ``recomputed_fraction`` counts it).
+4. The PS decode ``ĝ^(r) = Σ_j A[r,j] z_j`` is a ``psum`` of per-device partial
+   sums; the next step's plan, computed meanwhile on one device, rides in it.
+5. ``ĝ`` is unflattened and applied with ``optax``. A step that cannot be
+   decoded at all, or whose update is non-finite, is skipped.
 
-Several simulated workers share a device: ``m`` is padded up to a multiple of
-the device count with phantom workers that hold no chunk and never send.
-Parameters and optimizer state stay replicated (``P()``).
-
-The PS-side work (steps 1-2 and the coefficient solve) depends on the key only,
-never on gradients. It runs on one device (the last, which holds the phantom
-workers) and is broadcast through an all-reduce. With a planned state
-(:meth:`CodedStep.init_state`) it is done one step ahead and rides in the
-decode all-reduce, so a coded step synchronises the devices once, like an
-uncoded one; the numbers are identical either way.
+The data arrives per worker (:mod:`jaxgc.parallel.layout`): a device holds only
+its workers' chunks. Parameters and optimizer state stay replicated (``P()``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -39,49 +37,31 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxgc import protocols as _protocols
 from jaxgc import timing
-from jaxgc.parallel.devices import AXIS, workers_per_device
+from jaxgc.parallel.devices import AXIS
+from jaxgc.parallel.layout import WorkerChunks, WorkerLayout
+from jaxgc.protocols import base as _base
 
 __all__ = [
-    "TrainState", "CodedStep", "make_coded_step", "PlainStep", "make_plain_step",
-    "decode_sharded", "pvary", "shard_map", "MODES",
+    "TrainState", "Plan", "Solve", "CodedStep", "make_coded_step", "PlainStep",
+    "make_plain_step", "decode_sharded", "pvary", "MODES",
 ]
 
-MODES = ("exact", "deadline")
+MODES = _protocols.MODES
 
+# fold_in data of the straggler model's initial state; steps use 0, 1, 2, ...
+_STRAGGLER_INIT = 0x7FFFFFFF
 
-# -- compatibility shims -------------------------------------------------------
 
 def pvary(tree, axis_name):
-  """Marks every leaf device-varying along ``axis_name``.
+  """Marks every leaf device-varying along ``axis_name`` (``jax.lax.pcast``).
 
   Needed before ``jax.grad`` inside ``shard_map``: the gradient w.r.t. an
   *invariant* (``P()``) input is, by the transpose rules, already ``psum``-ed over
   the axis; the coded step needs each worker's own chunk gradients.
   """
-  def varying(x):
-    aval = jax.typeof(x) if hasattr(jax, "typeof") else None
-    # Where JAX records the varying axes has moved between releases.
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-      vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
-    return axis_name in vma
-
-  if hasattr(jax.lax, "pcast"):
-    cast = lambda x: x if varying(x) else jax.lax.pcast(x, axis_name, to="varying")
-  elif hasattr(jax.lax, "pvary"):
-    cast = lambda x: x if varying(x) else jax.lax.pvary(x, axis_name)  # pylint: disable=no-member
-  else:  # releases before varying-manual-axes typing: grads are local already
-    return tree
+  cast = lambda x: (x if axis_name in jax.typeof(x).manual_axis_type.varying
+                    else jax.lax.pcast(x, axis_name, to="varying"))
   return jax.tree.map(cast, tree)
-
-
-def shard_map(f, *, mesh, in_specs, out_specs, check_vma: bool = True):
-  """``jax.shard_map`` where it exists, else the experimental one (``check_rep``)."""
-  if hasattr(jax, "shard_map"):
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=check_vma)
-  from jax.experimental.shard_map import shard_map as _sm  # pylint: disable=import-outside-toplevel
-  return _sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check_vma)
 
 
 def decode_sharded(msgs, dec, d: int, axis_name: str = AXIS):
@@ -95,10 +75,48 @@ def decode_sharded(msgs, dec, d: int, axis_name: str = AXIS):
     ``[d]``, identical on every device (device-invariant, so it may leave
     ``shard_map`` as ``P()`` under ``check_vma=True``).
   """
-  return jax.lax.psum(_protocols.decode_blocks(msgs, dec), axis_name).reshape(-1)[:d]
+  return jax.lax.psum(_base.decode_blocks(msgs, dec), axis_name).reshape(-1)[:d]
 
 
-# -- state ---------------------------------------------------------------------
+# -- state and plan --------------------------------------------------------------
+
+class Solve(NamedTuple):
+  """The PS's coefficients at one state, laid out for the step's devices.
+
+  Attributes:
+    enc: ``[m_pad, slots, ℓ]`` encoding coefficients (phantom workers: 0).
+    dec: ``[ℓ, m_pad]`` decoding matrix.
+    senders: bool ``[m_pad]``, workers that send.
+    condition: ``[]`` worst condition number of the solve (1.0 where none applies).
+    decodable: bool ``[]``, the state allows exact recovery.
+    min_coverage: int32 ``[]``, ``min_i c_i(k)``.
+    chunks_below_ell: int32 ``[]``, chunks with ``c_i(k) < ℓ``.
+  """
+  enc: jax.Array
+  dec: jax.Array
+  senders: jax.Array
+  condition: jax.Array
+  decodable: jax.Array
+  min_coverage: jax.Array
+  chunks_below_ell: jax.Array
+
+
+class Plan(NamedTuple):
+  """The PS's plan of one step, made from the key and straggler state alone.
+
+  Attributes:
+    stop: float32 ``[]``, simulated stop time (the step's simulated duration).
+    counts: int32 ``[m]``, the state ``k`` at ``stop``.
+    lost: bool ``[m_pad]``, messages lost in transit.
+    corrupt: bool ``[m_pad]``, messages that arrive non-finite.
+    solve: the :class:`Solve` at ``counts``.
+  """
+  stop: jax.Array
+  counts: jax.Array
+  lost: jax.Array
+  corrupt: jax.Array
+  solve: Solve
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -111,9 +129,11 @@ class TrainState:
     sim_time: float32 scalar, cumulative simulated wall-clock seconds.
     num_skipped: int32, steps whose update was dropped (undecodable / non-finite).
     num_erasures: int32, cumulative erased messages.
-    plan: the PS plan of step ``step`` (durations-derived state, faults and
-      coefficients; a dict of arrays), precomputed during the previous step by
-      :meth:`CodedStep.update`; ``None`` to plan inside each step instead.
+    plan: the :class:`Plan` of step ``step``, made during the previous step;
+      ``None`` (:meth:`create`): the step plans itself first.
+    straggler_state: the straggler model's state after the durations of the
+      latest planned step (``()`` for i.i.d. models), so a model with memory
+      advances with the steps and is checkpointed with them.
   """
   step: jax.Array
   params: Any
@@ -122,98 +142,45 @@ class TrainState:
   num_skipped: jax.Array
   num_erasures: jax.Array
   plan: Any = None
+  straggler_state: Any = ()
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation, plan=None) -> "TrainState":
+  def create(cls, params, tx: optax.GradientTransformation, plan=None,
+             straggler_state=()) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                sim_time=jnp.zeros((), jnp.float32), num_skipped=jnp.zeros((), jnp.int32),
-               num_erasures=jnp.zeros((), jnp.int32), plan=plan)
+               num_erasures=jnp.zeros((), jnp.int32), plan=plan,
+               straggler_state=straggler_state)
 
 
-# -- static layout ---------------------------------------------------------------
+# -- collectives -------------------------------------------------------------------
 
-class _Layout:
-  """Static (NumPy) placement of workers and chunk slots on devices."""
-
-  def __init__(self, assignment, num_devices: int, compute_slots: int):
-    m, width = assignment.num_workers, assignment.max_load
-    self.m = m
-    self.per_device = workers_per_device(m, num_devices)
-    self.m_pad = self.per_device * num_devices
-    self.num_devices = num_devices
-    self.idle_devices = (self.m_pad - m) // self.per_device   # devices with phantoms only
-    self.slots = compute_slots
-    order = np.full((self.m_pad, width), -1, np.int32)
-    order[:m] = assignment.order
-    self.order = order[:, :compute_slots]
-    # Weight 1/(#computed copies) per slot: summing weighted chunk losses over all
-    # computed slots gives the batch loss exactly once, whatever the replication.
-    valid = self.order >= 0
-    copies = np.bincount(self.order[valid], minlength=assignment.num_chunks)
-    self.weight = np.where(valid, 1.0 / np.maximum(copies[np.maximum(self.order, 0)], 1),
-                           0.0).astype(np.float32)
-
-  def pad_workers(self, x, axis: int):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, self.m_pad - self.m)
-    return jnp.pad(x, pad)
-
-
-def _used_slots(protocol) -> int:
-  """How many leading slots per worker the protocol can ever use.
-
-  Probed at the all-finished state: ``Uncoded`` uses only each chunk's designated
-  slot (slot 0 of a cyclic assignment), so its workers need not compute the rest.
-  """
-  a = protocol.assignment
-  enc = np.asarray(protocol.encoding(jnp.asarray(a.loads)))
-  used = np.any(enc != 0, axis=-1)
-  if not used.any():
-    return a.max_load
-  return int(np.max(np.nonzero(used)[1])) + 1
-
-
-def _local_chunk_grads(loss_fn, params, chunks, layout: _Layout, axis_name):
-  """This device's chunk gradients ``[w, slots, d]``, its weighted loss ``[]``, worker ids ``[w]``."""
-  wids = jax.lax.axis_index(axis_name) * layout.per_device + jnp.arange(layout.per_device)
-  order = jnp.asarray(layout.order)[wids]
-  local = jax.tree.map(lambda a: a[jnp.maximum(order, 0)], chunks)
-  pv = pvary(params, axis_name)
-
-  def one(chunk):
-    loss, g = jax.value_and_grad(loss_fn)(pv, chunk)
-    return loss, ravel_pytree(g)[0]
-
-  work = lambda: pvary(jax.vmap(jax.vmap(one))(local), axis_name)
-  if layout.idle_devices:
-    # Devices holding only phantom workers skip the gradient work (on the last
-    # device, which then has time for the PS-side solve).
-    shapes = jax.eval_shape(work)
-    idle = lambda: pvary(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), axis_name)
-    busy = jax.lax.axis_index(axis_name) < layout.num_devices - layout.idle_devices
-    losses, grads = jax.lax.cond(busy, work, idle)
-  else:
-    losses, grads = work()
-  weight = jnp.asarray(layout.weight)[wids]
-  return grads, jnp.sum(losses * weight), weight, wids
+PACK_LIMIT = 1 << 16   # leaves up to this many elements travel packed in one vector
 
 
 def _psum_packed(tree, axis_name):
-  """``psum`` of a pytree as one all-reduce per float dtype.
+  """``psum`` of a pytree as one all-reduce: small leaves packed, one vector per dtype.
 
   On CPU meshes every all-reduce is a rendezvous of all device threads and costs
   far more than the bytes it moves, so small leaves travel packed in one vector.
   Integer and bool leaves ride in float32, exact below 2**24 (counts and flags).
+  Large leaves (gradients) are operands of the same all-reduce as they are:
+  packing would copy them.
   """
   leaves, treedef = jax.tree.flatten(tree)
+  big = [i for i, x in enumerate(leaves) if x.size > PACK_LIMIT]
   wire = [jnp.float32 if not jnp.issubdtype(x.dtype, jnp.floating) else x.dtype for x in leaves]
   groups: dict[Any, list[int]] = {}
   for i, dt in enumerate(wire):
-    groups.setdefault(jnp.dtype(dt), []).append(i)
+    if i not in big:
+      groups.setdefault(jnp.dtype(dt), []).append(i)
+  packed = [jnp.concatenate([jnp.ravel(leaves[i]).astype(dt) for i in idx])
+            for dt, idx in groups.items()]
+  summed = jax.lax.psum(([leaves[i] for i in big], packed), axis_name)
   out = [None] * len(leaves)
-  for dt, idx in groups.items():
-    flat = jax.lax.psum(jnp.concatenate([jnp.ravel(leaves[i]).astype(dt) for i in idx]),
-                        axis_name)
+  for i, x in zip(big, summed[0]):
+    out[i] = x
+  for flat, idx in zip(summed[1], groups.values()):
     start = 0
     for i in idx:
       size = int(np.prod(leaves[i].shape))
@@ -225,20 +192,97 @@ def _psum_packed(tree, axis_name):
   return jax.tree.unflatten(treedef, out)
 
 
+def _zeros(shapes):
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
 def _compute_once(fn, axis_name, device: int, broadcast: bool = True):
   """Runs ``fn()`` (invariant inputs) on one device only and broadcasts its result.
 
-  The PS-side work of a step (durations, stop time, the coefficient solve) is
-  the same on every device. Computed replicated it would run once per device,
-  which on a CPU host with few cores is a real cost; here one device computes
-  it and a ``psum`` against zeros elsewhere broadcasts it exactly.
+  The PS-side work of a step (stop time, the coefficient solve) is the same on
+  every device. Computed replicated it would run once per device, which on a
+  CPU host with few cores is a real cost; here one device computes it and a
+  ``psum`` against zeros elsewhere broadcasts it exactly.
   """
   shapes = jax.eval_shape(fn)
-  zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   mine = jax.lax.axis_index(axis_name) == device
-  out = jax.lax.cond(mine, lambda: pvary(fn(), axis_name), lambda: pvary(zeros(), axis_name))
+  out = jax.lax.cond(mine, lambda: pvary(fn(), axis_name),
+                     lambda: pvary(_zeros(shapes), axis_name))
   # Without broadcast the caller psums it, packed with other traffic.
   return _psum_packed(out, axis_name) if broadcast else out
+
+
+# -- streaming over a device's chunk slots ------------------------------------------
+
+def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int,
+            axis_name: str):
+  """Streams over this device's ``w × slots`` chunk slots, one chunk gradient at a time.
+
+  Slot ``(j, t)`` adds ``Σ_k coef[j,t,k] · g^{(k)}`` to message ``j`` (``ℓ = 1``
+  and ``coef = weight`` give the plain weighted sum); its gradient is computed
+  only where ``compute[j, t]``; elsewhere at most a forward pass runs, for the
+  loss, where ``loss_weight[j, t] != 0``.
+
+  Args:
+    params: device-varying parameters.
+    local: this device's chunks, leaves ``[w, slots, ...]``.
+    coef: ``[w, slots, ℓ]``; compute: bool ``[w, slots]``; loss_weight: ``[w, slots]``.
+  Returns:
+    ``(z [w, ⌈d/ℓ⌉], Σ loss_weight · loss [], chunk gradients computed [] int32)``.
+  """
+  w, slots = compute.shape
+  b = _base.num_blocks(d, ell)
+  chunk_of = lambda j, t: jax.tree.map(lambda a: a[j, t], local)
+  loss_shape = jax.eval_shape(lambda: loss_fn(params, chunk_of(0, 0)))
+  dtype = jnp.result_type(*jax.tree.leaves(params))
+  vary = lambda x: pvary(x, axis_name)
+
+  def gradient(j, t):
+    loss, g = jax.value_and_grad(loss_fn)(params, chunk_of(j, t))
+    blocks = _base.split_blocks(ravel_pytree(g)[0], ell)          # [ℓ, b]
+    c = coef[j, t].astype(blocks.dtype)
+    return vary((loss, _base.weighted_sum(c, blocks, c != 0)))
+
+  def forward(j, t):
+    return vary((loss_fn(params, chunk_of(j, t)), jnp.zeros(b, dtype)))
+
+  def nothing(j, t):
+    del j, t
+    return vary((jnp.zeros(loss_shape.shape, loss_shape.dtype), jnp.zeros(b, dtype)))
+
+  def body(carry, idx):
+    z, loss, n = carry
+    j, t = idx // slots, idx % slots
+    branch = jnp.where(compute[j, t], 2, jnp.where(loss_weight[j, t] != 0, 1, 0))
+    l, contrib = jax.lax.switch(branch, (nothing, forward, gradient), j, t)
+    return (z.at[j].add(contrib), loss + loss_weight[j, t] * l,
+            n + compute[j, t].astype(jnp.int32)), None
+
+  init = vary((jnp.zeros((w, b), dtype), jnp.zeros((), loss_shape.dtype),
+               jnp.zeros((), jnp.int32)))
+  (z, loss, n), _ = jax.lax.scan(body, init, jnp.arange(w * slots))
+  return z, loss, n
+
+
+def _used_slots(protocol) -> int:
+  """How many leading slots per worker the protocol can ever use.
+
+  Probed at the all-finished state: ``Uncoded`` uses only each chunk's designated
+  slot (slot 0 of a cyclic assignment), so its workers need not hold the rest.
+  """
+  a = protocol.assignment
+  enc = np.asarray(protocol.solve(jnp.asarray(a.loads)).enc)
+  used = np.any(enc != 0, axis=-1)
+  if not used.any():
+    return a.max_load
+  return int(np.max(np.nonzero(used)[1])) + 1
+
+
+def _as_worker_chunks(layout: WorkerLayout, chunks) -> WorkerChunks:
+  if isinstance(chunks, WorkerChunks):
+    layout.check(chunks)
+    return chunks
+  return layout.shard_chunks(chunks)
 
 
 # -- the coded step --------------------------------------------------------------
@@ -253,206 +297,211 @@ class CodedStep:
 
   def __init__(self, protocol, straggler, loss_fn: Callable, tx: optax.GradientTransformation,
                mesh: Mesh, *, mode: str = "exact", deadline: float | None = None,
-               message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
-               axis_name: str = AXIS, report_condition: bool = True,
-               check_vma: bool = True):
-    if mode not in MODES:
-      raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}.")
-    if mode == "deadline":
-      if deadline is None or not np.isfinite(deadline) or deadline <= 0:
-        raise ValueError(
-            f"deadline mode needs a positive finite deadline, got {deadline!r}; set "
-            "deadline=T (simulated seconds), or use mode='exact'.")
-    if mode == "exact" and isinstance(protocol, _protocols.IgnoreStragglers):
-      raise ValueError(
-          "ignore_stragglers never recovers the gradient exactly, so it has no exact "
-          "mode; use mode='deadline' with a deadline, or protocol 'uncoded' to wait "
-          "for all workers.")
+               timeout: float | None = None, message_loss_prob: float = 0.0,
+               nan_message_prob: float = 0.0, axis_name: str = AXIS,
+               report_condition: bool = True, check_vma: bool = True):
+    a = protocol.assignment
+    # The one stop rule validates mode, deadline and timeout (at trace time: free).
+    jax.eval_shape(lambda t: _protocols.stop_time(protocol, t, mode, deadline, timeout),
+                   jax.ShapeDtypeStruct(a.order.shape, jnp.float32))
     for name, p in (("message_loss_prob", message_loss_prob),
                     ("nan_message_prob", nan_message_prob)):
       if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {p}.")
-    if axis_name not in mesh.axis_names:
-      raise ValueError(f"mesh has axes {mesh.axis_names}; expected one named {axis_name!r}.")
     self.protocol = protocol
-    self.assignment = protocol.assignment
+    self.assignment = a
     self.straggler = straggler
     self.loss_fn = loss_fn
     self.tx = tx
     self.mesh = mesh
     self.mode = mode
     self.deadline = None if deadline is None else float(deadline)
+    self.timeout = None if timeout is None else float(timeout)
     self.message_loss_prob = float(message_loss_prob)
     self.nan_message_prob = float(nan_message_prob)
     self.axis_name = axis_name
     self.check_vma = check_vma
-    self.report_condition = report_condition and hasattr(protocol, "solve")
-    self.layout = _Layout(self.assignment, mesh.shape[axis_name], _used_slots(protocol))
+    self.report_condition = report_condition and protocol.reports_condition
+    self.layout = WorkerLayout(a, mesh, _used_slots(protocol), axis_name)
+    # Σ_j load_j: the chunk gradients of a step that computes every slot.
+    self._all_slots = float(np.sum(a.loads))
 
-  # -- plan: when the PS stops and what state it sees ------------------------
-  def plan(self, key):
-    """Durations ``[m, max_load]``, stop time ``[]`` and state ``k`` ``[m]`` for one step."""
-    durations = self.straggler.sample(key, self.assignment)
-    t_star = self.protocol.completion_time(durations)
-    if self.mode == "exact":
-      # Never decodable (too many failures): the PS stops once nothing more can
-      # arrive and falls back to the deadline-mode estimate.
-      f = timing.finish_times(durations)
-      last = jnp.max(jnp.where(jnp.isfinite(f), f, 0.0))
-      stop = jnp.where(jnp.isfinite(t_star), t_star, last)
-    else:
-      stop = jnp.minimum(jnp.float32(self.deadline), t_star)
-    return durations, stop, timing.progress(durations, stop)
+  # -- the per-worker input ---------------------------------------------------
+  def shard_chunks(self, chunks) -> WorkerChunks:
+    """The step's chunks ``[N, ...]`` laid out per worker (:meth:`WorkerLayout.shard_chunks`)."""
+    return self.layout.shard_chunks(chunks)
 
   # -- PS side: plan and solve ------------------------------------------------
-  def _ps_solve(self, counts):
-    """Everything the PS derives from a state: padded coefficients and diagnostics."""
+  def _solve(self, counts) -> Solve:
     lay, proto = self.layout, self.protocol
-    if self.report_condition:
-      enc, dec, cond = proto.solve(counts)
-    else:
-      enc, dec = proto.coefficients(counts)
+    c = proto.solve(counts)
     cov = proto.coverage(counts)
-    decodable = proto.is_decodable(counts)
-    out = {
-        "enc": lay.pad_workers(enc, 0)[:, : lay.slots],                 # [m_pad, slots, ℓ]
-        "dec": lay.pad_workers(dec, 1),                                 # [ℓ, m_pad]
-        "senders": jnp.sum(jnp.any(enc != 0, axis=(1, 2)), dtype=jnp.int32),
-        "min_coverage": jnp.min(cov),
-        "chunks_below_ell": jnp.sum(cov < proto.ell, dtype=jnp.int32),
-        "decodable": decodable,
-    }
-    if self.report_condition:
-      out["condition_number"] = jnp.asarray(cond, jnp.float32)
-    return out
+    pad = lambda x, axis: jnp.pad(x, [(0, lay.m_pad - lay.m) if i == axis else (0, 0)
+                                      for i in range(x.ndim)])
+    return Solve(enc=pad(c.enc, 0)[:, : lay.slots], dec=pad(c.dec, 1),
+                 senders=pad(c.senders, 0), condition=jnp.asarray(c.condition, jnp.float32),
+                 decodable=jnp.asarray(proto.is_decodable(counts), bool),
+                 min_coverage=jnp.min(cov).astype(jnp.int32),
+                 chunks_below_ell=jnp.sum(cov < proto.ell, dtype=jnp.int32))
 
-  def _ps_plan(self, key, step=None):
-    """Durations, stop time, state, injected faults and the round-1 solve.
-
-    From ``key``, or from ``fold_in(key, step)`` when ``step`` is given.
-    """
-    if step is not None:
-      key = jax.random.fold_in(key, step)
+  def _draw(self, key, straggler_state):
+    """The cheap random part of a plan: durations, message faults, the model's next state."""
     k_dur, k_loss, k_nan = jax.random.split(key, 3)
-    _, stop, counts = self.plan(k_dur)
+    durations, straggler_state = timing.sample_step(self.straggler, k_dur, straggler_state,
+                                                    self.assignment)
     m_pad = self.layout.m_pad
     draw = lambda k, p: (jax.random.bernoulli(k, p, (m_pad,)) if p > 0
                          else jnp.zeros((m_pad,), bool))
-    return {"stop": stop, "counts": counts, "lost": draw(k_loss, self.message_loss_prob),
-            "corrupt": draw(k_nan, self.nan_message_prob), **self._ps_solve(counts)}
+    return (durations, draw(k_loss, self.message_loss_prob),
+            draw(k_nan, self.nan_message_prob)), straggler_state
+
+  def _plan(self, durations, lost, corrupt) -> Plan:
+    """The costly part: the stop rule, the state and the solve."""
+    stop = _protocols.stop_time(self.protocol, durations, self.mode, self.deadline, self.timeout)
+    counts = timing.progress(durations, stop)
+    return Plan(jnp.asarray(stop, jnp.float32), counts, lost, corrupt, self._solve(counts))
+
+  def init_straggler_state(self, key):
+    """The straggler model's state before step 0 (``key``: the base key)."""
+    return timing.init_state(self.straggler, jax.random.fold_in(key, _STRAGGLER_INIT),
+                             self.assignment.num_workers)
+
+  def init_plan(self, key, step=0, straggler_state=None):
+    """``(plan, straggler_state)``: the :class:`Plan` of step ``step`` and the model's state after it.
+
+    ``key`` is the base key (step ``s`` draws from ``fold_in(key, s)``);
+    ``straggler_state`` is the model's state before step ``step`` (default: its
+    initial state).
+    """
+    if straggler_state is None:
+      straggler_state = self.init_straggler_state(key)
+    draw, straggler_state = self._draw(jax.random.fold_in(key, step), straggler_state)
+    return self._plan(*draw), straggler_state
+
+  def init_state(self, params, key) -> TrainState:
+    """A fresh :class:`TrainState` whose first step is already planned."""
+    plan, straggler_state = self.init_plan(key)
+    return TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state)
 
   # -- gradient ---------------------------------------------------------------
-  def _sharded_gradient(self, d, params, chunks, key, step=None, plan=None):
-    """``(ĝ [d], metrics, next_plan)``.
+  def _sharded_gradient(self, params, worker_chunks: WorkerChunks, plan: Plan, next_draw):
+    """``(ĝ [d], metrics, next_plan)``: the step's one code path.
 
-    Without ``plan`` the PS plans from ``key`` inside the step (its own
-    broadcast). With ``plan`` (made for ``step`` one step earlier), the PS
-    device plans step ``step + 1`` meanwhile, and that plan
-    rides in the decode all-reduce: one synchronisation per step, like an
-    uncoded step. Planning needs only the key, never gradients, so this changes
-    no number, only when it is computed.
+    ``next_draw`` (durations and faults of the next step, or ``None``) is turned
+    into the next :class:`Plan` on the PS device while the others compute
+    gradients, and rides in the decode all-reduce: one synchronisation per step.
     """
-    lay, ax = self.layout, self.axis_name
+    lay, ax, ell = self.layout, self.axis_name, self.protocol.ell
+    d = ravel_pytree(params)[0].shape[0]
     # The last device holds the phantom workers, so it has the least (often no)
     # gradient work: it plays the PS, and runs the PS-side work once for all.
     ps_device = self.mesh.shape[ax] - 1
 
-    def body(params, chunks, key, step, plan):
-      grads, loss, _, wids = _local_chunk_grads(self.loss_fn, params, chunks, lay, ax)
-      if plan is None:
-        ps, nxt = _compute_once(lambda: self._ps_plan(key, step), ax, ps_device), None
-      else:
-        ps, nxt = plan, _compute_once(lambda: self._ps_plan(key, step + 1), ax, ps_device,
-                                      broadcast=False)
-
-      def messages(enc_all, dec_all):
-        enc_l = enc_all[wids]
-        sends = jnp.any(enc_l != 0, axis=(1, 2))
-        z = jnp.where(sends[:, None], _protocols.encode(grads, enc_l), 0.0)
-        return z, dec_all[:, wids], sends
-
-      z, dec_l, sends = messages(ps["enc"], ps["dec"])
+    def body(params, local, plan, next_draw):
+      wids = jax.lax.axis_index(ax) * lay.per_device + jnp.arange(lay.per_device)
+      pv = pvary(params, ax)
+      owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
+      enc = plan.solve.enc[wids]
+      z, loss, computed = _stream(self.loss_fn, pv, local, enc, jnp.any(enc != 0, -1),
+                                  owner, ell, d, ax)
+      sends = plan.solve.senders[wids]
       # A corrupted message is one the PS finds non-finite: erased like a lost one.
-      bad = sends & (ps["lost"][wids] | ps["corrupt"][wids] |
-                     ~jnp.all(jnp.isfinite(z), axis=-1))
+      # One sum per message instead of an elementwise mask: NaN/Inf anywhere makes it non-finite.
+      bad = sends & (plan.lost[wids] | plan.corrupt[wids] | ~jnp.isfinite(jnp.sum(z, -1)))
       flags = jnp.zeros(lay.m_pad, jnp.int32).at[wids].set(bad.astype(jnp.int32))
-      # Optimistic: decode, erasure flags and loss share one all-reduce; a round
-      # with an erasure is thrown away and redone below.
-      partial, flags, loss, nxt = _psum_packed(
-          (_protocols.decode_blocks(jnp.where(bad[:, None], 0.0, z), dec_l), flags, loss, nxt), ax)
+      nxt = (None if next_draw is None else
+             _compute_once(lambda: self._plan(*next_draw), ax, ps_device, broadcast=False))
+      # Optimistic: decode, erasure flags, loss and the next plan share one
+      # all-reduce; a round with an erasure is redone below.
+      part = _base.decode_blocks(jnp.where(bad[:, None], 0.0, z), plan.solve.dec[:, wids])
+      part, flags, loss, computed, nxt = _psum_packed((part, flags, loss, computed, nxt), ax)
       erased = flags[: lay.m] > 0
       num_erased = jnp.sum(erased, dtype=jnp.int32)
-      keys = [k for k in ps if k not in ("stop", "counts", "lost", "corrupt", "dec")]
 
       def redo():
         # The state is known before any gradient moves, so an erasure costs one
-        # re-solve and a re-encode of already computed chunk gradients.
-        counts = jnp.where(erased, 0, ps["counts"])
-        ps2 = _compute_once(lambda: self._ps_solve(counts), ax, ps_device)
-        z2, dec2_l, _ = messages(ps2["enc"], ps2["dec"])
-        part = jax.lax.psum(_protocols.decode_blocks(z2, dec2_l), ax)
-        return part, counts, {k: ps2[k] for k in keys}
+        # re-solve and a re-encode. Round 1's messages are not kept (that would
+        # hold a second message buffer through the decode): every worker that
+        # sends in round 2 streams its chunks again.
+        counts = jnp.where(erased, 0, plan.counts)
+        s2 = _compute_once(lambda: self._solve(counts), ax, ps_device)
+        enc2 = s2.enc[wids]
+        z2, _, again = _stream(self.loss_fn, pv, local, enc2, jnp.any(enc2 != 0, -1),
+                               jnp.zeros_like(owner), ell, d, ax)
+        part2, again = _psum_packed((_base.decode_blocks(z2, s2.dec[:, wids]), again), ax)
+        return part2, counts, s2, again
 
-      partial, final, info = jax.lax.cond(
-          num_erased > 0, redo, lambda: (partial, ps["counts"], {k: ps[k] for k in keys}))
-      g = partial.reshape(-1)[:d]
-      del info["enc"]
-      skipped = (info["senders"] == 0) | ~jnp.all(jnp.isfinite(g))
-      metrics = {"loss": loss, "step_sim_time": ps["stop"], "erasures": num_erased,
-                 "skipped": skipped, "exact": info["decodable"] & ~skipped,
-                 "counts": final, **info}
+      keep = lambda: (part, plan.counts, plan.solve, jnp.zeros((), jnp.int32))
+      part, counts, solve, again = jax.lax.cond(num_erased > 0, redo, keep)
+      g = part.reshape(-1)[:d]
+      skipped = ~jnp.any(solve.senders) | ~jnp.isfinite(jnp.sum(g))
+      metrics = {
+          "loss": loss, "step_sim_time": plan.stop, "erasures": num_erased,
+          "skipped": skipped, "exact": solve.decodable & ~skipped,
+          "decodable": solve.decodable, "min_coverage": solve.min_coverage,
+          "chunks_below_ell": solve.chunks_below_ell,
+          "senders": jnp.sum(solve.senders, dtype=jnp.int32),
+          "computed_fraction": computed / self._all_slots,
+          "recomputed_fraction": again / self._all_slots,
+          "counts": counts,
+      }
+      if self.report_condition:
+        metrics["condition_number"] = solve.condition
       return g, metrics, nxt
 
-    fn = shard_map(body, mesh=self.mesh, in_specs=(P(),) * 5, out_specs=P(),
-                   check_vma=self.check_vma)
-    return fn(params, chunks, key, step, plan)
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P()),
+                       out_specs=P(), check_vma=self.check_vma)
+    return fn(params, worker_chunks.data, plan, next_draw)
 
   def gradient(self, params, chunks, key):
-    """The decoded gradient and step metrics.
+    """The decoded gradient and step metrics of one step drawn from ``key``.
 
     Args:
       params: replicated parameter pytree.
-      chunks: pytree with leaves ``[N, chunk_batch, ...]``, replicated.
-      key: the step's PRNG key (durations, message losses, corruptions).
+      chunks: pytree with leaves ``[N, chunk_batch, ...]``, or :class:`WorkerChunks`.
+      key: the step's PRNG key (durations, message losses, corruptions); the
+        straggler model starts from its initial state.
     Returns:
       ``(grads, metrics)``: the estimate ``ĝ`` as a pytree like ``params`` (NaN
       possible only when ``metrics['skipped']``), and a dict of scalars
       (``loss``, ``step_sim_time``, ``min_coverage``, ``chunks_below_ell``,
       ``decodable``, ``erasures``, ``skipped``, ``exact``, ``senders``,
-      ``condition_number`` when the protocol has one) plus the final state
-      ``counts`` ``[m]``.
+      ``computed_fraction``, ``recomputed_fraction``, ``condition_number``
+      when the protocol reports one) plus the final state ``counts`` ``[m]``.
     """
-    flat, unravel = ravel_pytree(params)
-    g, metrics, _ = self._sharded_gradient(flat.shape[0], params, chunks, key)
+    _, unravel = ravel_pytree(params)
+    draw, _ = self._draw(key, self.init_straggler_state(key))
+    g, metrics, _ = self._sharded_gradient(params, _as_worker_chunks(self.layout, chunks),
+                                           self._plan(*draw), None)
     return unravel(g), metrics
-
-  def init_plan(self, key, step=0):
-    """The PS plan of step ``step`` for :attr:`TrainState.plan` (``key``: the base key)."""
-    return self._ps_plan(key, step)
-
-  def init_state(self, params, key) -> TrainState:
-    """A fresh :class:`TrainState` whose first step is already planned (the fast path)."""
-    return TrainState.create(params, self.tx, plan=self.init_plan(key))
 
   # -- full update --------------------------------------------------------------
   def update(self, state: TrainState, chunks, key):
     """One optimizer step. Returns ``(new_state, metrics)``; never writes NaN into params.
 
     Args:
-      state: replicated state; with ``state.plan`` (see :meth:`init_state`) the
-        step uses it and plans the next step on the side.
-      chunks: pytree with leaves ``[N, chunk_batch, ...]``.
+      state: replicated state (:meth:`init_state`); a state without a plan
+        (:meth:`TrainState.create`) plans its step first.
+      chunks: pytree with leaves ``[N, chunk_batch, ...]`` (laid out per worker
+        here), or :class:`WorkerChunks` from :meth:`shard_chunks`.
       key: the *base* key; step ``s`` draws from ``fold_in(key, s)``, so a run is
         a function of ``(key, data)`` and resumes exactly from a checkpoint.
     """
-    flat, unravel = ravel_pytree(state.params)
-    g, metrics, plan = self._sharded_gradient(flat.shape[0], state.params, chunks, key,
-                                              state.step, state.plan)
+    worker_chunks = _as_worker_chunks(self.layout, chunks)
+    plan, straggler_state = state.plan, state.straggler_state
+    if plan is None:
+      if not jax.tree.leaves(straggler_state):
+        straggler_state = None        # a fresh state: the model's initial state
+      plan, straggler_state = self.init_plan(key, state.step, straggler_state)
+    next_draw, straggler_state = self._draw(jax.random.fold_in(key, state.step + 1),
+                                            straggler_state)
+    _, unravel = ravel_pytree(state.params)
+    g, metrics, next_plan = self._sharded_gradient(state.params, worker_chunks, plan, next_draw)
     updates, opt_state = self.tx.update(unravel(g), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # One scalar instead of a reduction per leaf: any NaN/Inf makes the sum non-finite.
     finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
-    skip = metrics["skipped"] | ~finite
+    skip = metrics.pop("skipped") | ~finite
     # One conditional rather than a select per leaf: fewer kernels, each of which
     # runs on every device of the mesh.
     params, opt_state = jax.lax.cond(skip, lambda: (state.params, state.opt_state),
@@ -461,38 +510,53 @@ class CodedStep:
     new = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, sim_time=sim_time,
         num_skipped=state.num_skipped + skip.astype(jnp.int32),
-        num_erasures=state.num_erasures + metrics["erasures"], plan=plan)
-    metrics = dict(metrics, skipped=skip, exact=metrics["exact"] & ~skip, sim_time=sim_time)
-    del metrics["counts"]
+        num_erasures=state.num_erasures + metrics["erasures"], plan=next_plan,
+        straggler_state=straggler_state)
+    metrics.pop("counts")
+    metrics.update(skipped=skip, exact=metrics["exact"] & ~skip, sim_time=sim_time)
     return new, metrics
 
   def jit(self, donate: bool = False):
-    """``update`` jitted with replicated shardings: ``(state, chunks, key) -> (state, metrics)``."""
+    """``update`` jitted: ``(state, chunks, key) -> (state, metrics)``."""
     return jax.jit(self.update, donate_argnums=(0,) if donate else ())
 
 
-def make_coded_step(protocol, straggler, loss_fn, tx, mesh, **kwargs) -> CodedStep:
-  """Builds a :class:`CodedStep`; see its arguments.
+def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exact",
+                    deadline: float | None = None, timeout: float | None = None,
+                    message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
+                    axis_name: str = AXIS, report_condition: bool = True,
+                    check_vma: bool = True) -> CodedStep:
+  """Builds a :class:`CodedStep`.
 
   Args:
     protocol: a :mod:`jaxgc.protocols` protocol (its assignment fixes ``m`` and ``N``).
-    straggler: a :mod:`jaxgc.timing` model with ``.sample(key, assignment)``.
+    straggler: a :mod:`jaxgc.timing` model (i.i.d., or with memory across steps).
     loss_fn: ``loss(params, chunk) -> scalar``; the chunk losses must sum to the
       step's loss (see :func:`jaxgc.models.chunk_loss_fn`).
     tx: any ``optax.GradientTransformation``.
     mesh: a mesh with an axis ``"workers"`` (:func:`jaxgc.parallel.make_mesh`).
-    **kwargs: ``mode``, ``deadline``, ``message_loss_prob``, ``nan_message_prob``,
-      ``report_condition``, ``check_vma``.
+    mode: ``"exact"`` or ``"deadline"`` (:func:`jaxgc.protocols.stop_time`).
+    deadline: simulated seconds, deadline mode.
+    timeout: exact mode: when the PS gives up on a never-decodable step (its
+      simulated cost); ``None``: the last finite finish time.
+    message_loss_prob, nan_message_prob: injected erasures per sending worker.
+    report_condition: add ``condition_number`` to the metrics where the protocol
+      reports one.
+    check_vma: ``shard_map``'s varying-axes check.
   """
-  return CodedStep(protocol, straggler, loss_fn, tx, mesh, **kwargs)
+  return CodedStep(protocol, straggler, loss_fn, tx, mesh, mode=mode, deadline=deadline,
+                   timeout=timeout, message_loss_prob=message_loss_prob,
+                   nan_message_prob=nan_message_prob, axis_name=axis_name,
+                   report_condition=report_condition, check_vma=check_vma)
 
 
 # -- uncoded reference with the same per-device work --------------------------------
 
 class PlainStep:
-  """Same chunk gradients per device as the coded step, summed and ``psum``-ed.
+  """Same chunk gradients per device as the coded step, streamed, summed and ``psum``-ed.
 
-  The reference for measuring coding overhead, and a direct full-batch gradient
+  The reference for measuring coding overhead (time and memory: it accumulates
+  the same per-device chunks one at a time), and a direct full-batch gradient
   (each chunk counted once) for tests.
   """
 
@@ -501,24 +565,34 @@ class PlainStep:
     self.assignment = assignment
     self.loss_fn, self.tx, self.mesh, self.axis_name = loss_fn, tx, mesh, axis_name
     self.check_vma = check_vma
-    slots = assignment.max_load if compute_slots is None else int(compute_slots)
-    self.layout = _Layout(assignment, mesh.shape[axis_name], slots)
+    self.layout = WorkerLayout(assignment, mesh, compute_slots, axis_name)
+    # Weight 1/(#computed copies) per slot: every chunk counted exactly once.
+    order = self.layout.order
+    valid = order >= 0
+    copies = np.bincount(order[valid], minlength=assignment.num_chunks)
+    self.weight = np.where(valid, 1.0 / np.maximum(copies[np.maximum(order, 0)], 1),
+                           0.0).astype(np.float32)
+
+  def shard_chunks(self, chunks) -> WorkerChunks:
+    return self.layout.shard_chunks(chunks)
 
   def gradient(self, params, chunks):
     """``(Σ_i g_i as a pytree, loss)``."""
     flat, unravel = ravel_pytree(params)
-    lay, ax = self.layout, self.axis_name
+    lay, ax, d = self.layout, self.axis_name, flat.shape[0]
 
-    def body(params, chunks):
-      grads, loss, weight, _ = _local_chunk_grads(self.loss_fn, params, chunks, lay, ax)
-      # The same fused weighted sum as the coded encode, so only coding differs.
-      total = _protocols.weighted_sum(weight.reshape(-1), grads.reshape(-1, grads.shape[-1]))
-      return _psum_packed((total, loss), ax)
+    def body(params, local):
+      wids = jax.lax.axis_index(ax) * lay.per_device + jnp.arange(lay.per_device)
+      weight = jnp.asarray(self.weight)[wids]
+      # The loss as the coded step counts it: each chunk once, at its loss-owning slot.
+      owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
+      z, loss, _ = _stream(self.loss_fn, pvary(params, ax), local, weight[..., None],
+                           weight != 0, owner, 1, d, ax)
+      return _psum_packed((jnp.sum(z, 0), loss), ax)
 
-    fn = shard_map(body, mesh=self.mesh, in_specs=(P(), P()), out_specs=(P(), P()),
-                   check_vma=self.check_vma)
-    g, loss = fn(params, chunks)
-    assert g.shape == flat.shape
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax)), out_specs=(P(), P()),
+                       check_vma=self.check_vma)
+    g, loss = fn(params, _as_worker_chunks(lay, chunks).data)
     return unravel(g), loss
 
   def update(self, state: TrainState, chunks, key=None):
@@ -532,6 +606,8 @@ class PlainStep:
     return jax.jit(self.update, donate_argnums=(0,) if donate else ())
 
 
-def make_plain_step(assignment, loss_fn, tx, mesh, **kwargs) -> PlainStep:
+def make_plain_step(assignment, loss_fn, tx, mesh, *, compute_slots: int | None = None,
+                    axis_name: str = AXIS, check_vma: bool = True) -> PlainStep:
   """Builds a :class:`PlainStep` (uncoded, same per-device work)."""
-  return PlainStep(assignment, loss_fn, tx, mesh, **kwargs)
+  return PlainStep(assignment, loss_fn, tx, mesh, compute_slots=compute_slots,
+                   axis_name=axis_name, check_vma=check_vma)
