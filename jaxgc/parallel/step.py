@@ -35,6 +35,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxgc import adaptive as _adaptive
 from jaxgc import protocols as _protocols
 from jaxgc import timing
 from jaxgc.parallel.devices import AXIS
@@ -134,6 +135,9 @@ class TrainState:
     straggler_state: the straggler model's state after the durations of the
       latest planned step (``()`` for i.i.d. models), so a model with memory
       advances with the steps and is checkpointed with them.
+    adaptive_state: the adaptive PS's :class:`jaxgc.adaptive.AdaptiveState`
+      after observing the latest planned step (``()`` without one): its
+      placement is that of the step after ``plan``'s.
   """
   step: jax.Array
   params: Any
@@ -143,14 +147,15 @@ class TrainState:
   num_erasures: jax.Array
   plan: Any = None
   straggler_state: Any = ()
+  adaptive_state: Any = ()
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, plan=None,
-             straggler_state=()) -> "TrainState":
+             straggler_state=(), adaptive_state=()) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                sim_time=jnp.zeros((), jnp.float32), num_skipped=jnp.zeros((), jnp.int32),
                num_erasures=jnp.zeros((), jnp.int32), plan=plan,
-               straggler_state=straggler_state)
+               straggler_state=straggler_state, adaptive_state=adaptive_state)
 
 
 # -- collectives -------------------------------------------------------------------
@@ -293,14 +298,31 @@ class CodedStep:
   Build with :func:`make_coded_step`. Methods are pure (jit them, or use
   :meth:`jit`); keys and chunks are explicit arguments, so the same
   ``(key, chunks)`` always gives the same step.
+
+  With an ``adaptive`` PS (:class:`jaxgc.adaptive.AdaptivePS`), a step's plan
+  draws the physical workers' durations, routes logical worker ``j``'s chunk list
+  to physical worker ``perm[j]`` (:func:`jaxgc.adaptive.apply_placement`), runs
+  the stop rule on the placed durations, and lets the PS observe the state
+  (before any erasure) to choose the next step's placement. Plans are made one
+  step ahead, so step ``t``'s observation always precedes step ``t+1``'s
+  placement, and the PS's state is a function of the key and the steps taken:
+  checkpointed in :attr:`TrainState.adaptive_state`, it resumes bit-exactly.
+  Only simulated durations move; chunks, coefficients per logical worker and
+  exactness are those of the static PS.
   """
 
   def __init__(self, protocol, straggler, loss_fn: Callable, tx: optax.GradientTransformation,
                mesh: Mesh, *, mode: str = "exact", deadline: float | None = None,
                timeout: float | None = None, message_loss_prob: float = 0.0,
                nan_message_prob: float = 0.0, axis_name: str = AXIS,
-               report_condition: bool = True, check_vma: bool = True):
+               report_condition: bool = True, check_vma: bool = True,
+               adaptive: _adaptive.AdaptivePS | None = None):
     a = protocol.assignment
+    if adaptive is not None and (adaptive.protocol.assignment.num_workers != a.num_workers
+                                 or not np.array_equal(adaptive.protocol.assignment.order,
+                                                       a.order)):
+      raise ValueError("adaptive: the AdaptivePS was built for another assignment; build it "
+                       "with the step's protocol, AdaptivePS(protocol).")
     # The one stop rule validates mode, deadline and timeout (at trace time: free).
     jax.eval_shape(lambda t: _protocols.stop_time(protocol, t, mode, deadline, timeout),
                    jax.ShapeDtypeStruct(a.order.shape, jnp.float32))
@@ -319,6 +341,7 @@ class CodedStep:
     self.timeout = None if timeout is None else float(timeout)
     self.message_loss_prob = float(message_loss_prob)
     self.nan_message_prob = float(nan_message_prob)
+    self.adaptive = adaptive
     self.axis_name = axis_name
     self.check_vma = check_vma
     self.report_condition = report_condition and protocol.reports_condition
@@ -344,11 +367,18 @@ class CodedStep:
                  min_coverage=jnp.min(cov).astype(jnp.int32),
                  chunks_below_ell=jnp.sum(cov < proto.ell, dtype=jnp.int32))
 
-  def _draw(self, key, straggler_state):
-    """The cheap random part of a plan: durations, message faults, the model's next state."""
+  def _draw(self, key, straggler_state, adaptive_state=()):
+    """The cheap random part of a plan: durations, message faults, the model's next state.
+
+    With an adaptive PS the durations are the logical workers' (placed by
+    ``adaptive_state``'s placement).
+    """
     k_dur, k_loss, k_nan = jax.random.split(key, 3)
     durations, straggler_state = timing.sample_step(self.straggler, k_dur, straggler_state,
                                                     self.assignment)
+    if self.adaptive is not None:
+      durations = _adaptive.apply_placement(durations, self.adaptive.placement(adaptive_state),
+                                            self.assignment)
     m_pad = self.layout.m_pad
     draw = lambda k, p: (jax.random.bernoulli(k, p, (m_pad,)) if p > 0
                          else jnp.zeros((m_pad,), bool))
@@ -361,35 +391,61 @@ class CodedStep:
     counts = timing.progress(durations, stop)
     return Plan(jnp.asarray(stop, jnp.float32), counts, lost, corrupt, self._solve(counts))
 
+  def _plan_observed(self, draw, adaptive_state):
+    """``(plan, adaptive_state)``: the plan, then the adaptive PS's observation of its state.
+
+    The PS observes the counts before any erasure zeroes them: an erased message
+    says nothing about its worker's speed.
+    """
+    plan = self._plan(*draw)
+    if self.adaptive is not None:
+      adaptive_state = self.adaptive.observe(adaptive_state, plan.counts, plan.stop)
+    return plan, adaptive_state
+
   def init_straggler_state(self, key):
     """The straggler model's state before step 0 (``key``: the base key)."""
     return timing.init_state(self.straggler, jax.random.fold_in(key, _STRAGGLER_INIT),
                              self.assignment.num_workers)
 
-  def init_plan(self, key, step=0, straggler_state=None):
+  def init_adaptive_state(self):
+    """The adaptive PS's state before step 0 (no knowledge: the static placement); ``()`` without one."""
+    return () if self.adaptive is None else self.adaptive.init()
+
+  def init_plan(self, key, step=0, straggler_state=None, adaptive_state=None):
     """``(plan, straggler_state)``: the :class:`Plan` of step ``step`` and the model's state after it.
 
     ``key`` is the base key (step ``s`` draws from ``fold_in(key, s)``);
     ``straggler_state`` is the model's state before step ``step`` (default: its
-    initial state).
+    initial state); ``adaptive_state`` the adaptive PS's state before it
+    (default: its initial state). :meth:`plan_step` also returns the PS's state.
     """
+    return self.plan_step(key, step, straggler_state, adaptive_state)[:2]
+
+  def plan_step(self, key, step=0, straggler_state=None, adaptive_state=None):
+    """``(plan, straggler_state, adaptive_state)`` after planning step ``step`` (:meth:`init_plan`)."""
     if straggler_state is None:
       straggler_state = self.init_straggler_state(key)
-    draw, straggler_state = self._draw(jax.random.fold_in(key, step), straggler_state)
-    return self._plan(*draw), straggler_state
+    if adaptive_state is None:
+      adaptive_state = self.init_adaptive_state()
+    draw, straggler_state = self._draw(jax.random.fold_in(key, step), straggler_state,
+                                       adaptive_state)
+    plan, adaptive_state = self._plan_observed(draw, adaptive_state)
+    return plan, straggler_state, adaptive_state
 
   def init_state(self, params, key) -> TrainState:
     """A fresh :class:`TrainState` whose first step is already planned."""
-    plan, straggler_state = self.init_plan(key)
-    return TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state)
+    plan, straggler_state, adaptive_state = self.plan_step(key)
+    return TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state,
+                             adaptive_state=adaptive_state)
 
   # -- gradient ---------------------------------------------------------------
   def _sharded_gradient(self, params, worker_chunks: WorkerChunks, plan: Plan, next_draw):
-    """``(ĝ [d], metrics, next_plan)``: the step's one code path.
+    """``(ĝ [d], metrics, next)``: the step's one code path.
 
-    ``next_draw`` (durations and faults of the next step, or ``None``) is turned
-    into the next :class:`Plan` on the PS device while the others compute
-    gradients, and rides in the decode all-reduce: one synchronisation per step.
+    ``next_draw`` (``(durations and faults of the next step, adaptive PS state)``,
+    or ``None``) is turned into ``next = (next Plan, adaptive PS state after
+    observing it)`` on the PS device while the others compute gradients, and
+    rides in the decode all-reduce: one synchronisation per step.
     """
     lay, ax, ell = self.layout, self.axis_name, self.protocol.ell
     d = ravel_pytree(params)[0].shape[0]
@@ -410,7 +466,8 @@ class CodedStep:
       bad = sends & (plan.lost[wids] | plan.corrupt[wids] | ~jnp.isfinite(jnp.sum(z, -1)))
       flags = jnp.zeros(lay.m_pad, jnp.int32).at[wids].set(bad.astype(jnp.int32))
       nxt = (None if next_draw is None else
-             _compute_once(lambda: self._plan(*next_draw), ax, ps_device, broadcast=False))
+             _compute_once(lambda: self._plan_observed(*next_draw), ax, ps_device,
+                           broadcast=False))
       # Optimistic: decode, erasure flags, loss and the next plan share one
       # all-reduce; a round with an erasure is redone below.
       part = _base.decode_blocks(jnp.where(bad[:, None], 0.0, z), plan.solve.dec[:, wids])
@@ -470,7 +527,7 @@ class CodedStep:
       when the protocol reports one) plus the final state ``counts`` ``[m]``.
     """
     _, unravel = ravel_pytree(params)
-    draw, _ = self._draw(key, self.init_straggler_state(key))
+    draw, _ = self._draw(key, self.init_straggler_state(key), self.init_adaptive_state())
     g, metrics, _ = self._sharded_gradient(params, _as_worker_chunks(self.layout, chunks),
                                            self._plan(*draw), None)
     return unravel(g), metrics
@@ -488,15 +545,17 @@ class CodedStep:
         a function of ``(key, data)`` and resumes exactly from a checkpoint.
     """
     worker_chunks = _as_worker_chunks(self.layout, chunks)
-    plan, straggler_state = state.plan, state.straggler_state
+    plan, straggler_state, adaptive_state = state.plan, state.straggler_state, state.adaptive_state
     if plan is None:
-      if not jax.tree.leaves(straggler_state):
-        straggler_state = None        # a fresh state: the model's initial state
-      plan, straggler_state = self.init_plan(key, state.step, straggler_state)
+      # A fresh state: the model's and the PS's initial states.
+      fresh = lambda s: None if not jax.tree.leaves(s) else s
+      plan, straggler_state, adaptive_state = self.plan_step(
+          key, state.step, fresh(straggler_state), fresh(adaptive_state))
     next_draw, straggler_state = self._draw(jax.random.fold_in(key, state.step + 1),
-                                            straggler_state)
+                                            straggler_state, adaptive_state)
     _, unravel = ravel_pytree(state.params)
-    g, metrics, next_plan = self._sharded_gradient(state.params, worker_chunks, plan, next_draw)
+    g, metrics, (next_plan, adaptive_state) = self._sharded_gradient(
+        state.params, worker_chunks, plan, (next_draw, adaptive_state))
     updates, opt_state = self.tx.update(unravel(g), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # One scalar instead of a reduction per leaf: any NaN/Inf makes the sum non-finite.
@@ -511,7 +570,7 @@ class CodedStep:
         step=state.step + 1, params=params, opt_state=opt_state, sim_time=sim_time,
         num_skipped=state.num_skipped + skip.astype(jnp.int32),
         num_erasures=state.num_erasures + metrics["erasures"], plan=next_plan,
-        straggler_state=straggler_state)
+        straggler_state=straggler_state, adaptive_state=adaptive_state)
     metrics.pop("counts")
     metrics.update(skipped=skip, exact=metrics["exact"] & ~skip, sim_time=sim_time)
     return new, metrics
@@ -525,7 +584,8 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
                     deadline: float | None = None, timeout: float | None = None,
                     message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                     axis_name: str = AXIS, report_condition: bool = True,
-                    check_vma: bool = True) -> CodedStep:
+                    check_vma: bool = True,
+                    adaptive: _adaptive.AdaptivePS | None = None) -> CodedStep:
   """Builds a :class:`CodedStep`.
 
   Args:
@@ -543,11 +603,14 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
     report_condition: add ``condition_number`` to the metrics where the protocol
       reports one.
     check_vma: ``shard_map``'s varying-axes check.
+    adaptive: an adaptive PS (:class:`jaxgc.adaptive.AdaptivePS` of ``protocol``)
+      that re-chooses the placement of chunk lists on workers between steps;
+      ``None``: the static placement.
   """
   return CodedStep(protocol, straggler, loss_fn, tx, mesh, mode=mode, deadline=deadline,
                    timeout=timeout, message_loss_prob=message_loss_prob,
                    nan_message_prob=nan_message_prob, axis_name=axis_name,
-                   report_condition=report_condition, check_vma=check_vma)
+                   report_condition=report_condition, check_vma=check_vma, adaptive=adaptive)
 
 
 # -- uncoded reference with the same per-device work --------------------------------

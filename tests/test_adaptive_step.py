@@ -1,0 +1,97 @@
+"""The adaptive PS inside the coded training step: exactness, checkpoint, benefit."""
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxgc
+from jaxgc import adaptive, assignments, data, models, timing
+from jaxgc import parallel
+
+M, LOAD, ELL, BATCH = 20, 4, 2, 160
+SLOW = timing.FixedSlowdown(timing.ShiftedExponential(1.0, 1.0), (0, 1, 2, 3), 5.0)
+KEY = jax.random.key(7)
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def setup():
+  assert len(jax.devices()) >= 8, "conftest must give 8 CPU devices"
+  mesh = parallel.make_mesh(8)
+  ds = data.load("digits")
+  model = models.get_model("mlp", ds.num_classes, (16,))
+  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
+  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
+  train_data = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+  proto = jaxgc.PartialStraggler(assignments.cyclic(M, LOAD), ELL)
+  make = lambda ps: parallel.make_coded_step(proto, SLOW, loss_fn, optax.sgd(0.5), mesh,
+                                             adaptive=ps)
+  chunks = [data.step_chunks(train_data, jax.random.key(1), s, BATCH, M) for s in range(6)]
+  return mesh, params, loss_fn, proto, make, chunks
+
+
+@pytest.fixture(scope="module")
+def run(setup):
+  """One adaptive run of STEPS steps: the states before each step, and the metrics."""
+  _, params, _, proto, make, chunks = setup
+  coded = make(adaptive.AdaptivePS(proto))
+  update = jax.jit(coded.update)
+  states, metrics = [coded.init_state(params, KEY)], []
+  for s in range(STEPS):
+    state, met = update(states[-1], chunks[s % len(chunks)], KEY)
+    states.append(state)
+    metrics.append(met)
+  return coded, update, states, metrics
+
+
+def test_adaptive_exact_mode_equals_uncoded_every_step(setup, run):
+  """Placements move off the identity, and every step is still the full-batch step."""
+  mesh, params, loss_fn, proto, _, chunks = setup
+  _, _, states, metrics = run
+  plain = parallel.make_plain_step(proto.assignment, loss_fn, optax.sgd(0.5), mesh)
+  plain_update = jax.jit(plain.update)
+  ref = parallel.TrainState.create(params, plain.tx)
+  for s in range(len(chunks)):
+    ref, ref_met = plain_update(ref, chunks[s])
+    assert bool(metrics[s]["exact"]), s
+    np.testing.assert_allclose(float(metrics[s]["loss"]), float(ref_met["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(states[s + 1].params), jax.tree.leaves(ref.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  perms = [np.asarray(st.adaptive_state.perm) for st in states[: len(chunks)]]
+  assert any((p != np.arange(M)).any() for p in perms), "the placement never changed"
+  assert int(states[-1].adaptive_state.num_obs) == STEPS + 1   # step t+1 planned during step t
+
+
+def test_adaptive_state_survives_checkpoint(setup, run):
+  """Resume from serialized bytes: the next steps equal the uninterrupted run bit for bit."""
+  chunks = setup[-1]
+  _, update, states, metrics = run
+  blob = flax.serialization.to_bytes(states[3])
+  restored = flax.serialization.from_bytes(states[0], blob)    # states[0]: structure only
+  assert int(restored.adaptive_state.num_obs) == 4
+  for s in (3, 4):
+    restored, met = update(restored, chunks[s], KEY)
+    for x, y in zip(jax.tree.leaves((restored, met)), jax.tree.leaves((states[s + 1], metrics[s]))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_adaptive_beats_static_under_adjacent_slow_workers(setup, run):
+  """Workers 0-3 5x slower every step: the mean step_sim_time over the run drops.
+
+  The static step's sim time is its plan's stop; with an i.i.d. model the plan of
+  step ``s`` depends on ``fold_in(KEY, s)`` only, so all are planned at once.
+  """
+  static = setup[4](None)
+  plans = jax.jit(jax.vmap(lambda s: static.init_plan(KEY, s)[0].stop))(jnp.arange(STEPS))
+  static_mean = float(np.mean(np.asarray(plans)))
+  adaptive_mean = float(np.mean([float(m["step_sim_time"]) for m in run[3]]))
+  assert adaptive_mean < 0.85 * static_mean, (adaptive_mean, static_mean)
+
+
+def test_adaptive_for_another_assignment_is_refused(setup):
+  mesh, _, loss_fn, proto, _, _ = setup
+  other = adaptive.AdaptivePS(jaxgc.PartialStraggler(assignments.cyclic(M, 3), ELL))
+  with pytest.raises(ValueError, match="AdaptivePS\\(protocol\\)"):
+    parallel.make_coded_step(proto, SLOW, loss_fn, optax.sgd(0.1), mesh, adaptive=other)
