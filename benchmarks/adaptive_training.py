@@ -21,6 +21,7 @@ Accuracy is evaluated after every step (train.py does it every 10 steps).
 
     python benchmarks/adaptive_training.py              # 300 steps, 3 seeds
     python benchmarks/adaptive_training.py --steps 150  # quicker
+    python benchmarks/adaptive_training.py --seeds 10 --decay 0.8
 """
 from __future__ import annotations
 
@@ -118,6 +119,8 @@ def main():
   ap.add_argument("--steps", type=int, default=300)
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--check_steps", type=int, default=20, help="0 skips the sharded-step check")
+  ap.add_argument("--decay", type=float, default=adaptive.AdaptivePS._field_defaults["decay"],
+                  help="the adaptive PS's EWMA weight of the newest step")
   args = ap.parse_args()
   t_start = time.time()
   cfg = default.get_config()
@@ -133,7 +136,8 @@ def main():
   init_keys, data_keys, step_keys = keys[:, 0], keys[:, 1], keys[:, 2]
   target = cfg.target_accuracy
   print(f"digits MLP {tuple(cfg.hidden)}, m={cfg.num_workers}, cyclic load {cfg.load}, "
-        f"ell={cfg.ell}, batch {cfg.batch_size}, {args.steps} steps, {args.seeds} seeds; "
+        f"ell={cfg.ell}, batch {cfg.batch_size}, {args.steps} steps, {args.seeds} seeds, "
+        f"adaptive decay {args.decay}; "
         f"target accuracy {target}", flush=True)
 
   protos = {n: make_protocol(n, asg, cfg.ell) for n in NAMES}
@@ -141,9 +145,9 @@ def main():
                           args.steps) for n, p in protos.items()}
   results = {}
   for sname, straggler in stragglers().items():
-    steps = {n: parallel.make_coded_step(
-        p, straggler, loss_fn, tx, mesh, mode="exact",
-        adaptive=adaptive.AdaptivePS(p) if n == "adaptive" else None) for n, p in protos.items()}
+    ps = lambda n, p: adaptive.AdaptivePS(p, decay=args.decay) if n == "adaptive" else None
+    steps = {n: parallel.make_coded_step(p, straggler, loss_fn, tx, mesh, mode="exact",
+                                         adaptive=ps(n, p)) for n, p in protos.items()}
     for n in NAMES:
       t0 = time.time()
       stop, counts = jax.tree.map(np.asarray, plan_scan(steps[n], args.steps)(step_keys))

@@ -408,7 +408,7 @@ class CodedStep:
                              self.assignment.num_workers)
 
   def init_adaptive_state(self):
-    """The adaptive PS's state before step 0 (no knowledge: the static placement); ``()`` without one."""
+    """The adaptive PS's state before step 0 (the static placement); ``()`` without a PS."""
     return () if self.adaptive is None else self.adaptive.init()
 
   def init_plan(self, key, step=0, straggler_state=None, adaptive_state=None):
@@ -422,7 +422,7 @@ class CodedStep:
     return self.plan_step(key, step, straggler_state, adaptive_state)[:2]
 
   def plan_step(self, key, step=0, straggler_state=None, adaptive_state=None):
-    """``(plan, straggler_state, adaptive_state)`` after planning step ``step`` (:meth:`init_plan`)."""
+    """``(plan, straggler_state, adaptive_state)``: :meth:`init_plan` and the PS's state after."""
     if straggler_state is None:
       straggler_state = self.init_straggler_state(key)
     if adaptive_state is None:
