@@ -9,10 +9,13 @@ Builds configs/lm.py's transformer LM on all local devices (one mesh axis of
    (XLA's memory analysis), the model's estimate (:func:`jaxgc.models.memory_estimate`)
    and the device's peak bytes in use where the backend reports it;
 3. the coded / uncoded step-time ratio (median over interleaved steps; uncoded =
-   the same per-device chunk gradients, summed and all-reduced).
+   the same per-device chunk gradients, summed and all-reduced);
+4. with ``--train_steps N``: training loss and validation loss / perplexity of
+   the coded step before and after ``N`` adam steps.
 
   python benchmarks/device_check.py                  # GPU/TPU, LM sized for one card
-  python benchmarks/device_check.py --small          # CPU, seconds: checks the script
+  python benchmarks/device_check.py --small          # CPU, a minute: checks the script
+  python benchmarks/device_check.py --cpu --size=lm --train_steps=40   # configs/lm.py's LM
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 SIZES = {  # name: (d_model, num_heads, num_layers, seq_len, batch_size, corpus_bytes)
     "small": (32, 2, 1, 32, 32, 200_000),
+    "lm": (64, 4, 2, 64, 64, 1_000_000),         # configs/lm.py
     "card": (512, 8, 8, 256, 256, 8_000_000),
 }
 
@@ -34,6 +38,10 @@ SIZES = {  # name: (d_model, num_heads, num_layers, seq_len, batch_size, corpus_
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--small", action="store_true", help="tiny LM on 8 simulated CPU devices")
+  ap.add_argument("--size", choices=sorted(SIZES), default=None,
+                  help="LM size (default: card; small with --small)")
+  ap.add_argument("--cpu", action="store_true", help="8 simulated CPU devices")
+  ap.add_argument("--train_steps", type=int, default=30)
   ap.add_argument("--protocol", default="partial_straggler")
   ap.add_argument("--workers", type=int, default=8, help="m (a multiple of the device count)")
   ap.add_argument("--load", type=int, default=3)
@@ -41,7 +49,8 @@ def main():
   ap.add_argument("--iters", type=int, default=30)
   ap.add_argument("--max_seconds", type=float, default=120.0, help="cap on the timing loop")
   args = ap.parse_args()
-  if args.small:
+  size = args.size or ("small" if args.small else "card")
+  if args.small or args.cpu:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     flag = "--xla_force_host_platform_device_count=8"
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
@@ -55,7 +64,7 @@ def main():
   from jaxgc import assignments, data, models, parallel, protocols, timing  # pylint: disable=import-outside-toplevel
 
   t_start = time.perf_counter()
-  d_model, heads, layers, seq, batch, corpus = SIZES["small" if args.small else "card"]
+  d_model, heads, layers, seq, batch, corpus = SIZES[size]
   devices = jax.devices()
   mesh = parallel.make_mesh(len(devices))
   print(f"device: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); LM d_model="
@@ -128,6 +137,23 @@ def main():
   if stats and "peak_bytes_in_use" in stats:
     print(f"device peak bytes in use: {stats['peak_bytes_in_use'] / 2**20:.1f} MiB of "
           f"{stats.get('bytes_limit', 0) / 2**20:.0f} MiB")
+  # 4. Training: the loss goes down.
+  if args.train_steps:
+    evaluate = jax.jit(functools.partial(models.predict_metrics, model.apply))
+    val = (jnp.asarray(ds.x_test[:512]), jnp.asarray(ds.y_test[:512]))
+    state = jax.jit(coded.init_state)(params, key)
+    before = {k: float(v) for k, v in evaluate(state.params, *val).items()}
+    losses, t = [], time.perf_counter()
+    for s in range(args.train_steps):
+      c = data.step_chunks(train, data_key, s, batch, args.workers)
+      state, m = compiled["coded"](state, c, key)
+      losses.append(float(m["loss"]))
+    after = {k: float(v) for k, v in evaluate(state.params, *val).items()}
+    print(f"training {args.train_steps} coded steps ({time.perf_counter() - t:.0f} s): train loss "
+          f"{np.mean(losses[:3]):.3f} (first 3) -> {np.mean(losses[-3:]):.3f} (last 3); validation "
+          f"loss {before['test_loss']:.3f} -> {after['test_loss']:.3f}, perplexity "
+          f"{before['test_perplexity']:.1f} -> {after['test_perplexity']:.1f}, next-byte accuracy "
+          f"{before['test_accuracy']:.3f} -> {after['test_accuracy']:.3f}")
   print(f"total wall time {time.perf_counter() - t_start:.0f} s")
 
 
