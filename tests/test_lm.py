@@ -46,12 +46,17 @@ def test_corpus_is_the_stdlib_source_in_sorted_order():
 def test_chunk_losses_sum_to_the_batch_mean_token_loss():
   ds, model, params, loss_fn = setup()
   x, y = jnp.asarray(ds.x_train[:BATCH]), jnp.asarray(ds.y_train[:BATCH])
-  logits = jax.jit(model.apply)({"params": params}, x)
-  want = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  chunks = (x.reshape(M, -1, SEQ), y.reshape(M, -1, SEQ))
-  got = jnp.sum(jax.jit(jax.vmap(loss_fn, (None, 0)))(params, chunks))
+
+  @jax.jit
+  def losses(params):
+    logits = model.apply({"params": params}, x)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    chunks = (x.reshape(M, -1, SEQ), y.reshape(M, -1, SEQ))
+    got = jnp.sum(jax.vmap(loss_fn, (None, 0))(params, chunks))
+    return want, got, models.predict_metrics(model.apply, params, x, y)
+
+  want, got, ev = losses(params)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
-  ev = jax.jit(functools.partial(models.predict_metrics, model.apply))(params, x, y)
   np.testing.assert_allclose(float(ev["test_loss"]), float(want), rtol=1e-5)
   np.testing.assert_allclose(float(ev["test_perplexity"]), np.exp(float(want)), rtol=1e-5)
 
@@ -90,7 +95,7 @@ def test_coded_lm_equals_uncoded_step_by_step_and_full_batch_gradient():
       assert bool(metrics["exact"])
       losses[name].append(float(metrics["loss"]))
       if s == 0 and name == "partial_straggler":
-        total = lambda p, c=c: sum(loss_fn(p, jax.tree.map(lambda a: a[i], c)) for i in range(M))
+        total = lambda p, c=c: jnp.sum(jax.vmap(loss_fn, (None, 0))(p, c))
         want = flat(jax.jit(jax.grad(total))(params))
         got = (flat(params) - flat(new.params)) / lr
         assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-4
