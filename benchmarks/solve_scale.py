@@ -97,6 +97,7 @@ def main():
                   help="Original: a size whose build + use takes longer is not usable")
   ap.add_argument("--skip_original", action="store_true")
   ap.add_argument("--skip_ps", action="store_true")
+  ap.add_argument("--constructions", default="tandon,polynomial")
   ap.add_argument("--blas_threads", type=int, default=1,
                   help="NumPy's BLAS threads in the measurements (0: its default). On a "
                        "busy 2-core host OpenBLAS's threads fight: a batched SVD took 20 s "
@@ -127,7 +128,8 @@ def main():
           flush=True)
   if args.skip_original:
     return
-  for construction, ell in (("tandon", 1), ("polynomial", 2)):
+  for construction in args.constructions.split(","):
+    ell = 1 if construction == "tandon" else 2
     print(f"Original {construction} (ell={ell}): cyclic(m, {args.original_load}); "
           f"build, then one jitted coefficients call (compile included)")
     largest = None
