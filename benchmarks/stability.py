@@ -31,10 +31,8 @@ def errors(proto, states, grads, batch=100):
   """Relative decode errors ``[trials]`` for chunk gradients ``grads [trials, N, D]``."""
   order = jnp.asarray(np.maximum(proto.assignment.order, 0))
 
-  @jax.jit
   def one(counts, g):
-    enc, dec = proto.coefficients(counts)
-    est = jaxgc.decode(jaxgc.encode(g[order], enc), dec, D)
+    est = jaxgc.estimate(proto, g[order], counts)
     true = jnp.sum(g.astype(jnp.float64), axis=0)
     return jnp.linalg.norm(est.astype(jnp.float64) - true) / jnp.linalg.norm(true)
 
@@ -55,7 +53,7 @@ def main():
     trials, sizes = 100, [s for s in sizes if s <= 64]
   print(f"relative decode error over {trials} random decodable states per cell "
         f"(d={D}; median / worst)\n")
-  print(f"{'m':>4}{'ell':>4}{'load':>5} | {'PS f32':>18} | {'PS f64':>18} | "
+  print(f"{'m':>4}{'ell':>4}{'load':>5} | {'partial f32':>18} | {'partial f64':>18} | "
         f"{'poly f32':>18} | {'poly f64':>18} | {'worst cond(A_S)':>15}")
   worst32 = 0.0
   for m in sizes:
@@ -70,7 +68,7 @@ def main():
       for cls, kw in ((jaxgc.PartialStraggler, {}), (jaxgc.Original, {"construction": "polynomial"})):
         for dt in (jnp.float32, jnp.float64):
           proto = cls(asg, ell, dtype=dt, **kw)
-          states = timing.progress(tau, proto.completion_time(tau))
+          states = timing.progress(tau, jaxgc.stop_time(proto, tau))
           err = errors(proto, states, grads.astype(dt))
           cells.append(err)
           if cls is jaxgc.PartialStraggler and dt == jnp.float32:

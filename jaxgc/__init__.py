@@ -2,7 +2,8 @@
 
 Implements the partial-straggler gradient-coding protocol (Ramamoorthy, Meng,
 Girimaji, NeurIPS 2024) with its baselines, straggler timing models, chunk
-ordering, and a ``shard_map`` training step.
+ordering, and a ``shard_map`` training step. Device plumbing (meshes, simulated
+CPU devices) lives in :mod:`jaxgc.parallel`.
 """
 from jaxgc import assignments
 from jaxgc import data
@@ -12,9 +13,43 @@ from jaxgc import parallel
 from jaxgc import protocols
 from jaxgc import timing
 from jaxgc.assignments import Assignment
-from jaxgc.parallel import (CodedStep, PlainStep, TrainState, make_coded_step, make_mesh,
-                            make_plain_step, set_cpu_device_count)
-from jaxgc.protocols import (IgnoreStragglers, Original, PartialStraggler, Uncoded, decode,
-                             encode, expected_mse, get_protocol)
+from jaxgc.parallel import (CodedStep, PlainStep, TrainState, make_coded_step, make_plain_step)
+# Device plumbing: kept at the top level for existing scripts, documented under jaxgc.parallel.
+from jaxgc.parallel import make_mesh, set_cpu_device_count  # noqa: F401
+from jaxgc.protocols import (Coefficients, IgnoreStragglers, Original, PartialStraggler,
+                             Protocol, Uncoded, decode, encode, estimate, expected_mse,
+                             get_protocol, stop_time)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # modules
+    "assignments",
+    "data",
+    "models",
+    "ordering",
+    "parallel",
+    "protocols",
+    "timing",
+    # assignments
+    "Assignment",
+    # protocols
+    "Protocol",
+    "Coefficients",
+    "PartialStraggler",
+    "Original",
+    "Uncoded",
+    "IgnoreStragglers",
+    "get_protocol",
+    "stop_time",
+    "estimate",
+    "encode",
+    "decode",
+    "expected_mse",
+    # training steps
+    "CodedStep",
+    "PlainStep",
+    "TrainState",
+    "make_coded_step",
+    "make_plain_step",
+]

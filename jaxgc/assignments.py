@@ -106,13 +106,95 @@ class Assignment:
   def coverage(self, counts):
     """``c_i(k) = #{j : pos_j(i) ≤ k_j}``: int32 ``[..., N]`` from counts ``[..., m]``."""
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    counts = self.check_counts(counts, batched=True, what="coverage")
     return jnp.sum(self.finished(counts), axis=-2, dtype=jnp.int32)
 
+  # "Finished" is one concept at three granularities: a worker has finished chunk
+  # ``i`` / slot ``t`` / its whole list once ``k_j`` has passed it.
   def finished(self, counts):
     """bool ``[..., m, N]``: worker ``j`` has finished chunk ``i`` (``j ∈ S_i``)."""
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    counts = self.check_counts(counts, batched=True, what="finished")
     pos = jnp.asarray(self.positions)
     return (pos >= 0) & (pos < jnp.asarray(counts)[..., :, None])
+
+  def finished_slots(self, counts):
+    """bool ``[..., m, max_load]``: worker ``j`` has finished slot ``t`` (``t < k_j``)."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    counts = self.check_counts(counts, batched=True, what="finished_slots")
+    t = jnp.arange(self.max_load)
+    return (t < jnp.asarray(counts)[..., :, None]) & jnp.asarray(self.slot_mask)
+
+  def finished_workers(self, counts):
+    """bool ``[..., m]``: worker ``j`` has finished its whole list (``k_j = δ_j``)."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    counts = self.check_counts(counts, batched=True, what="finished_workers")
+    return jnp.asarray(counts) >= jnp.asarray(self.loads)
+
+  # -- validation at the boundary --------------------------------------------
+  def check_counts(self, counts, batched: bool = True, what: str = "counts"):
+    """Validates a state ``k`` (``[m]``, or ``[..., m]`` if ``batched``) and returns it.
+
+    Under ``jit`` only the shape and dtype are checked (values are unknown);
+    concrete states must hold integers ``0 <= k_j <= load_j``. Returns int32.
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    m = self.num_workers
+    shape, dtype = np.shape(counts), getattr(counts, "dtype", None)
+    if dtype is None:
+      counts = np.asarray(counts)
+      shape, dtype = counts.shape, counts.dtype
+    want = f"[..., num_workers] = [..., {m}]" if batched else f"[num_workers] = [{m}]"
+    if shape[-1:] != (m,):
+      raise ValueError(
+          f"{what}: counts (chunks finished per worker) must have shape {want}, got "
+          f"{tuple(shape)}; pass one entry per worker of this {m}-worker assignment.")
+    if not batched and len(shape) != 1:
+      raise ValueError(
+          f"{what}: takes one state of shape [{m}], got a batch of shape {tuple(shape)}; "
+          "for a batch of states use jax.vmap over the leading axis.")
+    if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer) or
+                                 np.issubdtype(dtype, np.floating)):
+      raise ValueError(
+          f"{what}: counts must be integer chunk counts, got dtype {dtype}; pass e.g. "
+          "timing.progress(durations, t), or an int array of chunks finished per worker.")
+    if isinstance(counts, jax.core.Tracer):
+      if not np.issubdtype(dtype, np.integer):
+        raise ValueError(
+            f"{what}: counts must have an integer dtype under jit, got {dtype}; cast "
+            "with counts.astype(jnp.int32).")
+      return counts
+    c = np.asarray(counts)
+    if np.issubdtype(c.dtype, np.floating):
+      if not np.isfinite(c).all() or (c != np.round(c)).any():
+        bad = c[~np.isfinite(c) | (c != np.round(c))].ravel()[0]
+        raise ValueError(
+            f"{what}: counts must be whole numbers of chunks, got {bad}; pass integers "
+            "0 <= k_j <= load_j (e.g. timing.progress(durations, t)).")
+    over = (c < 0) | (c > self.loads)
+    if over.any():
+      idx = tuple(np.argwhere(over)[0])
+      j = int(idx[-1])
+      raise ValueError(
+          f"{what}: counts must satisfy 0 <= k_j <= load_j; worker {j} has "
+          f"k_j={c[idx]:g} but load "
+          f"{int(self.loads[j])} (loads {self.loads.tolist()}). A count is the number of "
+          "chunks the worker finished, at most its load.")
+    return jnp.asarray(c, jnp.int32)
+
+  def check_durations(self, durations):
+    """Validates the shape of durations ``[..., m, max_load]`` (static, so also under
+    ``jit``) and returns them; their values are checked by ``timing.finish_times``."""
+    shape = np.shape(durations)
+    want = (self.num_workers, self.max_load)
+    if tuple(shape[-2:]) != want:
+      hint = " (transposed?)" if tuple(shape[-2:]) == want[::-1] else ""
+      raise ValueError(
+          f"durations must have shape [..., num_workers, max_load] = [..., {want[0]}, "
+          f"{want[1]}] for this assignment, got {tuple(shape)}{hint}; row j holds worker "
+          "j's per-slot times, e.g. model.sample(key, assignment).")
+    return durations
 
   def lists(self) -> list[list[int]]:
     """The ordered chunk lists as Python lists."""
@@ -303,3 +385,36 @@ def _check_sizes(num_workers, load):
   if not isinstance(load, (int, np.integer)) or not 1 <= load <= num_workers:
     raise ValueError(
         f"load must be an integer in 1..num_workers={num_workers}, got {load!r}.")
+
+
+def expander(num_workers: int, load: int, seed: int = 0) -> Assignment:
+  """A Ramanujan ``load``-regular bipartite assignment, ``N = m``: worker ``j`` holds its neighbours.
+
+  The graph is networkx's ``random_regular_expander_graph(m, load)``: a simple
+  ``load``-regular graph (``load/2`` random permutations) kept only once networkx
+  certifies it Ramanujan, every non-trivial eigenvalue ``|λ| < 2√(load−1)``.
+  Worker ``j`` holds the chunks ``i`` adjacent to vertex ``j`` (the bipartite double
+  cover), so the biadjacency's second singular value, the ``λ₂`` of Raviv et al.'s
+  bound (:func:`jaxgc.spectral.raviv_bound`), obeys the same ``2√(load−1)``.
+
+  Why this one: networkx's explicit expanders do not give a sparse regular
+  assignment at useful sizes. ``margulis_gabber_galil_graph`` and
+  ``chordal_cycle_graph`` are multigraphs with self-loops (a worker would hold a
+  chunk twice, and merging the copies makes the load irregular), and
+  ``paley_graph`` has load ``(p−1)/2``, half of the workers. Any ``m > load``
+  works here; ``load`` must be even. Chunks per worker come in ascending order.
+  """
+  import networkx as nx  # pylint: disable=import-outside-toplevel
+  _check_sizes(num_workers, load)
+  if load % 2 or load < 2 or load >= num_workers:
+    raise ValueError(
+        f"expander needs an even load with 2 <= load < num_workers={num_workers} (it is "
+        f"built from load/2 permutations), got load={load}. Use an even load, or "
+        "random_regular() for an odd one.")
+  # Its rejection sampler needs ~e^{load} tries for disjoint cycles; networkx allows 100.
+  graph = nx.random_regular_expander_graph(num_workers, load, seed=seed, max_tries=100_000)
+  adj = nx.to_numpy_array(graph, nodelist=range(num_workers)) != 0
+  return from_biadjacency(adj)
+
+
+__all__ += ["expander"]

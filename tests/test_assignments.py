@@ -92,3 +92,19 @@ def test_coverage_matches_definition():
   cov = np.asarray(asg.coverage(counts))
   brute = [sum(1 for j in range(5) if i in asg.lists()[j][: counts[j]]) for i in range(5)]
   np.testing.assert_array_equal(cov, brute)
+
+
+def test_finished_views_agree_with_the_lists():
+  """finished (per chunk), finished_slots (per slot), finished_workers: one concept."""
+  asg = assignments.from_order(np.array([[0, 1, -1], [1, 2, 0], [2, -1, -1]]), num_chunks=3)
+  for counts in ([0, 0, 0], [1, 2, 1], [2, 3, 0], [2, 3, 1]):
+    lists = [asg.lists()[j][: counts[j]] for j in range(3)]
+    fin = np.asarray(asg.finished(counts))
+    slots = np.asarray(asg.finished_slots(counts))
+    whole = np.asarray(asg.finished_workers(counts))
+    np.testing.assert_array_equal(fin, [[i in l for i in range(3)] for l in lists])
+    np.testing.assert_array_equal(slots, [[t < len(l) for t in range(3)] for l in lists])
+    np.testing.assert_array_equal(whole, [len(l) == len(asg.lists()[j]) for j, l in enumerate(lists)])
+  # Batched states work the same way.
+  batch = np.array([[1, 2, 1], [2, 3, 1]])
+  np.testing.assert_array_equal(asg.coverage(batch)[1], asg.coverage(batch[1]))

@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 
 from jaxgc import assignments
 from jaxgc import ordering
+from jaxgc.ordering import milp
+from jaxgc.ordering.optimizer import _resolve_method
+from jaxgc.ordering.qmax import orderings_count
 
 
 # -- strategies ------------------------------------------------------------------
@@ -153,7 +156,7 @@ def _small_general_cases(seed, count):
     b = _random_biadjacency(rng, m, n, 0.5, max_load=3)
     a = ordering.shuffled(assignments.from_biadjacency(b), len(cases))
     for ell in (1, 2):
-      if ell <= a.replication.min() and ordering._orderings_count(a) <= 50_000:  # pylint: disable=protected-access
+      if ell <= a.replication.min() and orderings_count(a) <= 50_000:
         cases.append((a, ell))
   return cases
 
@@ -162,7 +165,7 @@ def _small_general_cases(seed, count):
 def test_milp_matches_exhaustive(a, ell):
   best = ordering.exhaustive_optimum(a, ell)
   # The bare MILP (no heuristic upper bound, no lower bound) must find it alone.
-  res = ordering._milp(a, ell - 1, lb=0, ub=None, time_limit=20.0)  # pylint: disable=protected-access
+  res = milp.solve(a, ell - 1, lb=0, ub=None, time_limit=20.0)
   assert res.status == 0
   assert ordering.q_max(a.with_order(res.decode(res.x)), ell) == round(res.fun) == best
   result, info = ordering.optimize_with_info(a, ell, method="milp")
@@ -221,7 +224,7 @@ def test_optimize_preserves_chunk_sets(method, ell):
 
 
 def test_auto_picks_methods():
-  resolve = ordering._resolve_method  # pylint: disable=protected-access
+  resolve = _resolve_method  # pylint: disable=protected-access
   assert resolve(assignments.cyclic(8, 3), 1, "auto") == "coloring"
   assert resolve(assignments.cyclic(8, 3), 2, "auto") == "milp"
   assert resolve(assignments.cyclic(8, 3), 1, "milp") == "milp"

@@ -115,12 +115,12 @@ def two_row_states(draw):
 @given(two_row_states())
 def test_two_column_closed_form_matches_lapack(inst):
   """ℓ = 2 solves by one Jacobi rotation; it must agree with numpy's SVD / pinv."""
-  from jaxgc.protocols import partial_straggler as ps
+  from jaxgc.protocols import partial_straggler
   a, fin = inst
   a64 = a.astype(np.float64)
   rcond = 1e-4
-  b, cond = ps.min_norm_solve(jnp.asarray(a), jnp.asarray(fin), rcond)
-  got_cond = np.asarray(ps.condition_numbers(jnp.asarray(a), jnp.asarray(fin)))
+  b, cond = partial_straggler.min_norm_solve(jnp.asarray(a), jnp.asarray(fin), rcond)
+  got_cond = np.asarray(partial_straggler.condition_numbers(jnp.asarray(a), jnp.asarray(fin)))
   b = np.asarray(b, np.float64)
   for i in range(fin.shape[1]):
     a_s = a64 * fin[:, i]
@@ -292,8 +292,8 @@ def test_polynomial_code_is_unstable_partial_straggler_is_not():
   counts = np.full(32, 4)
   counts[:poly.straggler_tolerance] = 0
   assert rel_err(roundtrip(poly, g[asg.order], counts, 16), g.sum(0)) > 1e-2
-  ps = jaxgc.PartialStraggler(asg, 2)
-  assert rel_err(roundtrip(ps, g[asg.order], counts, 16), g.sum(0)) < 1e-5
+  partial = jaxgc.PartialStraggler(asg, 2)
+  assert rel_err(roundtrip(partial, g[asg.order], counts, 16), g.sum(0)) < 1e-5
 
 
 # -- uncoded references --------------------------------------------------------
@@ -323,7 +323,7 @@ def test_bad_inputs_raise_clear_errors():
   proto = jaxgc.PartialStraggler(asg, 2)
   with pytest.raises(ValueError, match="0 <= k_j <= load_j"):
     proto.encoding(np.array([3, 0, 0, 0]))
-  with pytest.raises(ValueError, match="trailing shape"):
+  with pytest.raises(ValueError, match=r"must have shape \[num_workers\] = \[4\]"):
     proto.encoding(np.array([1, 1, 1]))
   with pytest.raises(ValueError, match="do not match"):
     jaxgc.encode(np.zeros((4, 2, 5)), np.zeros((4, 3, 2)))
@@ -361,9 +361,73 @@ def test_protocols_jit_and_vmap_over_states():
 
 
 def test_condition_number_counts_nearly_singular_subsets():
-  """A tiny singular value must not be hidden by the rank threshold (regression)."""
+  """A small singular value shows in the condition number (regression); one below
+  the solve's rank threshold is refused at construction (tests/test_validation.py)."""
   asg = assignments.cyclic(3, 2)        # chunk 1 is held by workers 0 and 1
-  a = np.array([[1.0, 1.0, 0.0], [0.0, 1e-7, 1.0]])
+  a = np.array([[1.0, 1.0, 0.0], [0.0, 1e-5, 1.0]])
   proto = jaxgc.PartialStraggler(asg, 2, decoding_matrix=a)
-  counts = np.array([2, 1, 0])          # S_1 = {0, 1}: nearly parallel columns
-  assert float(proto.condition_number(counts)) > 1e6
+  counts = np.array([2, 1, 0])          # S_1 = {0, 1}: nearly parallel columns, cond ≈ 2e5
+  assert float(proto.condition_number(counts)) > 1e5
+  assert float(proto.solve(counts).condition) > 1e5
+
+
+# -- the shared interface: one solve, the stop rule, the estimate --------------
+
+def test_stop_time_rule():
+  asg = assignments.cyclic(4, 2)          # chunk i held by workers i-1, i
+  proto = jaxgc.PartialStraggler(asg, 2)
+  ok = np.array([[1.0, 2.0], [1.0, 1.0], [3.0, 1.0], [2.0, 2.0]])
+  t_ok = float(proto.completion_time(ok))
+  assert t_ok == 4.0                       # worker 3 finishes chunk 0 (its slot 1) last
+  dead = ok.copy()
+  dead[0] = np.inf                         # chunks 0 and 1 can never reach coverage 2
+  everything_dead = np.full((4, 2), np.inf)
+  tau = np.stack([ok, dead, everything_dead])
+  stop = np.asarray(jaxgc.stop_time(proto, tau))
+  # Never decodable: the last finite finish time (worker 2: 3 + 1), else 0.
+  np.testing.assert_array_equal(stop, [t_ok, 4.0, 0.0])
+  np.testing.assert_array_equal(jaxgc.stop_time(proto, tau, timeout=9.0), [t_ok, 9.0, 9.0])
+  np.testing.assert_array_equal(jaxgc.stop_time(proto, tau, "deadline", deadline=2.5),
+                                [2.5, 2.5, 2.5])
+  np.testing.assert_array_equal(jaxgc.stop_time(proto, tau, "deadline", deadline=7.0),
+                                [t_ok, 7.0, 7.0])
+  jitted = jax.jit(lambda t: jaxgc.stop_time(proto, t, timeout=9.0))(tau)
+  np.testing.assert_array_equal(jitted, [t_ok, 9.0, 9.0])
+
+
+@pytest.mark.parametrize("name,ell,tol", [("partial_straggler", 2, 1e-5), ("original", 1, 1e-4),
+                                          ("uncoded", 2, 1e-6)])
+def test_estimate_at_the_stop_time_is_the_gradient_sum(name, ell, tol):
+  asg = assignments.cyclic(6, 3)
+  proto = jaxgc.get_protocol(name, asg, ell)
+  rng = np.random.default_rng(3)
+  g = rng.standard_normal((6, 11)).astype(np.float32)
+  tau = rng.exponential(size=(6, 3)) + 1.0
+  counts = timing_progress(tau, jaxgc.stop_time(proto, tau))
+  assert bool(proto.is_decodable(counts))
+  chunk_grads = np.where(asg.finished_slots(counts)[..., None], g[asg.order], np.nan)
+  est = jax.jit(lambda x, k: jaxgc.estimate(proto, x, k))(chunk_grads, counts)
+  assert rel_err(est, g.sum(0)) < tol
+
+
+def timing_progress(tau, t):
+  return np.asarray(jaxgc.timing.progress(tau, t))
+
+
+@pytest.mark.parametrize("name", sorted(jaxgc.protocols.PROTOCOLS))
+def test_solve_is_the_one_source_of_coefficients(name):
+  asg = assignments.cyclic(6, 3)
+  proto = jaxgc.get_protocol(name, asg, 2 if name in ("partial_straggler", "original") else 1)
+  assert proto.has_exact_mode == (name != "ignore_stragglers")
+  assert proto.reports_condition == (name in ("partial_straggler", "graph_code"))
+  states = np.random.default_rng(0).integers(0, 4, (8, 6))
+  c = jax.jit(jax.vmap(proto.solve))(states)
+  assert isinstance(c, jaxgc.Coefficients) and c.senders.dtype == jnp.bool_
+  # Whoever has a coefficient sends (so a non-sender's garbage cannot leak into
+  # the decode); nobody sends before finishing a chunk.
+  sends = np.asarray(c.senders)
+  assert not np.any(np.any(np.asarray(c.enc) != 0, axis=(2, 3)) & ~sends)
+  assert not np.any(np.any(np.asarray(c.dec) != 0, axis=1) & ~sends)
+  assert not np.any(sends & (states == 0))
+  if not proto.reports_condition:
+    np.testing.assert_array_equal(c.condition, 1.0)

@@ -67,7 +67,8 @@ def test_holder_solve_equals_pinv(inst):
   """enc is pinv(A[:, S_i]) of the best-conditioned candidate; condition_number agrees."""
   ell, counts, _ = inst
   asg, proto, solve, condition_number, _ = setting(ell)
-  enc, dec, cond = solve(counts)
+  coef = solve(counts)
+  enc, dec, cond = coef.enc, coef.dec, coef.condition
   cands = np.asarray(proto.candidates, np.float64)
   refs = [pinv_reference(c, asg, counts) for c in cands]
   worst = np.array([r[1].max() for r in refs])
@@ -121,7 +122,8 @@ def test_pod_size_solve_is_exact_and_small():
   solve = jax.jit(proto.solve).lower(counts).compile()   # ranks the candidates, then solves
   mem = solve.memory_analysis()
   assert mem.temp_size_in_bytes < 64 * 2**20, mem.temp_size_in_bytes
-  enc, dec, cond = solve(counts)
+  coef = solve(counts)
+  enc, dec, cond = coef.enc, coef.dec, coef.condition
   g = rng.standard_normal((m, d)).astype(np.float32)
   chunk_grads = jnp.asarray(g[np.maximum(asg.order, 0)])       # [m, load, d]
   est = jaxgc.decode(jaxgc.encode(chunk_grads, enc), dec, d)

@@ -1,23 +1,56 @@
-"""Gradient-coding protocols: coefficients from the state, encode, decode."""
-from jaxgc.protocols.base import (Protocol, decode, decode_blocks, encode, expected_mse,
-                                  min_norm_decoder, num_blocks, split_blocks, weighted_sum)
+"""Gradient-coding protocols: coefficients from the state, encode, decode, stop rule.
+
+Internals of the sharded step (``split_blocks``, ``weighted_sum``,
+``decode_blocks``, ...) live in :mod:`jaxgc.protocols.base`.
+"""
+from jaxgc.protocols.base import (MODES, Coefficients, Protocol, decode, encode, estimate,
+                                  expected_mse, stop_time)
+# Not public (absent from __all__); still reachable here for the step until it imports base.
+from jaxgc.protocols.base import (decode_blocks, min_norm_decoder, num_blocks,  # noqa: F401
+                                  split_blocks, weighted_sum)
+from jaxgc.protocols.graph_code import GraphCode
 from jaxgc.protocols.original import Original
 from jaxgc.protocols.partial_straggler import PartialStraggler
 from jaxgc.protocols.uncoded import IgnoreStragglers, Uncoded
+
+__all__ = [
+    "Protocol",
+    "Coefficients",
+    "PartialStraggler",
+    "Original",
+    "Uncoded",
+    "IgnoreStragglers",
+    "GraphCode",
+    "PROTOCOLS",
+    "get_protocol",
+    "MODES",
+    "stop_time",
+    "estimate",
+    "encode",
+    "decode",
+    "expected_mse",
+]
 
 PROTOCOLS = {
     "partial_straggler": PartialStraggler,
     "original": Original,
     "uncoded": Uncoded,
     "ignore_stragglers": IgnoreStragglers,
+    "graph_code": GraphCode,
 }
 
 
-def get_protocol(name: str, assignment, ell: int = 1, **kwargs) -> Protocol:
-  """Builds a protocol from its config name (``ell`` is ignored by the uncoded ones)."""
+def get_protocol(name: str, assignment, ell: int = 1, **options) -> Protocol:
+  """Builds the protocol registered as ``name`` in :data:`PROTOCOLS`.
+
+  Every protocol takes ``(assignment, ell, **options)``; an unknown option is a
+  ``ValueError`` that lists the valid ones.
+  """
   if name not in PROTOCOLS:
     raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}.")
   cls = PROTOCOLS[name]
-  if cls in (Uncoded, IgnoreStragglers):
-    return cls(assignment, **kwargs)
-  return cls(assignment, ell, **kwargs)
+  unknown = sorted(set(options) - set(cls.option_names()))
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} for protocol {name!r}; valid options: "
+                     f"{cls.option_names()}.")
+  return cls(assignment, ell, **options)

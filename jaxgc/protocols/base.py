@@ -5,14 +5,57 @@ A protocol maps the state ``k`` (chunks finished per worker, ``[m]``) to
 * encoding coefficients ``enc[j, t, k]`` (``[m, max_load, ℓ]``): worker ``j`` sends
   ``z_j = Σ_t Σ_k enc[j,t,k] · g_{order[j,t]}^{(k)}``, a vector of length ``⌈d/ℓ⌉``;
 * a decoding matrix ``dec`` (``[ℓ, m]``): block ``r`` of the estimate is ``Σ_j dec[r,j] z_j``.
+
+Every protocol implements one :meth:`Protocol.solve` returning :class:`Coefficients`;
+everything else (``coefficients``, ``encoding``, ``decoding``, :func:`estimate`)
+derives from it. :func:`stop_time` is the one rule for when the PS stops.
 """
 from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgc import timing
 from jaxgc.assignments import Assignment
+
+__all__ = [
+    "Coefficients",
+    "Protocol",
+    "MODES",
+    "stop_time",
+    "estimate",
+    "encode",
+    "decode",
+    "expected_mse",
+    # Internals of the sharded step (not re-exported by jaxgc.protocols):
+    "num_blocks",
+    "split_blocks",
+    "weighted_sum",
+    "decode_blocks",
+    "min_norm_decoder",
+    "check_dtype",
+]
+
+MODES = ("exact", "deadline")
+
+
+class Coefficients(NamedTuple):
+  """What the PS derives from a state ``k``: one solve.
+
+  Attributes:
+    enc: ``[m, max_load, ℓ]`` encoding coefficients, 0 for slots not used.
+    dec: ``[ℓ, m]`` decoding matrix.
+    senders: bool ``[m]``: worker ``j`` sends a message at this state.
+    condition: ``[]`` worst condition number of the solve (1.0 where none applies).
+  """
+  enc: jax.Array
+  dec: jax.Array
+  senders: jax.Array
+  condition: jax.Array
 
 
 def num_blocks(d: int, ell: int) -> int:
@@ -62,6 +105,7 @@ def encode(chunk_grads, enc):
     gradient is NaN/Inf (an unfinished chunk must not poison the message).
   """
   chunk_grads, enc = jnp.asarray(chunk_grads), jnp.asarray(enc)
+  _check_floating("encode", "chunk_grads", chunk_grads)
   if chunk_grads.ndim < 2 or enc.ndim != chunk_grads.ndim or enc.shape[:-1] != chunk_grads.shape[:-1]:
     raise ValueError(
         f"encode: chunk_grads {chunk_grads.shape} and enc {enc.shape} do not match; "
@@ -88,6 +132,7 @@ def decode(msgs, dec, d: int):
   Returns: ``[d]``.
   """
   msgs, dec = jnp.asarray(msgs), jnp.asarray(dec)
+  _check_floating("decode", "msgs", msgs)
   if msgs.ndim != 2 or dec.ndim != 2 or dec.shape[1] != msgs.shape[0]:
     raise ValueError(
         f"decode: msgs {msgs.shape} and dec {dec.shape} do not match; expected msgs "
@@ -98,6 +143,14 @@ def decode(msgs, dec, d: int):
         f"decode: messages have length {msgs.shape[1]} but d={d}, ell={ell} needs "
         f"ceil(d/ell)={num_blocks(d, ell)}.")
   return decode_blocks(msgs, dec).reshape(-1)[:d]
+
+
+def _check_floating(fn: str, name: str, x):
+  # An integer gradient would be truncated by the float coefficients (or give zeros).
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    raise ValueError(
+        f"{fn}: {name} have dtype {x.dtype}, but gradients must be floating point; "
+        f"cast them first, e.g. {name}.astype(jnp.float32).")
 
 
 def decode_blocks(msgs, dec):
@@ -148,11 +201,29 @@ def check_dtype(dtype):
 
 
 class Protocol:
-  """Base class. Subclasses implement ``coefficients``, ``completion_time``, ``is_decodable``."""
+  """Base class of the gradient-coding protocols.
+
+  Uniform constructor ``(assignment, ell=1, *, dtype=float32, **options)``; each
+  subclass names its options as keyword arguments, and an unknown one is a
+  ``ValueError`` listing the valid ones. Subclasses implement :meth:`solve`,
+  :meth:`completion_time` and :meth:`is_decodable`.
+
+  Declared capabilities (read them instead of testing types):
+    has_exact_mode: the protocol can recover the gradient exactly, so it has an
+      exact mode (``IgnoreStragglers`` has not).
+    reports_condition: :attr:`Coefficients.condition` is a real diagnostic, not
+      the placeholder 1.0.
+  """
 
   name = "protocol"
+  has_exact_mode = True
+  reports_condition = False
 
-  def __init__(self, assignment: Assignment, ell: int = 1, dtype=jnp.float32):
+  def __init__(self, assignment: Assignment, ell: int = 1, *, dtype=jnp.float32, **options):
+    if options:
+      raise ValueError(
+          f"unknown option(s) {sorted(options)} for {type(self).__name__}; valid options: "
+          f"{type(self).option_names()}.")
     if not isinstance(assignment, Assignment):
       raise TypeError(
           f"expected a jaxgc.Assignment, got {type(assignment).__name__}; build one with "
@@ -162,18 +233,33 @@ class Protocol:
     self.ell = int(ell)
     self.dtype = check_dtype(dtype)
 
+  @classmethod
+  def option_names(cls) -> list[str]:
+    """Keyword options of the constructor (``dtype`` included), sorted."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
   # -- interface -------------------------------------------------------------
+  def solve(self, counts) -> Coefficients:
+    """:class:`Coefficients` at state ``counts`` ``[m]`` (one state; ``jax.vmap`` for a batch)."""
+    raise NotImplementedError
+
   def coefficients(self, counts):
     """``(enc [m, max_load, ℓ], dec [ℓ, m])`` at state ``counts`` ``[m]``."""
-    raise NotImplementedError
+    c = self.solve(counts)
+    return c.enc, c.dec
 
   def encoding(self, counts):
     """Encoding coefficients ``[m, max_load, ℓ]``; zero for unfinished slots."""
-    return self.coefficients(counts)[0]
+    return self.solve(counts).enc
 
   def decoding(self, counts):
     """Decoding matrix ``[ℓ, m]``."""
-    return self.coefficients(counts)[1]
+    return self.solve(counts).dec
+
+  def condition_number(self, counts):
+    """Worst condition number of the solve at this state, ``[]`` (1.0 where none applies)."""
+    return self.solve(counts).condition
 
   def completion_time(self, durations):
     """Exact-recovery time ``[...]`` from durations ``[..., m, max_load]``; ``inf`` if never."""
@@ -191,19 +277,14 @@ class Protocol:
   def message_size(self, d: int) -> int:
     return num_blocks(d, self.ell)
 
-  def check_counts(self, counts):
-    """Validates a concrete state; returns it as an int32 array."""
-    if isinstance(counts, jax.core.Tracer):
-      return counts
-    c = np.asarray(counts)
-    m = self.assignment.num_workers
-    if c.shape[-1:] != (m,):
-      raise ValueError(f"counts must have trailing shape [num_workers]=[{m}], got {c.shape}.")
-    if (c < 0).any() or (c > self.assignment.loads).any():
-      raise ValueError(
-          f"counts must satisfy 0 <= k_j <= load_j; got {c.tolist()} with loads "
-          f"{self.assignment.loads.tolist()}.")
-    return jnp.asarray(c, jnp.int32)
+  def check_counts(self, counts, batched: bool = False, what: str = "solve"):
+    """Validates a state ``[m]`` (``[..., m]`` if ``batched``); returns it as int32."""
+    return self.assignment.check_counts(counts, batched=batched,
+                                        what=f"{type(self).__name__}.{what}")
+
+  def check_durations(self, durations):
+    """Validates durations ``[..., m, max_load]`` (shape even under ``jit``)."""
+    return self.assignment.check_durations(durations)
 
   def slot_coefficients(self, coef, active):
     """Gathers per-(worker, chunk) coefficients ``[m, N, ℓ]`` into slots ``[m, max_load, ℓ]``.
@@ -215,9 +296,69 @@ class Protocol:
     return jnp.where(active[..., None], enc, 0).astype(self.dtype)
 
   def finished_slots(self, counts):
-    """bool ``[m, max_load]``: slot ``t < k_j``."""
-    t = jnp.arange(self.assignment.max_load)
-    return (t[None, :] < jnp.asarray(counts)[:, None]) & jnp.asarray(self.assignment.slot_mask)
+    """bool ``[..., m, max_load]``: slot ``t < k_j`` (see :meth:`Assignment.finished_slots`)."""
+    return self.assignment.finished_slots(counts)
 
   def __repr__(self):
     return f"{type(self).__name__}({self.assignment!r}, ell={self.ell})"
+
+
+# -- the stop rule and the estimate -------------------------------------------
+
+def stop_time(protocol: Protocol, durations, mode: str = "exact", deadline=None, timeout=None):
+  """When the PS stops, ``[...]``, from durations ``[..., m, max_load]``.
+
+  ``exact``: the completion time ``t*`` where finite; where the gradient is never
+  recoverable (failures), ``timeout`` if given, else the last finite finish time
+  (nothing more can arrive; 0 if nothing ever finishes). ``deadline``:
+  ``min(deadline, t*)``. The state the PS sees is ``timing.progress(durations, stop)``.
+  """
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}.")
+  if mode == "exact" and not protocol.has_exact_mode:
+    raise ValueError(
+        f"{protocol.name} never recovers the gradient exactly, so it has no exact mode; "
+        "use mode='deadline' with a deadline, or protocol 'uncoded' to wait for all workers.")
+  if mode == "deadline" and not _positive_finite(deadline, allow_none=False):
+    raise ValueError(
+        f"deadline mode needs a positive finite deadline, got {deadline!r}; set "
+        "deadline=T (simulated seconds), or use mode='exact'.")
+  if not _positive_finite(timeout, allow_none=True):
+    raise ValueError(f"timeout must be a positive finite time or None, got {timeout!r}.")
+  durations = protocol.check_durations(durations)
+  t_star = protocol.completion_time(durations)
+  if mode == "deadline":
+    return jnp.minimum(jnp.asarray(deadline, t_star.dtype), t_star)
+  if timeout is None:
+    f = timing.finish_times(durations)
+    fallback = jnp.max(jnp.where(jnp.isfinite(f), f, 0.0), axis=(-2, -1))
+  else:
+    fallback = jnp.asarray(timeout, t_star.dtype)
+  return jnp.where(jnp.isfinite(t_star), t_star, fallback)
+
+
+def _positive_finite(x, allow_none: bool) -> bool:
+  if x is None:
+    return allow_none
+  if isinstance(x, jax.core.Tracer):
+    return True
+  x = np.asarray(x)
+  return bool(np.all(np.isfinite(x)) and np.all(x > 0))
+
+
+def estimate(protocol: Protocol, chunk_grads, counts):
+  """The PS's estimate ``ĝ`` ``[d]`` at state ``counts`` ``[m]``: solve, encode, decode.
+
+  ``chunk_grads``: ``[m, max_load, d]``, slot ``t`` of worker ``j`` holding the
+  gradient of chunk ``order[j, t]`` (unfinished slots may hold anything, even NaN).
+  Exact (``= Σ_i g_i``) when ``protocol.is_decodable(counts)``.
+  """
+  a = protocol.assignment
+  chunk_grads = jnp.asarray(chunk_grads)
+  if chunk_grads.ndim != 3 or chunk_grads.shape[:2] != (a.num_workers, a.max_load):
+    raise ValueError(
+        f"estimate: chunk_grads must be [num_workers, max_load, d] = [{a.num_workers}, "
+        f"{a.max_load}, d], got {chunk_grads.shape}; use jax.vmap for a batch.")
+  c = protocol.solve(counts)
+  msgs = jnp.where(c.senders[:, None], encode(chunk_grads, c.enc), 0)
+  return decode(msgs, c.dec, chunk_grads.shape[-1])

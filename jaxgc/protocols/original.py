@@ -29,7 +29,10 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
-from jaxgc.protocols.base import Protocol, min_norm_decoder
+from jaxgc.protocols.base import Coefficients, Protocol, min_norm_decoder
+
+__all__ = ["Original", "CONSTRUCTIONS", "frc_groups", "chebyshev_points",
+           "polynomial_coefficients", "tandon_coefficients"]
 
 CONSTRUCTIONS = ("auto", "frc", "tandon", "polynomial")
 
@@ -144,9 +147,9 @@ class Original(Protocol):
 
   name = "original"
 
-  def __init__(self, assignment: Assignment, ell: int = 1, construction: str = "auto",
-               seed: int = 0, dtype=jnp.float32):
-    super().__init__(assignment, ell, dtype)
+  def __init__(self, assignment: Assignment, ell: int = 1, *, construction: str = "auto",
+               seed: int = 0, dtype=jnp.float32, **options):
+    super().__init__(assignment, ell, dtype=dtype, **options)
     rep = assignment.replication
     if rep.min() != rep.max():
       raise ValueError(
@@ -184,15 +187,14 @@ class Original(Protocol):
     """``m − s``: finished workers needed for exact recovery."""
     return self.assignment.num_workers - self.straggler_tolerance
 
-  def done(self, counts):
-    """bool ``[..., m]``: worker finished its whole list."""
-    return jnp.asarray(counts) >= jnp.asarray(self.assignment.loads)
-
-  def coefficients(self, counts):
+  def solve(self, counts) -> Coefficients:
+    """Workers that finished their whole list send; the rest count as stragglers."""
     counts = self.check_counts(counts)
-    done = self.done(counts)
+    done = self.assignment.finished_workers(counts)
     enc = self.slot_coefficients(self.coef, done[:, None] & jnp.asarray(self.assignment.slot_mask))
-    return enc, self._decoding(done)
+    # pinv leaves O(eps) weights on non-senders; exact zeros keep their garbage (NaN) out.
+    dec = jnp.where(done[None, :], self._decoding(done), 0).astype(self.dtype)
+    return Coefficients(enc, dec, done, jnp.ones((), self.dtype))
 
   def _decoding(self, done):
     if self.construction == "frc":
@@ -219,7 +221,8 @@ class Original(Protocol):
     return jnp.zeros((self.ell, m), self.dtype).at[:, first].set(rows.T)
 
   def is_decodable(self, counts):
-    done = self.done(counts)
+    counts = self.check_counts(counts, batched=True, what="is_decodable")
+    done = self.assignment.finished_workers(counts)
     if self.construction == "frc":
       g = jnp.asarray(self.groups)
       onehot = g[:, None] == jnp.arange(int(self.groups.max()) + 1)[None]
@@ -228,7 +231,7 @@ class Original(Protocol):
 
   def completion_time(self, durations):
     """FRC: ``max_groups min_{j∈group} F_j``; else the ``(m−s)``-th smallest ``F_j``."""
-    t = timing.worker_finish_times(durations, self.assignment)
+    t = timing.worker_finish_times(self.check_durations(durations), self.assignment)
     if self.construction == "frc":
       g = self.groups
       per_group = jnp.stack([jnp.min(t[..., g == k], axis=-1) for k in range(int(g.max()) + 1)], -1)

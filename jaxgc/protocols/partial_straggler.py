@@ -7,15 +7,23 @@ rank ``|S_i|`` otherwise (least-squares optimal, deadline mode).
 """
 from __future__ import annotations
 
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
-from jaxgc.protocols.base import Protocol
+from jaxgc.protocols.base import Coefficients, Protocol
+
+__all__ = ["PartialStraggler", "MAX_RANK_CHECKS", "decoding_candidates", "check_full_rank",
+           "condition_numbers", "min_norm_solve", "holder_columns", "holder_condition_numbers",
+           "holder_solve"]
 
 _MATRICES = ("auto", "ones", "gaussian", "orthogonal")
+MAX_RANK_CHECKS = 100_000   # ℓ-subsets of holder sets checked exhaustively; sampled beyond
 
 
 def decoding_candidates(kind, ell: int, m: int, num_candidates: int, seed: int) -> np.ndarray:
@@ -35,6 +43,48 @@ def decoding_candidates(kind, ell: int, m: int, num_candidates: int, seed: int) 
     return np.swapaxes(g, 1, 2)
   q, _ = np.linalg.qr(g)
   return np.swapaxes(q, 1, 2) * np.sqrt(m / ell)  # unit-norm columns on average
+
+
+def ell_subsets(assignment: Assignment, ell: int, limit: int, seed: int = 0) -> np.ndarray:
+  """Distinct ``ℓ``-subsets of the chunks' holder sets ``W(i)``, ``[S, ℓ]`` worker ids.
+
+  Exact decoding at every state with all ``c_i ≥ ℓ`` needs ``A[:, T]`` of full
+  rank for each of them. All of them when there are at most ``limit``, else
+  ``limit`` random ones.
+  """
+  holder_sets = {tuple(int(w) for w in row if w >= 0) for row in assignment.holders[0]}
+  total = sum(math.comb(len(h), ell) for h in holder_sets)
+  if total <= limit:
+    subsets = {t for h in holder_sets for t in itertools.combinations(h, ell)}
+    return np.array(sorted(subsets), np.int64).reshape(-1, ell)
+  rng = np.random.default_rng(seed)
+  sets = sorted(holder_sets)
+  picks = rng.integers(0, len(sets), limit)
+  return np.stack([np.sort(rng.choice(sets[i], ell, replace=False)) for i in picks])
+
+
+def check_full_rank(cands: np.ndarray, assignment: Assignment, rcond: float) -> None:
+  """Raises unless every candidate ``A`` ``[ℓ, m]`` has rank ``ℓ`` on every ``ℓ``-subset
+  of a chunk's holders (in the solve's own threshold ``s_min > rcond · s_max``).
+
+  Otherwise a state with every ``c_i ≥ ℓ`` could decode with an ``O(1)`` error
+  while ``is_decodable`` (a coverage count) calls it exact.
+  """
+  ell = cands.shape[1]
+  subsets = ell_subsets(assignment, ell, MAX_RANK_CHECKS)
+  sub = cands[:, :, subsets]                                   # [K, ℓ, S, ℓ]
+  s = np.linalg.svd(np.moveaxis(sub, 2, 1), compute_uv=False)  # [K, S, ℓ]
+  bad = ~(s[..., -1] > rcond * s[..., 0])
+  if bad.any():
+    k, t = map(int, np.argwhere(bad)[0])
+    workers = subsets[t].tolist()
+    chunk = int(np.nonzero(assignment.biadjacency[workers].all(axis=0))[0][0])
+    which = f"candidate {k} of decoding_matrix" if cands.shape[0] > 1 else "decoding_matrix"
+    raise ValueError(
+        f"{which} is rank-deficient on workers {workers}, which hold chunk {chunk}: "
+        f"when exactly they finish it, coverage reaches ell={ell} but the decode would be "
+        "off by O(1). Use a matrix whose every ell columns among a chunk's holders are "
+        "linearly independent, e.g. decoding_matrix='orthogonal' or 'gaussian'.")
 
 
 def condition_numbers(a, finished):
@@ -179,6 +229,9 @@ class PartialStraggler(Protocol):
     ell: each worker sends ``⌈d/ℓ⌉`` numbers; exact once every ``c_i ≥ ℓ``.
     decoding_matrix: ``"auto"`` (``ones`` for ``ℓ=1``, else ``orthogonal``),
       ``"ones"``, ``"gaussian"``, ``"orthogonal"``, or an array ``[ℓ, m]`` / ``[K, ℓ, m]``.
+      An array must have rank ``ℓ`` on every ``ℓ`` of a chunk's holders (checked
+      here, exhaustively up to :data:`MAX_RANK_CHECKS` subsets), so that
+      ``is_decodable`` implies an exact decode.
     num_candidates: with several random candidates, the PS picks, per state, the
       one whose worst ``cond(A[:, S_i])`` is smallest (it knows the state before
       any gradient is sent). Default 8 for random kinds.
@@ -187,10 +240,12 @@ class PartialStraggler(Protocol):
   """
 
   name = "partial_straggler"
+  reports_condition = True
 
-  def __init__(self, assignment: Assignment, ell: int = 1, decoding_matrix="auto",
-               num_candidates: int | None = None, seed: int = 0, dtype=jnp.float32):
-    super().__init__(assignment, ell, dtype)
+  def __init__(self, assignment: Assignment, ell: int = 1, *, decoding_matrix="auto",
+               num_candidates: int | None = None, seed: int = 0, dtype=jnp.float32,
+               **options):
+    super().__init__(assignment, ell, dtype=dtype, **options)
     m = assignment.num_workers
     if isinstance(decoding_matrix, str):
       if decoding_matrix not in _MATRICES:
@@ -212,11 +267,14 @@ class PartialStraggler(Protocol):
                          f"[K, ell, m], got shape {np.shape(decoding_matrix)}.")
       if not np.isfinite(cands).all():
         raise ValueError("decoding_matrix contains NaN or Inf.")
-    self.candidates = jnp.asarray(cands, self.dtype)
     # pinv's threshold, relative to the [r, ℓ] matrix actually inverted (r = max
     # replication); relative to m it grew with the pod and dropped good directions.
     self._rcond = float(10 * max(int(assignment.replication.max()), ell)
                         * jnp.finfo(self.dtype).eps)
+    if not isinstance(decoding_matrix, str):
+      # Random kinds are generic; a user's matrix may be structured (e.g. 0/1).
+      check_full_rank(np.asarray(cands, np.dtype(self.dtype.name)), assignment, self._rcond)
+    self.candidates = jnp.asarray(cands, self.dtype)
 
   def _finished_holders(self, counts):
     """bool ``[N, r]``: holder ``q`` of chunk ``i`` has finished it (``assignment.holders`` order)."""
@@ -227,9 +285,9 @@ class PartialStraggler(Protocol):
   def _best_candidate(self, fin):
     """The candidate ``A`` whose worst ``cond(A[:, S_i])`` is smallest, and that worst cond."""
     workers = jnp.asarray(self.assignment.holders[0])
-    # The candidates one after another: their [N, r, ℓ] scratch is never held all at once.
-    conds = jax.lax.map(lambda c: jnp.max(holder_condition_numbers(c, workers, fin)),
-                        self.candidates)
+    # All candidates at once: [K, N, r, ℓ] is small (16 MB at m = 4096, load 32, ℓ = 4).
+    conds = jnp.max(jax.vmap(lambda c: holder_condition_numbers(c, workers, fin))(self.candidates),
+                    axis=-1)
     best = jnp.argmin(conds)
     return self.candidates[best], conds[best]
 
@@ -254,29 +312,29 @@ class PartialStraggler(Protocol):
     enc = jnp.where(self.finished_slots(counts)[..., None], enc, 0).astype(self.dtype)
     return enc, a, cond
 
-  def solve(self, counts):
-    """``(enc [m, max_load, ℓ], dec [ℓ, m], worst cond(A[:, S_i]) [])`` in one solve.
-
-    :meth:`coefficients` plus :meth:`condition_number` without solving twice.
-    """
+  def solve(self, counts) -> Coefficients:
+    """:class:`Coefficients` at state ``counts`` ``[m]``; ``condition`` is the worst
+    ``cond(A[:, S_i])`` of the chosen candidate, from the same solve."""
     counts = self.check_counts(counts)
     enc, a, cond = self._solve(counts)
-    dec = jnp.where(jnp.asarray(counts)[None, :] > 0, a, 0).astype(self.dtype)
-    return enc, dec, jnp.max(cond)
-
-  def coefficients(self, counts):
-    return self.solve(counts)[:2]
+    senders = (counts > 0) & jnp.any(a != 0, axis=0)   # a zero column of A has nothing to send
+    dec = jnp.where(senders[None, :], a, 0).astype(self.dtype)
+    return Coefficients(enc, dec, senders, jnp.max(cond))
 
   def condition_number(self, counts):
-    """Worst ``cond(A[:, S_i])`` over chunks at this state (the numerical-risk diagnostic)."""
+    """Worst ``cond(A[:, S_i])`` over chunks at this state (the numerical-risk diagnostic).
+
+    Candidates' singular values only: cheaper than ``solve(counts).condition``.
+    """
     return self._best_candidate(self._finished_holders(self.check_counts(counts)))[1]
 
   def is_decodable(self, counts):
+    counts = self.check_counts(counts, batched=True, what="is_decodable")
     return jnp.min(self.coverage(counts), axis=-1) >= self.ell
 
   def completion_time(self, durations):
     """``t* = max_i (ℓ-th smallest of {F_{j,pos_j(i)} : j ∈ W(i)})``, ``[...]``."""
-    f = timing.finish_times(durations)
+    f = timing.finish_times(self.check_durations(durations))
     m, width = self.assignment.num_workers, self.assignment.max_load
     workers, slots = self.assignment.holders
     idx = np.where(workers >= 0, workers * width + slots, m * width)   # pad → the inf column
