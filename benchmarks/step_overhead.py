@@ -7,6 +7,7 @@ the same optax update. Prints median step times and their median ratio.
 
   python benchmarks/step_overhead.py                 # default config, 8 CPU devices
   python benchmarks/step_overhead.py --models=512,512,512 --protocol=original
+  python benchmarks/step_overhead.py --config=configs/lm.py    # the transformer LM
 
 The coded step plans each step (durations, state, coefficient solve) on one
 device during the previous step and ships the plan in that step's all-reduce,
@@ -30,7 +31,8 @@ def main():
   ap.add_argument("--protocol", default=None, help="override config.protocol")
   ap.add_argument("--models", default=None,
                   help="';'-separated hidden sizes of the MLPs to time (default: the "
-                       "config's model, then 512,512,512)")
+                       "config's model, then 512,512,512); for the LM, ';'-separated "
+                       "d_model,num_layers (default: the config's, then 128,4)")
   ap.add_argument("--max_seconds", type=float, default=60.0,
                   help="stop timing a model after this long (big models on CPU)")
   ap.add_argument("--num_devices", type=int, default=None, help="override config.num_devices")
@@ -56,15 +58,22 @@ def main():
     config.protocol = args.protocol
 
   import train  # pylint: disable=import-outside-toplevel
-  train.validate_config(config)
+  lm = config.model == "transformer_lm"
+  if not lm:   # the LM's fields (seq_len, d_model, ...) are not in train.py's config checks yet
+    train.validate_config(config)
   mesh = train.setup_devices(config)
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from jaxgc import models, parallel  # pylint: disable=import-outside-toplevel
+  from jaxgc import data, models, parallel  # pylint: disable=import-outside-toplevel
 
-  ds = train.load_dataset(config)
+  if lm:
+    ds = data.load(config.dataset, test_fraction=config.test_fraction, seq_len=config.seq_len,
+                   max_bytes=config.corpus_bytes)
+    data.check_chunking(config.batch_size, config.num_workers, config.seq_len)
+  else:
+    ds = train.load_dataset(config)
   rep = NamedSharding(mesh, P())
   train_data = (train._global(ds.x_train, rep), train._global(ds.y_train, rep))  # pylint: disable=protected-access
   print(f"devices: {len(mesh.devices.flat)} x {jax.devices()[0].platform}, "
@@ -72,10 +81,20 @@ def main():
         f"protocol={config.protocol}, mode={config.mode}, batch={config.batch_size}, "
         f"num_candidates={config.num_candidates or 'default'}")
 
-  models_arg = args.models or (",".join(map(str, config.hidden)) + ";512,512,512")
+  if lm:
+    models_arg = args.models or f"{config.d_model},{config.num_layers};128,4"
+  else:
+    models_arg = args.models or (",".join(map(str, config.hidden)) + ";512,512,512")
   for hidden in models_arg.split(";"):
     hidden = tuple(int(h) for h in hidden.split(","))
-    model = models.get_model(config.model, ds.num_classes, hidden)
+    if lm:
+      model = models.get_model(config.model, ds.num_classes, d_model=hidden[0],
+                               num_layers=hidden[1], num_heads=config.num_heads,
+                               seq_len=config.seq_len)
+      what = f"LM d_model={hidden[0]} layers={hidden[1]} seq_len={config.seq_len}"
+    else:
+      model = models.get_model(config.model, ds.num_classes, hidden)
+      what = f"MLP hidden={hidden}"
     tx = train.make_optimizer(config)
     loss_fn = models.chunk_loss_fn(model.apply, config.batch_size)
     protocol = train.make_protocol(config, train.make_assignment(config))
@@ -84,7 +103,7 @@ def main():
         deadline=config.deadline, report_condition=config.report_condition)
     plain = parallel.make_plain_step(protocol.assignment, loss_fn, tx, mesh,
                                      compute_slots=coded.layout.slots)
-    params = jax.jit(lambda: models.init_params(model, jax.random.key(0), ds.x_train[:1]),
+    params = jax.jit(lambda: model.init(jax.random.key(0), ds.x_train[:1])["params"],
                      out_shardings=rep)()
     step_key = train._keys(0)[2]  # pylint: disable=protected-access
     states = {"coded": jax.jit(coded.init_state, out_shardings=rep)(params, step_key),
@@ -110,7 +129,7 @@ def main():
     nparams = sum(x.size for x in jax.tree.leaves(states["coded"].params))
     c, u = (np.asarray(times[k]) for k in ("coded", "uncoded"))
     ratio = np.median(c / u)
-    print(f"MLP hidden={hidden} ({nparams} params, {len(c)} steps): "
+    print(f"{what} ({nparams} params, {len(c)} steps): "
           f"coded {1e3 * np.median(c):.2f} ms, "
           f"uncoded {1e3 * np.median(u):.2f} ms, median ratio {ratio:.3f} "
           f"(overhead {100 * (ratio - 1):+.1f}%)")
