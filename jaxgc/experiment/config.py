@@ -371,8 +371,12 @@ def effective(config: dict) -> dict[str, Any]:
 def result_fields_differ(saved: dict, requested: dict) -> list[tuple[str, Any, Any]]:
   """``(field, saved, requested)`` for every field that changes results and differs."""
   a, b = effective(saved), effective(requested)
+  # Where a choice differs, its name says it all: its options are another choice's.
+  switched = tuple(k[:-len("name")] for k in a
+                   if k.count(".") == 1 and k.endswith(".name") and a[k] != b.get(k))
   return [(k, a.get(k, "unset"), b.get(k, "unset")) for k in sorted(set(a) | set(b))
-          if a.get(k, "unset") != b.get(k, "unset")]
+          if a.get(k, "unset") != b.get(k, "unset")
+          and (k.endswith(".name") or not k.startswith(switched))]
 
 
 def split_config_flags(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -27,7 +27,7 @@ from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
 
 __all__ = [
     "keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
-    "train_step", "evaluate", "train_and_evaluate", "compare_protocols", "run",
+    "train_step", "evaluate", "train", "train_and_evaluate", "compare_protocols", "run",
 ]
 
 
@@ -128,8 +128,13 @@ def _init_state(exp: Experiment, sharding):
   return exp.step.init_state(params, step_key)
 
 
-def _train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.TrainState:
-  """The loop: resume, train, evaluate, checkpoint, summarise (see :func:`train_and_evaluate`)."""
+def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.TrainState:
+  """Runs a built :class:`Experiment` in ``workdir``: resume, train, evaluate, checkpoint,
+  summarise (see :func:`train_and_evaluate`, which checks the workdir first).
+
+  ``exp.step`` may be any step with the :class:`jaxgc.parallel.CodedStep` interface; with
+  ``config.backend != "spmd"`` its ``jit()`` may return a plain callable (the Ray step).
+  """
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -259,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   check_config(config)
   runs.open_workdir(config, workdir, restart)
-  return _train(build(config), workdir, restart)
+  return train(build(config), workdir, restart)
 
 
 def compare_protocols(config: ml_collections.ConfigDict, workdir: str,
@@ -294,7 +299,7 @@ def compare_protocols(config: ml_collections.ConfigDict, workdir: str,
   run_dirs = {}
   for name, exp in built.items():
     run_dirs[name] = os.path.join(workdir, name)
-    _train(exp, run_dirs[name], restart)
+    train(exp, run_dirs[name], restart)
   out = {n: time_to_target(runs.read_metrics(d), config.target_accuracy)
          for n, d in run_dirs.items()}
   if jax.process_index() == 0:

@@ -17,8 +17,11 @@ def time_to_target(records: list[dict], target: float, key: str = "test_accuracy
 
 
 def plot_accuracy_vs_time(runs: dict[str, str], path: str, target: float | None = None,
-                          title: str | None = None) -> None:
-  """One curve per run directory; a dotted line where each reaches ``target``."""
+                          title: str | None = None):
+  """One curve per run directory; a dotted line where each reaches ``target``.
+
+  Saves the figure to ``path`` and returns it (a ``matplotlib.figure.Figure``).
+  """
   # A bare Figure on the Agg canvas: no pyplot, so no global backend switch (which
   # would silence inline figures in a notebook that calls this).
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
@@ -45,3 +48,4 @@ def plot_accuracy_vs_time(runs: dict[str, str], path: str, target: float | None 
   tmp = f"{path}.tmp{os.getpid()}"       # renamed into place: never half a PNG
   fig.savefig(tmp, dpi=120, format="png")
   os.replace(tmp, path)
+  return fig
