@@ -182,6 +182,20 @@ def test_workdir_is_one_run(tmp_path):
       assert summary[key] == first[key], key
     assert summary["steps"] == 4 and summary["resumed_from"] == 4
     assert summary["wall_time_s"] >= first["wall_time_s"] * 0.9
+  # Broken newest checkpoints (emptied data files; a removed item folder): the run falls
+  # back to the newest one that restores, and replays to the same result.
+  ck = tmp_path / "checkpoints"
+  assert _finalized(tmp_path) == [2, 3, 4]
+  for root, _, files in os.walk(ck / "4" / "state" / "d"):
+    for name in files:
+      open(os.path.join(root, name), "w").close()
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(ck / "3" / "state")
+  experiment.train_and_evaluate(tiny_config("num_steps=4"), wd)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["resumed_from"] == 2 and summary["test_accuracy"] == first["test_accuracy"]
+  assert summary["sim_time"] == first["sim_time"]
+  assert [r["step"] for r in read(wd) if "loss" in r] == [1, 2, 3, 4]
   # --restart starts over with the new config.
   experiment.train_and_evaluate(tiny_config("num_steps=2", "seed=7"), wd, restart=True)
   assert [r["step"] for r in read(wd) if "loss" in r] == [1, 2]

@@ -243,13 +243,14 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
     except ImportError:
       raise ConfigError("--config.backend=ray",
                         "--config.backend=ray needs Ray: pip install 'jaxgc[ray]'") from None
-    with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray")):
+    with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
+               "backend"):
       return ray_backend.RayStep(protocol, straggler, loss_fn, tx, timeout=timeout, **kwargs,
                                  **config.ray.to_dict())
   # The step takes ``timeout`` once the one stop rule (jaxgc.protocols.stop_time) is in.
   if timeout is not None and _accepts(parallel.CodedStep.__init__, "timeout"):
     kwargs["timeout"] = timeout
-  with blame(config, "step", "step", _fields(config, "step")):
+  with blame(config, "step", "step", _fields(config, "step"), "step.mode"):
     return parallel.make_coded_step(protocol, straggler, loss_fn, tx, mesh,
                                     report_condition=s.report_condition, **kwargs)
 

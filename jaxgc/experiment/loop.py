@@ -163,7 +163,8 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
     restored, meta, skipped = ckpt.restore(abstract)
     for step, reason in skipped:
       if lead:
-        runs.note(f"skipped checkpoint {step}, it does not restore: {reason}")
+        runs.note(f"skipped checkpoint {step} (moved to broken_checkpoints/), it does not "
+                  f"restore: {reason}")
     if restored is not None:
       state = restored
   start = int(state.step)

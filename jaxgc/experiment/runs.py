@@ -27,7 +27,7 @@ __all__ = [
 
 # What a run writes into its workdir (config.json first, and removed last).
 OUTPUTS = ("metrics.jsonl", "summary.json", "final_params.npz", "accuracy_vs_time.png",
-           "comparison.json", "checkpoints", "config.json")
+           "comparison.json", "checkpoints", "broken_checkpoints", "config.json")
 
 
 def note(message: str) -> None:
@@ -162,7 +162,8 @@ class Checkpoints:
   def restore(self, abstract_state) -> tuple[Any, dict, list[tuple[int, str]]]:
     """The newest checkpoint that restores cleanly: ``(state or None, meta, skipped)``.
 
-    ``skipped`` lists ``(step, reason)`` of newer broken ones, which are removed.
+    ``skipped`` lists ``(step, reason)`` of newer broken ones, which move to
+    ``broken_checkpoints/``.
     """
     ocp = self._ocp
     skipped = []
@@ -185,9 +186,16 @@ class Checkpoints:
     return None, {}, skipped
 
   def _remove(self, steps):
+    """Moves broken checkpoints to ``broken_checkpoints/`` (kept for a look, out of the way
+    of the steps that will be saved again)."""
     self.manager.close()
+    aside = os.path.join(os.path.dirname(self.directory), "broken_checkpoints")
+    os.makedirs(aside, exist_ok=True)
     for step in steps:
-      shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)
+      target, n = os.path.join(aside, str(step)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+      shutil.move(os.path.join(self.directory, str(step)), target)
     self.manager = self._ocp.CheckpointManager(self.directory, options=self._options)
 
   def latest_step(self):
