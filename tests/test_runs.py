@@ -64,7 +64,6 @@ def test_bad_flags_give_one_line(tmp_path):
       ("--config.protocl=partial_straggler",): "--config.protocol",
       ("--config.protocol=__no_such_protocol__",): "--config.protocol.name",
       ("--compare=partial_straggler,orignal",): "--compare",
-      ("--config.straggler.slowdown.bogus=1",): "--config.straggler.slowdown.bogus",
       (f"--workdir={taken}", "--config.seed=7"): "--restart",
   }
   procs = {}
@@ -120,9 +119,9 @@ def _finalized(workdir):
 
 
 def test_kill_9_at_any_moment_then_resume_matches_straight_run(tmp_path):
-  flags = [f"--config.{f}" for f in (*TINY, "num_steps=12")]
+  flags = [f"--config.{f}" for f in (*TINY, "num_steps=9")]
   straight = tmp_path / "straight"
-  experiment.train_and_evaluate(tiny_config("num_steps=12"), str(straight))
+  experiment.train_and_evaluate(tiny_config("num_steps=9"), str(straight))
 
   wd, e = tmp_path / "killed", env(tmp_path / "jax_cache")
   cmd = command(wd, *flags)
@@ -130,10 +129,10 @@ def test_kill_9_at_any_moment_then_resume_matches_straight_run(tmp_path):
   rc, _ = _run_until(cmd, tmp_path, e, lambda: (wd / "config.json").exists())
   assert rc == -signal.SIGKILL
   # 2. between a step's metrics line and its checkpoint;
-  rc, _ = _run_until(cmd, tmp_path, e, lambda: _step_lines(wd) >= 3)
+  rc, _ = _run_until(cmd, tmp_path, e, lambda: _step_lines(wd) >= 2)
   assert rc == -signal.SIGKILL
   # 3. in the middle of writing a checkpoint (orbax's temporary folder exists).
-  rc, _ = _run_until(cmd, tmp_path, e, lambda: _step_lines(wd) >= 7 and _writing_checkpoint(wd))
+  rc, _ = _run_until(cmd, tmp_path, e, lambda: _step_lines(wd) >= 5 and _writing_checkpoint(wd))
   assert rc == -signal.SIGKILL
   # Then break the newest finished checkpoint and cut the log's last line in half.
   steps = _finalized(wd)
@@ -156,7 +155,7 @@ def test_kill_9_at_any_moment_then_resume_matches_straight_run(tmp_path):
       for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])
   summary = json.loads((wd / "summary.json").read_text())
-  assert summary["steps"] == 12 and 0 < summary["resumed_from"] < 12
+  assert summary["steps"] == 9 and 0 < summary["resumed_from"] < 9
   assert summary["test_accuracy"] == json.loads((straight / "summary.json").read_text())[
       "test_accuracy"]
 
@@ -338,13 +337,13 @@ class HostStep:
 
 
 def test_loop_drives_a_host_step_and_logs_wall_time(tmp_path):
-  config = tiny_config("num_steps=3", "checkpoint_every=0")
+  config = tiny_config("num_steps=2", "checkpoint_every=0")
   exp = experiment.build(config)
   straight = experiment.train(exp, str(tmp_path / "spmd"))
   config.backend = "ray"
   state = experiment.train(exp._replace(config=config, step=HostStep(exp.step)),
                            str(tmp_path / "host"))
   steps = [r for r in read(tmp_path / "host") if "loss" in r]
-  assert [r["wall_time"] for r in steps] == [0.25, 0.5, 0.75]
+  assert [r["wall_time"] for r in steps] == [0.25, 0.5]
   assert [r["loss"] for r in steps] == [r["loss"] for r in read(tmp_path / "spmd") if "loss" in r]
   assert float(state.sim_time) == float(straight.sim_time)

@@ -193,7 +193,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
   o = config.optimizer
   fn = getattr(optax, o.name, None)
   if o.name.startswith("_") or not callable(fn) or isinstance(fn, type):
-    near = difflib.get_close_matches(o.name, ["adam", "adamw", "sgd", "lamb", "lion"], n=1)
+    near = difflib.get_close_matches(o.name, [n for n in dir(optax) if not n.startswith("_")],
+                                     n=1)
     hint = f" Did you mean --config.optimizer.name={near[0]}?" if near else ""
     raise ConfigError(_flag("optimizer.name", config),
                       f"optax has no optimizer {o.name!r} (any optax.<name>(learning_rate, "
@@ -248,7 +249,8 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
       return ray_backend.RayStep(protocol, straggler, loss_fn, tx, timeout=timeout, **kwargs,
                                  **config.ray.to_dict())
   # The step takes ``timeout`` once the one stop rule (jaxgc.protocols.stop_time) is in.
-  if timeout is not None and _accepts(parallel.CodedStep.__init__, "timeout"):
+  if timeout is not None and (_accepts(parallel.make_coded_step, "timeout")
+                              or _accepts(parallel.CodedStep.__init__, "timeout")):
     kwargs["timeout"] = timeout
   with blame(config, "step", "step", _fields(config, "step"), "step.mode"):
     return parallel.make_coded_step(protocol, straggler, loss_fn, tx, mesh,

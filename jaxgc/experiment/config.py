@@ -247,7 +247,10 @@ def _set(config, path: list[str], text: str, flag: str) -> None:
     raise ConfigError(flag, f"--config.{prefix}{key} is a block; set one of its fields, "
                       f"e.g. --config.{prefix}{key}.{next(iter(node[key].keys()))}=...")
   kind = node.get_type(key)
-  value = _parse(flag, text, None if kind is type(None) else kind)
+  if text == "None" and kind is not str:
+    value = None                    # unset an optional field, e.g. --config.step.timeout=None
+  else:
+    value = _parse(flag, text, None if kind is type(None) else kind)
   try:
     node[key] = value
   except TypeError:
