@@ -168,7 +168,8 @@ def test_workdir_is_one_run(tmp_path):
   first = json.loads((tmp_path / "summary.json").read_text())
   with pytest.raises(experiment.ConfigError, match=r"seed \(0 there, 7 asked\).*--restart"):
     experiment.train_and_evaluate(tiny_config("num_steps=4", "seed=7"), wd)
-  with pytest.raises(experiment.ConfigError, match=r"protocol.name \('partial_straggler' there, 'uncoded' asked\), straggler.failure_prob"):
+  with pytest.raises(experiment.ConfigError, match=r"protocol.name \('partial_straggler' "
+                     r"there, 'uncoded' asked\), straggler.failure_prob"):
     experiment.train_and_evaluate(
         tiny_config("num_steps=4", "failure_prob=1.0", "protocol=uncoded"), wd)
   assert (tmp_path / "config.json").read_text().count('"seed": 0') == 1

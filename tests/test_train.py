@@ -85,7 +85,8 @@ def test_metrics_and_outputs(tmp_path):
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["steps"] == 12 and summary["test_accuracy"] == evals[-1]["test_accuracy"]
   saved = json.load(open(tmp_path / "config.json"))
-  assert saved["protocol"]["name"] == "partial_straggler" and saved["model"]["mlp"]["hidden"] == [32]
+  assert saved["protocol"]["name"] == "partial_straggler"
+  assert saved["model"]["mlp"]["hidden"] == [32]
 
 
 def test_exact_partial_straggler_and_uncoded_same_losses(tmp_path):

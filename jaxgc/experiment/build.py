@@ -12,7 +12,6 @@ import re
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -75,8 +74,8 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
   """Re-raises a library ``ValueError`` as a :class:`ConfigError` naming the flag.
 
   The flag is the first of ``fields`` (dotted config paths) whose last name the
-  message mentions, else ``default`` (``<block>.name`` if empty). A ``TypeError`` for an unknown
-  keyword names the option's flag.
+  message mentions, else ``default`` (``<block>.name`` if empty). A ``TypeError``
+  for an unknown keyword names the option's flag.
   """
   name = config[block].name if block in config and "name" in config[block] else None
   try:
@@ -87,8 +86,9 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
     m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
     if not m:
       raise
-    raise ConfigError(f"--config.{block}.{name}.{m[1]}",
-                      f"{kind} {name!r} has no option {m[1]!r} ({e}).") from None
+    where = f"{block}.{name}" if name is not None else block
+    raise ConfigError(f"--config.{where}.{m[1]}",
+                      f"{kind} {name or ''} has no option {m[1]!r} ({e}).") from None
   except ValueError as e:
     msg = str(e)
     hits = [(mt.start(), f) for f in fields

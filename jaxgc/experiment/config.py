@@ -21,7 +21,8 @@ the chosen one is used, so switching ``--config.straggler.name`` needs no other
 edit. A choice that the config file does not list (say a straggler model added
 to the library) takes its options on the command line,
 ``--config.straggler.<name>.<option>=value``; the library rejects unknown ones.
-An option called ``seed`` left unset takes ``config.seed``.
+An option called ``seed`` left unset takes ``config.seed`` (where the
+constructor's signature shows one).
 
 :data:`ALIASES` keeps the flat flag names of earlier versions working
 (``--config.ell``, ``--config.protocol=original``, ``--config.straggler.shift``, ...).
@@ -146,7 +147,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Devices: num_devices in the mesh (all processes together).
   c.platform = "cpu"                # cpu, or "" for JAX's default backend (GPU/TPU)
   c.num_devices = 8
-  c.num_cpu_devices = config_dict.placeholder(int)  # per process; default num_devices // num_processes
+  # Per process; unset: num_devices // num_processes.
+  c.num_cpu_devices = config_dict.placeholder(int)
   c.coordinator_address = config_dict.placeholder(str)  # multi-host: "host:port"
   c.num_processes = 1
   c.process_id = 0
@@ -304,7 +306,7 @@ def check_fields(config: ml_collections.ConfigDict, reference=None, prefix: str 
       raise ConfigError(flag, "unknown config field." + _suggest(key, reference.keys(), prefix))
     if isinstance(config[key], ml_collections.ConfigDict):
       if not isinstance(reference[key], ml_collections.ConfigDict):
-        raise ConfigError(flag, f"expected a value, got a block.")
+        raise ConfigError(flag, "expected a value, got a block.")
       if "name" not in reference[key] or prefix:
         check_fields(config[key], reference[key], prefix + key + ".")
       else:

@@ -21,8 +21,8 @@ from typing import Any
 from jaxgc.experiment.config import ConfigError, result_fields_differ
 
 __all__ = [
-    "OUTPUTS", "write_atomic", "read_metrics", "open_workdir", "clear_run", "save_config", "MetricsLog",
-    "Checkpoints", "note",
+    "OUTPUTS", "write_atomic", "read_metrics", "open_workdir", "clear_run", "save_config",
+    "MetricsLog", "Checkpoints", "note",
 ]
 
 # What a run writes into its workdir (config.json first, and removed last).
