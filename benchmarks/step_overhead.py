@@ -27,16 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/default.py")
-  ap.add_argument("--protocol", default=None, help="override config.protocol")
+  ap.add_argument("--protocol", default=None, help="override config.protocol.name")
   ap.add_argument("--models", default=None,
                   help="';'-separated hidden sizes of the MLPs to time (default: the "
                        "config's model, then 512,512,512)")
   ap.add_argument("--max_seconds", type=float, default=60.0,
                   help="stop timing a model after this long (big models on CPU)")
   ap.add_argument("--num_devices", type=int, default=None, help="override config.num_devices")
-  ap.add_argument("--ell", type=int, default=None, help="override config.ell")
+  ap.add_argument("--ell", type=int, default=None, help="override config.protocol.ell")
   ap.add_argument("--num_candidates", type=int, default=None,
-                  help="override config.num_candidates (partial_straggler's random A's)")
+                  help="override config.protocol.partial_straggler.num_candidates")
   ap.add_argument("--iters", type=int, default=200)
   ap.add_argument("--warmup", type=int, default=20)
   args = ap.parse_args()
