@@ -278,6 +278,8 @@ def compare_protocols(config: ml_collections.ConfigDict, workdir: str,
   returns ``{protocol: simulated time to config.target_accuracy}``.
   """
   check_config(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir}", "is a file, not a directory.")
   configs = {}
   for name in names:
     cfg = copy.deepcopy(config)
@@ -285,8 +287,6 @@ def compare_protocols(config: ml_collections.ConfigDict, workdir: str,
     cfg.protocol.name = name
     runs.open_workdir(cfg, os.path.join(workdir, name), restart)
     configs[name] = cfg
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={workdir}", "is a file, not a directory.")
   mesh = setup_devices(config)
   try:                       # protocols first: cheap, and the likeliest typo
     for cfg in configs.values():
