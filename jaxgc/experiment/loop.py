@@ -128,13 +128,58 @@ def _init_state(exp: Experiment, sharding):
   return exp.step.init_state(params, step_key)
 
 
+def _restore(exp: Experiment, workdir: str, state, sharding, lead: bool):
+  """``(state, checkpoints or None, meta)``: the newest checkpoint that restores, if any."""
+  cfg = exp.config
+  if cfg.checkpoint_every <= 0:
+    return state, None, {}
+  ckpt = runs.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
+                          cfg.max_checkpoints)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          state)
+  restored, meta, skipped = ckpt.restore(abstract)
+  for step, reason in skipped:
+    if lead:
+      runs.note(f"skipped checkpoint {step} (moved to broken_checkpoints/), it does not "
+                f"restore: {reason}")
+  return (state if restored is None else restored), ckpt, meta
+
+
+def _write_outputs(exp: Experiment, workdir: str, state, summary: dict) -> None:
+  """Final parameters, the plot and ``summary.json`` (process 0), each renamed into place."""
+  cfg = exp.config
+  flat = {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
+  tmp = os.path.join(workdir, f"final_params.tmp{os.getpid()}.npz")
+  np.savez(tmp, **flat)
+  os.replace(tmp, os.path.join(workdir, "final_params.npz"))
+  if not exp.dataset.is_regression:
+    # From the log, so a resumed run still sees a target reached before the restart.
+    summary["sim_time_to_target"] = time_to_target(runs.read_metrics(workdir),
+                                                   cfg.target_accuracy)
+    plot_accuracy_vs_time({summary["protocol"]: workdir},
+                          os.path.join(workdir, "accuracy_vs_time.png"), cfg.target_accuracy,
+                          title=f"{summary['protocol']}/{summary['mode']}, seed {cfg.seed}")
+  runs.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+  print(json.dumps(summary), flush=True)
+
+
 def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.TrainState:
   """Runs a built :class:`Experiment` in ``workdir``: resume, train, evaluate, checkpoint,
   summarise (see :func:`train_and_evaluate`, which checks the workdir first).
 
   ``exp.step`` may be any step with the :class:`jaxgc.parallel.CodedStep` interface; with
   ``config.backend != "spmd"`` its ``jit()`` may return a plain callable (the Ray step).
+  A step with ``close()`` is closed at the end.
   """
+  try:
+    return _train(exp, workdir, restart)
+  finally:
+    if hasattr(exp.step, "close"):
+      exp.step.close()
+
+
+def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -152,21 +197,7 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
   rep = NamedSharding(exp.mesh, P())
   train_data = (global_array(ds.x_train, rep), global_array(ds.y_train, rep))
   test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
-  state = _init_state(exp, rep)
-
-  ckpt, meta = None, {}
-  if cfg.checkpoint_every > 0:
-    ckpt = runs.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
-                            cfg.max_checkpoints)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                            state)
-    restored, meta, skipped = ckpt.restore(abstract)
-    for step, reason in skipped:
-      if lead:
-        runs.note(f"skipped checkpoint {step} (moved to broken_checkpoints/), it does not "
-                  f"restore: {reason}")
-    if restored is not None:
-      state = restored
+  state, ckpt, meta = _restore(exp, workdir, _init_state(exp, rep), rep, lead)
   start = int(state.step)
   if lead and start:
     runs.note(f"resuming {workdir} from step {start}.")
@@ -224,11 +255,6 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
     ev = evaluate(exp.model.apply, state.params, test_data, regression)
 
   if lead:
-    flat = {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
-    tmp = os.path.join(workdir, f"final_params.tmp{os.getpid()}.npz")
-    np.savez(tmp, **flat)
-    os.replace(tmp, os.path.join(workdir, "final_params.npz"))
     summary = {"protocol": name, "mode": mode, "steps": int(state.step),
                "num_steps": cfg.num_steps, "sim_time": float(state.sim_time),
                "skipped": int(state.num_skipped), "erasures": int(state.num_erasures),
@@ -236,16 +262,7 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
                "session_wall_time_s": time.time() - t0, "resumed_from": start, **ev}
     if step_wall:
       summary["step_wall_time_s"] = step_wall
-    if not regression:
-      # From the log, so a resumed run still sees a target reached before the restart.
-      summary["sim_time_to_target"] = time_to_target(runs.read_metrics(workdir),
-                                                     cfg.target_accuracy)
-      plot_accuracy_vs_time({name: workdir}, os.path.join(workdir, "accuracy_vs_time.png"),
-                            cfg.target_accuracy, title=f"{name}/{mode}, seed {cfg.seed}")
-    runs.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
-    print(json.dumps(summary), flush=True)
-  if hasattr(exp.step, "close"):
-    exp.step.close()
+    _write_outputs(exp, workdir, state, summary)
   return state
 
 
