@@ -22,8 +22,10 @@ TINY = ("num_devices=2", "num_workers=4", "load=2", "ell=1", "batch_size=64", "m
 
 
 def tiny_config(*flags):
+  # In-process: keep the 8 CPU devices conftest.py asks for (the mesh uses 2 of them),
+  # so that tests running later in this process still find 8.
   return experiment.apply_overrides(default_config.get_config(),
-                                    [f.split("=", 1) for f in (*TINY, *flags)])
+                                    [f.split("=", 1) for f in (*TINY, "num_cpu_devices=8", *flags)])
 
 
 def env(cache_dir=None):
