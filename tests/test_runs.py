@@ -1,6 +1,5 @@
 """Runs on disk and the command line (issue #12): one run per workdir, crash safety under
 kill -9, one-line errors, honest time for total failure, complete summaries, aliases."""
-import importlib.util
 import json
 import os
 import signal
@@ -26,6 +25,13 @@ def tiny_config(*flags):
   # so that tests running later in this process still find 8.
   return experiment.apply_overrides(default_config.get_config(),
                                     [f.split("=", 1) for f in (*TINY, "num_cpu_devices=8", *flags)])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """One built tiny experiment: train() on it again compiles nothing new."""
+  exp = experiment.build(tiny_config("num_steps=4"))
+  return lambda *flags: exp._replace(config=tiny_config(*flags))
 
 
 def env(cache_dir=None):
@@ -120,10 +126,10 @@ def _finalized(workdir):
   return sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) if ck.is_dir() else []
 
 
-def test_kill_9_at_any_moment_then_resume_matches_straight_run(tmp_path):
+def test_kill_9_at_any_moment_then_resume_matches_straight_run(tmp_path, tiny):
   flags = [f"--config.{f}" for f in (*TINY, "num_steps=9")]
   straight = tmp_path / "straight"
-  experiment.train_and_evaluate(tiny_config("num_steps=9"), str(straight))
+  experiment.train(tiny("num_steps=9"), str(straight))
 
   wd, e = tmp_path / "killed", env(tmp_path / "jax_cache")
   cmd = command(wd, *flags)
@@ -164,9 +170,9 @@ def test_kill_9_at_any_moment_then_resume_matches_straight_run(tmp_path):
 
 # -- a workdir is one run -----------------------------------------------------------------
 
-def test_workdir_is_one_run(tmp_path):
+def test_workdir_is_one_run(tmp_path, tiny):
   wd = str(tmp_path)
-  experiment.train_and_evaluate(tiny_config("num_steps=4"), wd)
+  experiment.train(tiny("num_steps=4"), wd)
   first = json.loads((tmp_path / "summary.json").read_text())
   with pytest.raises(experiment.ConfigError, match=r"seed \(0 there, 7 asked\).*--restart"):
     experiment.train_and_evaluate(tiny_config("num_steps=4", "seed=7"), wd)
@@ -178,7 +184,8 @@ def test_workdir_is_one_run(tmp_path):
 
   # Resuming at the final step, and asking for fewer steps: nothing to train, full summary.
   for n in (4, 2):
-    experiment.train_and_evaluate(tiny_config(f"num_steps={n}"), wd)
+    experiment.open_workdir(tiny_config(f"num_steps={n}"), wd)     # accepted
+    experiment.train(tiny(f"num_steps={n}"), wd)
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("test_accuracy", "test_loss", "sim_time_to_target", "sim_time"):
       assert summary[key] == first[key], key
@@ -193,15 +200,18 @@ def test_workdir_is_one_run(tmp_path):
       open(os.path.join(root, name), "w").close()
   import shutil  # pylint: disable=import-outside-toplevel
   shutil.rmtree(ck / "3" / "state")
-  experiment.train_and_evaluate(tiny_config("num_steps=4"), wd)
+  experiment.train(tiny("num_steps=4"), wd)
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["resumed_from"] == 2 and summary["test_accuracy"] == first["test_accuracy"]
   assert summary["sim_time"] == first["sim_time"]
   assert [r["step"] for r in read(wd) if "loss" in r] == [1, 2, 3, 4]
-  # --restart starts over with the new config.
-  experiment.train_and_evaluate(tiny_config("num_steps=2", "seed=7"), wd, restart=True)
+  assert sorted(p.name for p in (tmp_path / "broken_checkpoints").iterdir()) == ["3", "4"]
+  # --restart accepts another config and starts over.
+  assert experiment.open_workdir(tiny_config("seed=7"), wd, restart=True) is None
+  experiment.train(tiny("num_steps=2"), wd, restart=True)
   assert [r["step"] for r in read(wd) if "loss" in r] == [1, 2]
-  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 7
+  assert not (tmp_path / "broken_checkpoints").exists()
+  assert json.loads((tmp_path / "summary.json").read_text())["resumed_from"] == 0
 
 
 def test_compare_checks_every_protocol_before_training(tmp_path):
@@ -313,12 +323,15 @@ def test_new_library_protocol_needs_no_edit(monkeypatch):
     experiment.make_protocol(config, experiment.make_assignment(config))
 
 
-def test_ray_backend_without_ray_is_one_line():
-  if importlib.util.find_spec("jaxgc.ray_backend") is not None:
-    pytest.skip("jaxgc.ray_backend is installed: the message is for when it cannot import")
+def test_ray_backend_without_ray_is_one_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, "ray", None)          # as if Ray were not installed
+  monkeypatch.delitem(sys.modules, "jaxgc.ray_backend", raising=False)
   config = tiny_config("backend=ray")
-  with pytest.raises(experiment.ConfigError, match=r"needs Ray: pip install 'jaxgc\[ray\]'"):
-    experiment.make_step(config, None, None, None, None, None)
+  proto = experiment.make_protocol(config, experiment.make_assignment(config))
+  with pytest.raises(experiment.ConfigError, match=r"--config.backend.*needs Ray: pip install "
+                                                   r"'jaxgc\[ray\]'"):
+    experiment.make_step(config, proto, experiment.make_straggler_model(config),
+                         lambda params, chunk: 0.0, experiment.make_optimizer(config), None)
 
 
 class HostStep:
@@ -339,11 +352,10 @@ class HostStep:
     return call
 
 
-def test_loop_drives_a_host_step_and_logs_wall_time(tmp_path):
-  config = tiny_config("num_steps=2", "checkpoint_every=0")
-  exp = experiment.build(config)
+def test_loop_drives_a_host_step_and_logs_wall_time(tmp_path, tiny):
+  exp = tiny("num_steps=2", "checkpoint_every=0")
   straight = experiment.train(exp, str(tmp_path / "spmd"))
-  config.backend = "ray"
+  config = tiny_config("num_steps=2", "checkpoint_every=0", "backend=ray")
   state = experiment.train(exp._replace(config=config, step=HostStep(exp.step)),
                            str(tmp_path / "host"))
   steps = [r for r in read(tmp_path / "host") if "loss" in r]

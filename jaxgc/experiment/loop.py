@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import time
+import weakref
 
 import jax
 import ml_collections
@@ -103,9 +104,27 @@ def _to_python(tree) -> dict:
   return out
 
 
+# Jitted functions per step object, so that training one built Experiment again (several
+# workdirs, a longer num_steps) compiles nothing new.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _per_step(step, key, make):
+  held = _COMPILED.setdefault(step, {})
+  if key not in held:
+    held[key] = make()
+  return held[key]
+
+
 def _make_update(exp: Experiment, sharding):
   """``(state, train_data, perm) -> (state, metrics)``: one program for the shard_map
   step, or a jitted batch plus the step's own (host) update for the Ray backend."""
+  cfg = exp.config
+  key = ("update", cfg.backend, cfg.batch_size, cfg.seed, sharding)
+  return _per_step(exp.step, key, lambda: _build_update(exp, sharding))
+
+
+def _build_update(exp: Experiment, sharding):
   cfg = exp.config
   if cfg.backend == "spmd":
     return jax.jit(functools.partial(train_step, coded_step=exp.step,
@@ -120,12 +139,16 @@ def _make_update(exp: Experiment, sharding):
 
 
 def _init_state(exp: Experiment, sharding):
-  init_key, _, step_key = keys(exp.config.seed)
-  params = jax.jit(lambda: models.init_params(exp.model, init_key, exp.dataset.x_train[:1]),
-                   out_shardings=sharding)()
-  if exp.config.backend == "spmd":
-    return jax.jit(exp.step.init_state, out_shardings=sharding)(params, step_key)
-  return exp.step.init_state(params, step_key)
+  seed, model, example = exp.config.seed, exp.model, exp.dataset.x_train[:1]
+  spmd = exp.config.backend == "spmd"
+
+  def init():   # keys built in the program from the static seed (see keys())
+    params = models.init_params(model, keys(seed)[0], example)   # (example: shapes only)
+    return exp.step.init_state(params, keys(seed)[2]) if spmd else params
+
+  out = _per_step(exp.step, ("init", spmd, model, seed, example.shape, example.dtype, sharding),
+                  lambda: jax.jit(init, out_shardings=sharding))()
+  return out if spmd else exp.step.init_state(out, keys(seed)[2])
 
 
 def _restore(exp: Experiment, workdir: str, state, sharding, lead: bool):
