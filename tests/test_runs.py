@@ -190,7 +190,9 @@ def test_workdir_is_one_run(tmp_path, tiny):
     for key in ("test_accuracy", "test_loss", "sim_time_to_target", "sim_time"):
       assert summary[key] == first[key], key
     assert summary["steps"] == 4 and summary["resumed_from"] == 4
-    assert summary["wall_time_s"] >= first["wall_time_s"] * 0.9
+    # Wall time counts every invocation (up to the checkpoint), not just this one.
+    assert summary["wall_time_s"] > summary["session_wall_time_s"] > 0
+    assert summary["wall_time_s"] > 0.5 * first["wall_time_s"]
   # Broken newest checkpoints (emptied data files; a removed item folder): the run falls
   # back to the newest one that restores, and replays to the same result.
   ck = tmp_path / "checkpoints"
