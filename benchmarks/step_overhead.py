@@ -27,74 +27,71 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/default.py")
-  ap.add_argument("--protocol", default=None, help="override config.protocol")
+  ap.add_argument("--protocol", default=None, help="override config.protocol.name")
   ap.add_argument("--models", default=None,
                   help="';'-separated hidden sizes of the MLPs to time (default: the "
                        "config's model, then 512,512,512)")
   ap.add_argument("--max_seconds", type=float, default=60.0,
                   help="stop timing a model after this long (big models on CPU)")
   ap.add_argument("--num_devices", type=int, default=None, help="override config.num_devices")
-  ap.add_argument("--ell", type=int, default=None, help="override config.ell")
+  ap.add_argument("--ell", type=int, default=None, help="override config.protocol.ell")
   ap.add_argument("--num_candidates", type=int, default=None,
-                  help="override config.num_candidates (partial_straggler's random A's)")
+                  help="override config.protocol.partial_straggler.num_candidates")
   ap.add_argument("--iters", type=int, default=200)
   ap.add_argument("--warmup", type=int, default=20)
   args = ap.parse_args()
 
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("cfg", args.config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  from jaxgc import experiment  # pylint: disable=import-outside-toplevel
+  config = experiment.load_config(args.config)
   if args.num_devices is not None:
     config.num_devices = args.num_devices
   if args.ell is not None:
-    config.ell = args.ell
+    config.protocol.ell = args.ell
   if args.num_candidates is not None:
-    config.num_candidates = args.num_candidates
+    config.protocol.partial_straggler.num_candidates = args.num_candidates
   if args.protocol:
-    config.protocol = args.protocol
-
-  import train  # pylint: disable=import-outside-toplevel
-  train.validate_config(config)
-  mesh = train.setup_devices(config)
+    config.protocol.name = args.protocol
+  experiment.check_config(config)
+  mesh = experiment.setup_devices(config)
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   from jaxgc import models, parallel  # pylint: disable=import-outside-toplevel
 
-  ds = train.load_dataset(config)
+  ds = experiment.make_dataset(config)
   rep = NamedSharding(mesh, P())
-  train_data = (train._global(ds.x_train, rep), train._global(ds.y_train, rep))  # pylint: disable=protected-access
+  train_data = (experiment.global_array(ds.x_train, rep), experiment.global_array(ds.y_train, rep))
   print(f"devices: {len(mesh.devices.flat)} x {jax.devices()[0].platform}, "
-        f"workers m={config.num_workers}, load={config.load}, ell={config.ell}, "
-        f"protocol={config.protocol}, mode={config.mode}, batch={config.batch_size}, "
-        f"num_candidates={config.num_candidates or 'default'}")
+        f"workers m={config.assignment.num_workers}, load={config.assignment.load}, "
+        f"ell={config.protocol.ell}, protocol={config.protocol.name}, mode={config.step.mode}, "
+        f"batch={config.batch_size}, num_candidates="
+        f"{config.protocol.partial_straggler.num_candidates or 'default'}")
 
-  models_arg = args.models or (",".join(map(str, config.hidden)) + ";512,512,512")
+  models_arg = args.models or (",".join(map(str, config.model.mlp.hidden)) + ";512,512,512")
   for hidden in models_arg.split(";"):
     hidden = tuple(int(h) for h in hidden.split(","))
-    model = models.get_model(config.model, ds.num_classes, hidden)
-    tx = train.make_optimizer(config)
+    model = models.get_model(config.model.name, ds.num_classes, hidden)
+    tx = experiment.make_optimizer(config)
     loss_fn = models.chunk_loss_fn(model.apply, config.batch_size)
-    protocol = train.make_protocol(config, train.make_assignment(config))
+    protocol = experiment.make_protocol(config, experiment.make_assignment(config))
     coded = parallel.make_coded_step(
-        protocol, train.make_straggler_model(config), loss_fn, tx, mesh, mode=config.mode,
-        deadline=config.deadline, report_condition=config.report_condition)
+        protocol, experiment.make_straggler_model(config), loss_fn, tx, mesh,
+        mode=config.step.mode, deadline=config.step.deadline,
+        report_condition=config.step.report_condition)
     plain = parallel.make_plain_step(protocol.assignment, loss_fn, tx, mesh,
                                      compute_slots=coded.layout.slots)
     params = jax.jit(lambda: models.init_params(model, jax.random.key(0), ds.x_train[:1]),
                      out_shardings=rep)()
-    step_key = train._keys(0)[2]  # pylint: disable=protected-access
+    step_key = experiment.keys(0)[2]
     states = {"coded": jax.jit(coded.init_state, out_shardings=rep)(params, step_key),
               "uncoded": jax.jit(lambda p: parallel.TrainState.create(p, tx),
                                  out_shardings=rep)(params)}
-    fns = {name: jax.jit(functools.partial(train.train_step, coded_step=s,
+    fns = {name: jax.jit(functools.partial(experiment.train_step, coded_step=s,
                                            batch_size=config.batch_size, seed=0))
            for name, s in (("coded", coded), ("uncoded", plain))}
-    # The epoch's example order is drawn once per epoch, outside the timed step (as in train.py).
-    perm_for = train.epoch_permutations(0, len(ds.x_train), config.batch_size, rep)
+    # The epoch's example order is drawn once per epoch, outside the timed step (as in jaxgc.experiment).
+    perm_for = experiment.epoch_permutations(0, len(ds.x_train), config.batch_size, rep)
     times = {name: [] for name in fns}
     start = time.perf_counter()
     for it in range(args.warmup + args.iters):

@@ -4,7 +4,7 @@ Run the same command on every host, with that host's process id:
 
   python train.py --config=configs/pod.py --workdir=gs://... \
       --config.coordinator_address=host0:1234 --config.num_processes=4 \
-      --config.process_id=$RANK --config.num_devices=32 --config.num_workers=32
+      --config.process_id=$RANK --config.num_devices=32 --config.assignment.num_workers=32
 
 On Cloud TPU / SLURM, jax.distributed.initialize() finds the cluster by itself;
 leave coordinator_address unset and set num_processes > 1.
@@ -16,16 +16,16 @@ def get_config():
   config = default_lib.get_config()
   config.platform = ""             # JAX's default backend (GPU/TPU)
   config.num_devices = 8
-  config.num_workers = 8           # one worker per device
-  config.load = 3
-  config.ell = 2
-  config.model = "mlp"
-  config.hidden = (2048, 2048, 2048)
-  config.dataset = "synthetic_logistic"
-  config.synthetic.num_examples = 200_000
-  config.synthetic.dim = 512
+  config.assignment.num_workers = 8  # one worker per device
+  config.assignment.load = 3
+  config.protocol.ell = 2
+  config.model.name = "mlp"
+  config.model.mlp.hidden = (2048, 2048, 2048)
+  config.data.name = "synthetic_logistic"
+  config.data.synthetic_logistic.num_examples = 200_000
+  config.data.synthetic_logistic.dim = 512
   config.batch_size = 8 * 1024
-  config.learning_rate = 1e-3
+  config.optimizer.learning_rate = 1e-3
   config.num_steps = 2000
   config.eval_every = 100
   config.checkpoint_every = 500

@@ -9,16 +9,16 @@ from configs import default as default_lib
 
 def get_config():
   config = default_lib.get_config()
-  config.dataset = "synthetic_logistic"
-  config.synthetic.num_examples = 4000
-  config.synthetic.dim = 32
-  config.model = "linear"
-  config.optimizer = "sgd"
-  config.learning_rate = 0.5
+  config.data.name = "synthetic_logistic"
+  config.data.synthetic_logistic.num_examples = 4000
+  config.data.synthetic_logistic.dim = 32
+  config.model.name = "linear"
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.5
   config.batch_size = 400
   config.num_steps = 300
-  config.load = 3
-  config.ell = 1
+  config.assignment.load = 3
+  config.protocol.ell = 1
   config.straggler.name = "shifted_exponential"
   config.target_accuracy = 0.8
   return config

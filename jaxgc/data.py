@@ -6,10 +6,13 @@ sees the same batches as an uninterrupted one, and every protocol sees the same
 chunks at the same step (which is what makes exact-mode runs comparable).
 
 Nothing downloads: ``digits`` ships with scikit-learn, ``synthetic_*`` is
-generated.
+generated, ``pystdlib`` is the byte-level text of the running Python's own
+standard library ``.py`` files.
 """
 from __future__ import annotations
 
+import os
+import sysconfig
 from typing import NamedTuple
 
 import jax
@@ -17,20 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Dataset", "load", "steps_per_epoch", "epoch_permutation", "batch_indices",
-           "step_chunks", "DATASETS"]
+           "step_chunks", "DATASETS", "stdlib_corpus", "check_chunking"]
 
-DATASETS = ("digits", "synthetic_logistic", "synthetic_linear")
+DATASETS = ("digits", "synthetic_logistic", "synthetic_linear", "pystdlib")
 
 
 class Dataset(NamedTuple):
   """A train/test split held as host NumPy arrays.
 
   Attributes:
-    x_train: float32 ``[n_train, *feature_shape]``.
-    y_train: int32 ``[n_train]`` class labels, or float32 ``[n_train]`` targets
-      for regression.
+    x_train: float32 ``[n_train, *feature_shape]``, or int32 tokens ``[n_train, T]``.
+    y_train: int32 ``[n_train]`` class labels, float32 ``[n_train]`` targets
+      for regression, or int32 next tokens ``[n_train, T]`` (``x`` shifted by one).
     x_test, y_test: the same for the test split.
-    num_classes: number of classes; ``0`` marks a regression task.
+    num_classes: number of classes (the vocabulary for text); ``0`` marks a
+      regression task.
   """
   x_train: np.ndarray
   y_train: np.ndarray
@@ -56,9 +60,68 @@ def _split(x, y, test_fraction: float, seed: int):
   return x[tr], y[tr], x[te], y[te]
 
 
+def stdlib_corpus(max_bytes: int | None = 2_000_000) -> np.ndarray:
+  """The standard library's ``.py`` files as bytes, uint8 ``[≤ max_bytes]``.
+
+  Files in a fixed order (a sorted directory walk of ``sysconfig``'s ``stdlib``,
+  skipping ``site-packages``), concatenated until ``max_bytes`` (``None``: all).
+  The same for every run on one Python installation; another Python version
+  gives another text.
+  """
+  root = sysconfig.get_paths()["stdlib"]
+  parts, total = [], 0
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames
+                         if d not in ("site-packages", "dist-packages", "__pycache__"))
+    for name in sorted(f for f in filenames if f.endswith(".py")):
+      with open(os.path.join(dirpath, name), "rb") as f:
+        parts.append(f.read())
+      total += len(parts[-1])
+      if max_bytes is not None and total >= max_bytes:
+        return np.frombuffer(b"".join(parts)[:max_bytes], np.uint8)
+  if not parts:
+    raise ValueError(f"no .py files under the standard library at {root}; use another dataset.")
+  return np.frombuffer(b"".join(parts), np.uint8)
+
+
+def _text_windows(tokens, seq_len: int, test_fraction: float):
+  """Non-overlapping windows ``x = tokens[s:s+T]``, ``y = tokens[s+1:s+T+1]``; the last
+  ``test_fraction`` of the text is the validation split (a contiguous tail, so no
+  window straddles the two)."""
+  if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+    raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+  n = (len(tokens) - 1) // seq_len
+  n_test = max(1, int(round(test_fraction * n)))
+  if n - n_test < 1:
+    raise ValueError(f"the corpus of {len(tokens)} bytes holds only {n} windows of "
+                     f"seq_len={seq_len}; lower --config.seq_len or raise --config.corpus_bytes.")
+  tokens = tokens.astype(np.int32)
+  x = tokens[: n * seq_len].reshape(n, seq_len)
+  y = tokens[1: n * seq_len + 1].reshape(n, seq_len)
+  cut = n - n_test
+  return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def check_chunking(batch_size: int, num_chunks: int, seq_len: int | None = None) -> None:
+  """Raises ``ValueError`` unless a step's batch splits into ``num_chunks`` equal chunks.
+
+  For text, the unit is a sequence of ``seq_len`` tokens: chunks hold whole sequences.
+  """
+  if batch_size >= 1 and batch_size % num_chunks == 0:
+    return
+  unit = f" sequences of seq_len={seq_len}" if seq_len else " examples"
+  fix = num_chunks * max(1, batch_size // num_chunks)
+  raise ValueError(
+      f"batch_size={batch_size}{unit} is not a multiple of the number of chunks "
+      f"{num_chunks}, so it does not split into equal chunks; use a multiple of "
+      f"{num_chunks}, e.g. --config.batch_size={fix}.")
+
+
 def load(name: str, *, test_fraction: float = 0.2, split_seed: int = 0,
          num_examples: int = 4000, dim: int = 32, noise: float = 0.1,
-         data_seed: int = 0) -> Dataset:
+         data_seed: int = 0, seq_len: int = 64, max_bytes: int | None = 2_000_000) -> Dataset:
   """Loads a dataset by name.
 
   Args:
@@ -66,11 +129,17 @@ def load(name: str, *, test_fraction: float = 0.2, split_seed: int = 0,
       scaled to [0, 1]); ``"synthetic_logistic"`` (binary logistic-regression
       data: ``x ~ N(0, I/dim)``, ``P(y=1) = σ(x·w*)`` with ``‖w*‖ = 4√dim`` so
       the classes are learnable but not separable); ``"synthetic_linear"``
-      (``y = x·w* + noise·ε``, a regression task).
-    test_fraction: share of examples held out for testing.
+      (``y = x·w* + noise·ε``, a regression task); ``"pystdlib"`` (next-byte
+      prediction on :func:`stdlib_corpus`: int32 windows ``[n, seq_len]``, vocabulary 256).
+    test_fraction: share of examples held out for testing (for text: the tail of
+      the corpus, the validation split; ``split_seed`` is unused).
     split_seed: seed of the train/test permutation.
     num_examples, dim, noise, data_seed: sizes and seed of the synthetic tasks.
+    seq_len, max_bytes: window length and corpus size of ``pystdlib``.
   """
+  if name == "pystdlib":
+    return Dataset(*_text_windows(stdlib_corpus(max_bytes), seq_len, test_fraction),
+                   num_classes=256)
   if name == "digits":
     from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
     d = load_digits()
@@ -142,10 +211,7 @@ def step_chunks(data, data_key, step, batch_size: int, num_chunks: int, perm=Non
   Returns:
     The pytree with leaves ``[N, batch_size // N, ...]``.
   """
-  if batch_size % num_chunks:
-    raise ValueError(
-        f"batch_size={batch_size} is not a multiple of the number of chunks "
-        f"{num_chunks}; pick a batch_size divisible by it.")
+  check_chunking(batch_size, num_chunks)
   n = jax.tree.leaves(data)[0].shape[0]
   idx = batch_indices(data_key, step, n, batch_size, perm).reshape(num_chunks, -1)
   return jax.tree.map(lambda a: jnp.asarray(a)[idx], data)

@@ -1,18 +1,26 @@
-"""Small flax.linen models and the per-chunk loss the coded step differentiates.
+"""flax.linen models and the per-chunk loss the coded step differentiates.
 
 The loss of a chunk is its *sum* of example losses divided by the step's batch
-size, so that ``Σ_i g_i`` over the ``N`` chunks is the gradient of the usual
-batch-mean loss (PROTOCOL.md §1: the goal is ``g = Σ_i g_i``).
+size (and, for sequences, by the tokens per example), so that ``Σ_i g_i`` over
+the ``N`` chunks is the gradient of the usual batch-mean loss (PROTOCOL.md §1:
+the goal is ``g = Σ_i g_i``).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-__all__ = ["MLP", "CNN", "get_model", "init_params", "chunk_loss_fn", "predict_metrics"]
+__all__ = ["MLP", "CNN", "TransformerLM", "MODELS", "get_model", "init_params", "chunk_loss_fn",
+           "predict_metrics", "MemoryEstimate", "memory_estimate", "check_memory",
+           "device_memory_budget"]
+
+MODELS = ("mlp", "linear", "cnn", "transformer_lm")
 
 
 class MLP(nn.Module):
@@ -45,51 +53,175 @@ class CNN(nn.Module):
     return nn.Dense(self.num_outputs)(x)
 
 
-def get_model(name: str, num_classes: int, hidden: Sequence[int] = (64, 64)) -> nn.Module:
-  """``"mlp"``, ``"linear"`` (logistic/linear regression) or ``"cnn"``.
+class _Block(nn.Module):
+  """Pre-LN decoder block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``."""
+  num_heads: int
+  mlp_ratio: int
 
-  ``num_classes=0`` (regression) gives one output.
+  @nn.compact
+  def __call__(self, x, mask):
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(h, h, mask=mask)
+    h = nn.LayerNorm()(x)
+    h = nn.gelu(nn.Dense(self.mlp_ratio * x.shape[-1])(h))
+    return x + nn.Dense(x.shape[-1])(h)
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only language model: tokens ``[batch, T] -> logits [batch, T, vocab]``, ``T ≤ seq_len``.
+
+  Causal self-attention, pre-LN blocks, learned positions, untied output layer.
+  """
+  vocab: int = 256
+  d_model: int = 64
+  num_heads: int = 4
+  num_layers: int = 2
+  seq_len: int = 64
+  mlp_ratio: int = 4
+
+  @nn.compact
+  def __call__(self, tokens):
+    length = tokens.shape[-1]
+    if length > self.seq_len:
+      raise ValueError(f"sequences of length {length} exceed the model's seq_len={self.seq_len}; "
+                       "build the model and the data with the same --config.seq_len.")
+    x = nn.Embed(self.vocab, self.d_model)(tokens)
+    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (self.seq_len, self.d_model))
+    x = x + pos[:length].astype(x.dtype)
+    mask = nn.make_causal_mask(tokens)
+    for _ in range(self.num_layers):
+      x = _Block(self.num_heads, self.mlp_ratio)(x, mask)
+    return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+def get_model(name: str, num_classes: int, hidden: Sequence[int] = (64, 64), **options) -> nn.Module:
+  """``"mlp"``, ``"linear"`` (logistic/linear regression), ``"cnn"`` or ``"transformer_lm"``.
+
+  ``num_classes=0`` (regression) gives one output; for ``transformer_lm`` it is
+  the vocabulary, and ``options`` are :class:`TransformerLM`'s fields
+  (``d_model``, ``num_heads``, ``num_layers``, ``seq_len``, ``mlp_ratio``).
   """
   out = max(int(num_classes), 1)
+  if name == "transformer_lm":
+    unknown = set(options) - {"d_model", "num_heads", "num_layers", "seq_len", "mlp_ratio"}
+    if unknown:
+      raise ValueError(f"unknown transformer_lm option(s) {sorted(unknown)}; it takes d_model, "
+                       "num_heads, num_layers, seq_len, mlp_ratio.")
+    lm = TransformerLM(vocab=out, **options)
+    if lm.d_model % lm.num_heads:
+      raise ValueError(f"d_model={lm.d_model} is not a multiple of num_heads={lm.num_heads}; "
+                       "pick num_heads dividing d_model.")
+    return lm
+  if options:
+    raise ValueError(f"model {name!r} takes no options, got {sorted(options)}.")
   if name == "mlp":
     return MLP(tuple(hidden), out)
   if name == "linear":
     return MLP((), out)
   if name == "cnn":
     return CNN(num_outputs=out)
-  raise ValueError(f"unknown model {name!r}; choose one of ['mlp', 'linear', 'cnn'].")
+  raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}.")
 
 
 def _example_losses(logits, y, regression: bool):
   if regression:
     return 0.5 * jnp.square(logits[:, 0] - y)
+  # Integer labels [n] or next-token targets [n, T] against logits [..., classes].
   return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
 def chunk_loss_fn(apply_fn: Callable, batch_size: int, regression: bool = False):
-  """``loss(params, (x, y)) -> scalar`` on one chunk: summed example losses / ``batch_size``.
+  """``loss(params, (x, y)) -> scalar`` on one chunk: summed losses / (``batch_size`` · targets per example).
 
-  ``x``: ``[chunk_batch, ...]``, ``y``: ``[chunk_batch]``.
+  ``x``: ``[chunk_batch, ...]``, ``y``: ``[chunk_batch]``, or ``[chunk_batch, T]``
+  next-token targets of a language model (then the sum is over tokens, and the
+  chunk losses add up to the batch's mean token loss).
   """
-  scale = 1.0 / float(batch_size)
-
   def loss(params, chunk):
     x, y = chunk
+    scale = 1.0 / (float(batch_size) * math.prod(y.shape[1:]))
     return jnp.sum(_example_losses(apply_fn({"params": params}, x), y, regression)) * scale
 
   return loss
 
 
 def predict_metrics(apply_fn: Callable, params, x, y, regression: bool = False):
-  """Mean loss and accuracy (or MSE for regression) on ``x [n, ...]``, ``y [n]``."""
+  """Mean loss and accuracy (or MSE for regression) on ``x [n, ...]``, ``y [n]``.
+
+  For a language model (``y [n, T]``): mean token loss, next-token accuracy and
+  perplexity ``exp(loss)``.
+  """
   logits = apply_fn({"params": params}, x)
   loss = jnp.mean(_example_losses(logits, y, regression))
   if regression:
     return {"test_loss": loss, "test_mse": jnp.mean(jnp.square(logits[:, 0] - y))}
   acc = jnp.mean(jnp.argmax(logits, -1) == y)
+  if y.ndim > 1:
+    return {"test_loss": loss, "test_accuracy": acc, "test_perplexity": jnp.exp(loss)}
   return {"test_loss": loss, "test_accuracy": acc}
 
 
 def init_params(model: nn.Module, key, example_x):
   """Initial parameters from one example batch ``[b, ...]``."""
   return model.init(key, jnp.asarray(example_x))["params"]
+
+
+class MemoryEstimate(NamedTuple):
+  """Estimated bytes on one device for one worker's step, by part.
+
+  ``params``, ``optimizer`` (``optimizer_slots`` copies of the parameters),
+  ``chunk_gradients`` (``gradient_buffers`` gradients held at once), ``activations``
+  (XLA's temp memory for one chunk's gradient), ``inputs`` (``load`` chunks).
+  """
+  params: int
+  optimizer: int
+  chunk_gradients: int
+  activations: int
+  inputs: int
+
+  @property
+  def total(self) -> int:
+    return sum(self)
+
+
+def _tree_bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def memory_estimate(loss_fn: Callable, params, chunk, load: int, *, optimizer_slots: int = 2,
+                    gradient_buffers: int | None = None) -> MemoryEstimate:
+  """Per-device bytes of one worker's chunk work at ``load``, without running it.
+
+  ``params`` and ``chunk`` may be arrays or ``jax.ShapeDtypeStruct``s (nothing is
+  allocated): one chunk's gradient is compiled and its temp memory read from
+  XLA's memory analysis. ``gradient_buffers`` (default ``load``): chunk gradients
+  held at once, ``load`` when a worker materialises all of them before encoding.
+  """
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (params, chunk))
+  compiled = jax.jit(jax.grad(loss_fn)).lower(*shapes).compile()
+  analysis = compiled.memory_analysis()
+  temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+  p = _tree_bytes(shapes[0])
+  buffers = load if gradient_buffers is None else gradient_buffers
+  return MemoryEstimate(params=p, optimizer=optimizer_slots * p, chunk_gradients=buffers * p,
+                        activations=temp, inputs=load * _tree_bytes(shapes[1]))
+
+
+def check_memory(estimate: MemoryEstimate, budget_bytes: float | None, load: int) -> None:
+  """Raises ``ValueError`` with the estimate when it exceeds ``budget_bytes`` (``None``: no check)."""
+  if budget_bytes is None or estimate.total <= budget_bytes:
+    return
+  gib = lambda b: f"{b / 2**30:.3g} GiB"
+  parts = ", ".join(f"{k} {gib(v)}" for k, v in estimate._asdict().items())
+  raise ValueError(
+      f"the model is too large for load={load}: estimated {gib(estimate.total)} per device "
+      f"({parts}) exceeds the memory budget of {gib(budget_bytes)}. Lower --config.load or "
+      "--config.batch_size, shrink the model (e.g. --config.d_model, --config.num_layers), or "
+      "raise --config.memory_budget_gb.")
+
+
+def device_memory_budget(device=None) -> int | None:
+  """The device's allocatable bytes where the backend reports them (GPU/TPU), else ``None``."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None

@@ -1,4 +1,4 @@
-"""train.py: config checks, end-to-end runs, resume, protocol comparison."""
+"""The experiment layer in-process: config errors, end-to-end runs, resume, comparison."""
 import json
 import os
 
@@ -6,22 +6,16 @@ import jax
 import numpy as np
 import pytest
 
-import train
 from configs import default as default_config
+from jaxgc import experiment
 
 
-def small_config(**overrides):
+def small_config(*flags):
+  """The default config with ``--config.``-style overrides (old flat names included)."""
   config = default_config.get_config()
-  config.num_steps = 12
-  config.eval_every = 6
-  config.checkpoint_every = 4
-  config.hidden = (32,)
-  for k, v in overrides.items():
-    if isinstance(v, dict):
-      config[k].update(v)
-    else:
-      config[k] = v
-  return config
+  return experiment.apply_overrides(config, [
+      ("num_steps", "12"), ("eval_every", "6"), ("checkpoint_every", "4"), ("hidden", "(32,)"),
+      *(f.split("=", 1) for f in flags)])
 
 
 def read(workdir):
@@ -36,40 +30,46 @@ def final_params(workdir):
 
 # -- config errors ----------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(ell=5, load=4), r"ell=5 > load=4.*--config.ell<=4"),
-    (dict(protocol="partial_stragler"), r"unknown protocol.*partial_straggler"),
-    (dict(mode="deadline"), r"--config.deadline=T"),
-    (dict(protocol="ignore_stragglers"), r"no exact mode.*--config.mode=deadline"),
-    (dict(mode="approx"), r"unknown mode"),
-    (dict(batch_size=333), r"multiple of num_workers=20"),
-    (dict(failure_prob=2.0), r"failure_prob"),
-    (dict(straggler=dict(name="weibull")), r"unknown name"),
-    (dict(protocol="original", ell=4, load=4), r"tolerates s = load - ell = 0"),
-    (dict(num_devices=6, num_processes=4), r"split evenly"),
+@pytest.mark.parametrize("flags,match", [
+    (("ell=5", "load=4"), r"--config.protocol.ell=5: ell=5 is larger.*ell <= 4"),
+    (("protocol=partial_stragler",), r"--config.protocol.name=.*Did you mean "
+                                     r"--config.protocol.name=partial_straggler"),
+    (("mode=deadline",), r"--config.step.deadline.*deadline=T"),
+    (("protocol=ignore_stragglers",), r"--config.step.mode.*mode='deadline'"),
+    (("mode=approx",), r"--config.step.mode.*unknown mode"),
+    (("batch_size=333",), r"--config.batch_size=333.*not a multiple"),
+    (("failure_prob=2.0",), r"--config.straggler.failure_prob=2.0.*failure_prob"),
+    (("straggler.name=weibull",), r"--config.straggler.name='weibull'.*unknown straggler"),
+    (("num_devices=6", "num_processes=4"), r"split evenly"),
+    (("straggler.slowdown.bogus=1",), r"--config.straggler.slowdown.bogus.*'bogus'"),
+    (("num_workers=2000", "batch_size=2000"), r"--config.batch_size=2000"),
 ])
-def test_bad_configs_fail_at_startup(overrides, match):
-  with pytest.raises(ValueError, match=match):
-    train.validate_config(small_config(**overrides), num_train=1437)
+def test_bad_configs_fail_at_startup(tmp_path, flags, match):
+  with pytest.raises(experiment.ConfigError, match=match):
+    experiment.train_and_evaluate(small_config(*flags), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()          # nothing written for a bad config
 
 
-def test_more_workers_than_examples():
-  config = small_config(num_workers=2000, batch_size=2000)
-  with pytest.raises(ValueError, match=r"num_workers=2000 exceeds the 1437"):
-    train.validate_config(config, num_train=1437)
+def test_library_decides_original_with_no_stragglers():
+  """s = load - ell = 0 is a valid (if pointless) original code: the library accepts it,
+  so the experiment does too."""
+  config = small_config("protocol=original", "ell=4", "load=4")
+  experiment.check_config(config)
+  proto = experiment.make_protocol(config, experiment.make_assignment(config))
+  assert proto.ell == 4 and proto.assignment.loads.min() == 4
 
 
 def test_config_typo_is_named(tmp_path):
   config = small_config()
   config.num_step = 5   # typo: the real field is num_steps
-  with pytest.raises(ValueError, match=r"unknown config field 'num_step'.*'num_steps'"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(ValueError, match=r"--config.num_step: unknown config field.*num_steps"):
+    experiment.train_and_evaluate(config, str(tmp_path))
 
 
 # -- end to end -----------------------------------------------------------------------
 
 def test_metrics_and_outputs(tmp_path):
-  state = train.train_and_evaluate(small_config(), str(tmp_path))
+  state = experiment.train_and_evaluate(small_config(), str(tmp_path))
   recs = read(tmp_path)
   steps = [r for r in recs if "loss" in r]
   evals = [r for r in recs if "test_accuracy" in r]
@@ -84,15 +84,18 @@ def test_metrics_and_outputs(tmp_path):
     assert key in steps[0]
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["steps"] == 12 and summary["test_accuracy"] == evals[-1]["test_accuracy"]
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["protocol"]["name"] == "partial_straggler"
+  assert saved["model"]["mlp"]["hidden"] == [32]
 
 
 def test_exact_partial_straggler_and_uncoded_same_losses(tmp_path):
   """Exact mode rebuilds the true gradient: same losses, different simulated times."""
   runs = {}
   for name in ("partial_straggler", "uncoded"):
-    train.train_and_evaluate(small_config(protocol=name, checkpoint_every=0, num_steps=15,
-                                          optimizer="sgd", learning_rate=0.5),
-                             str(tmp_path / name))
+    experiment.train_and_evaluate(
+        small_config(f"protocol={name}", "checkpoint_every=0", "num_steps=15",
+                     "optimizer=sgd", "learning_rate=0.5"), str(tmp_path / name))
     runs[name] = [r for r in read(tmp_path / name) if "loss" in r]
   a = np.array([r["loss"] for r in runs["partial_straggler"]])
   b = np.array([r["loss"] for r in runs["uncoded"]])
@@ -102,39 +105,28 @@ def test_exact_partial_straggler_and_uncoded_same_losses(tmp_path):
   assert ta < tb   # slowdown stragglers: partial work beats waiting for everyone
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
-  config = small_config(num_steps=14, eval_every=7, message_loss_prob=0.2)
-  train.train_and_evaluate(config, str(tmp_path / "straight"))
-
-  # Crash after step 10 (checkpoints at 4 and 8), then rerun the same command.
-  calls = {"n": 0}
-  real = train._to_python  # pylint: disable=protected-access
-
-  def crash(tree):
-    calls["n"] += 1
-    if calls["n"] == 10:
-      raise KeyboardInterrupt("simulated kill")
-    return real(tree)
-
-  monkeypatch.setattr(train, "_to_python", crash)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  monkeypatch.setattr(train, "_to_python", real)
-  state = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-
+def test_continuing_reproduces_uninterrupted_run(tmp_path):
+  """Train 10 steps, then raise num_steps to 14 in the same workdir: as if run straight."""
+  config = small_config("num_steps=14", "eval_every=7", "message_loss_prob=0.2")
+  experiment.train_and_evaluate(config, str(tmp_path / "straight"))
+  short = small_config("num_steps=10", "eval_every=7", "message_loss_prob=0.2")
+  experiment.train_and_evaluate(short, str(tmp_path / "resumed"))
+  state = experiment.train_and_evaluate(config, str(tmp_path / "resumed"))
   summary = json.load(open(tmp_path / "resumed" / "summary.json"))
-  assert 0 < summary["resumed_from"] < 14
+  assert summary["resumed_from"] == 10 and summary["steps"] == 14
   a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "resumed")
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
-  assert read(tmp_path / "straight") == read(tmp_path / "resumed")
+  # The eval at step 10 (the short run's last) is extra; everything else matches.
+  resumed = [r for r in read(tmp_path / "resumed") if not ("test_loss" in r and r["step"] == 10)]
+  assert read(tmp_path / "straight") == resumed
   assert int(state.step) == 14
 
 
 def test_faults_through_config_never_reach_params(tmp_path):
-  config = small_config(mode="deadline", deadline=2.5, failure_prob=0.4,
-                        message_loss_prob=0.3, nan_message_prob=0.3, checkpoint_every=0)
-  state = train.train_and_evaluate(config, str(tmp_path))
+  config = small_config("mode=deadline", "deadline=2.5", "failure_prob=0.4",
+                        "message_loss_prob=0.3", "nan_message_prob=0.3", "checkpoint_every=0")
+  state = experiment.train_and_evaluate(config, str(tmp_path))
   for p in jax.tree.leaves(state.params):
     assert np.isfinite(np.asarray(p)).all()
   steps = [r for r in read(tmp_path) if "loss" in r]
@@ -148,14 +140,14 @@ def test_default_config_reaches_95_percent(tmp_path):
   config.num_steps = 120
   config.eval_every = 40
   config.checkpoint_every = 0
-  train.train_and_evaluate(config, str(tmp_path))
+  experiment.train_and_evaluate(config, str(tmp_path))
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["test_accuracy"] >= 0.95, summary
 
 
 def test_compare_writes_plot(tmp_path):
-  config = small_config(num_steps=10, eval_every=5, checkpoint_every=0)
-  out = train.compare_protocols(config, str(tmp_path), ("partial_straggler", "uncoded"))
+  config = small_config("num_steps=10", "eval_every=5", "checkpoint_every=0")
+  out = experiment.compare_protocols(config, str(tmp_path), ("partial_straggler", "uncoded"))
   assert set(out) == {"partial_straggler", "uncoded"}
   assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 1000
   assert json.load(open(tmp_path / "comparison.json"))["target_accuracy"] == 0.95
@@ -167,23 +159,24 @@ def test_synthetic_config_runs(tmp_path):
   config.num_steps = 30
   config.eval_every = 30
   config.checkpoint_every = 0
-  train.train_and_evaluate(config, str(tmp_path))
+  experiment.train_and_evaluate(config, str(tmp_path))
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["test_accuracy"] > 0.7, summary
 
 
 def test_pod_config_validates():
   from configs import pod  # pylint: disable=import-outside-toplevel
-  train.validate_config(pod.get_config())
+  experiment.check_config(pod.get_config())
 
 
 def test_command_line_defaults_from_any_directory(tmp_path):
   """`python train.py` needs no flags: configs/default.py is found beside train.py."""
   import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
-  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root)
   run = lambda *flags: subprocess.run(
-      [sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True,
-      timeout=300)
+      [sys.executable, os.path.join(root, "train.py"), *flags], cwd=tmp_path,
+      capture_output=True, text=True, timeout=300, env=env)
   out = run("--config.num_steps=4", "--config.eval_every=2", "--config.checkpoint_every=0",
             "--config.hidden=(16,)")
   assert out.returncode == 0, out.stderr[-2000:]
@@ -194,16 +187,17 @@ def test_command_line_defaults_from_any_directory(tmp_path):
   assert sum("test_accuracy" in r for r in lines) == 3          # steps 0, 2, 4
   assert (tmp_path / "workdir" / "accuracy_vs_time.png").exists()
   bad = run("--config.nm_steps=4")
-  assert bad.returncode != 0 and "num_steps" in bad.stderr
+  assert bad.returncode != 0 and "--config.num_steps" in bad.stderr
 
 
 def test_epoch_permutations_draw_each_epoch_once():
   """perm_for(step) is that step's epoch permutation, and one array per epoch."""
   num_train, batch = 100, 30                         # 3 steps per epoch
-  perm_for = train.epoch_permutations(7, num_train, batch, None)
+  perm_for = experiment.epoch_permutations(7, num_train, batch, None)
   for step in range(7):
-    np.testing.assert_array_equal(perm_for(step), train.epoch_permutation(7, step // 3, num_train))
+    np.testing.assert_array_equal(perm_for(step),
+                                  experiment.epoch_permutation(7, step // 3, num_train))
   assert perm_for(6) is perm_for(8)
   assert not np.array_equal(perm_for(0), perm_for(3))
   with pytest.raises(ValueError, match="batch_size must be in 1..100"):
-    train.epoch_permutations(7, num_train, 0, None)
+    experiment.epoch_permutations(7, num_train, 0, None)

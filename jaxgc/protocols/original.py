@@ -62,13 +62,17 @@ def polynomial_coefficients(assignment: Assignment, ell: int, alpha: np.ndarray,
   coef = np.zeros((m, n_chunks, ell), dtype)
   held = assignment.biadjacency
   powers = a[:, None] ** np.arange(ell - 1, -1, -1, dtype=dtype)[None]  # [m, ℓ]: α^{ℓ-1..0}
+  # The top ℓ coefficients of every chunk's monic Π_{u∉W(i)} (x − α_u), descending
+  # powers, all chunks at once: a product's top coefficients depend only on its
+  # factors' top ones, so the other m − ℓ are never formed (same arithmetic, same order).
+  top = np.zeros((n_chunks, ell), dtype)
+  top[:, 0] = 1
+  for u in range(m):
+    shifted = np.concatenate([np.zeros((n_chunks, 1), dtype), top[:, :-1]], axis=1)
+    top = np.where(held[u][:, None], top, top + shifted * -a[u]).astype(dtype)
   for i in range(n_chunks):
     roots = a[~held[:, i]]
-    poly = np.ones(1, dtype)
-    for root in roots:                      # monic Π(x − α_u), descending powers
-      poly = np.convolve(poly, np.array([1, -root], dtype)).astype(dtype)
-    p = np.zeros(ell, dtype)
-    p[: min(ell, len(poly))] = poly[:ell]
+    p = top[i]
     toeplitz = np.zeros((ell, ell), dtype)  # g = T ρ', ρ' = (ρ_{ℓ-1}, …, ρ_0)
     for r in range(ell):
       toeplitz[r, : r + 1] = p[r::-1]

@@ -19,7 +19,8 @@ from jaxgc.assignments import Assignment
 from jaxgc.protocols.base import Coefficients, Protocol
 
 __all__ = ["PartialStraggler", "MAX_RANK_CHECKS", "decoding_candidates", "check_full_rank",
-           "condition_numbers", "min_norm_solve"]
+           "condition_numbers", "min_norm_solve", "holder_columns", "holder_condition_numbers",
+           "holder_solve"]
 
 _MATRICES = ("auto", "ones", "gaussian", "orthogonal")
 MAX_RANK_CHECKS = 100_000   # ℓ-subsets of holder sets checked exhaustively; sampled beyond
@@ -91,10 +92,42 @@ def condition_numbers(a, finished):
 
   Same values as :func:`min_norm_solve`'s without the solve, so candidate
   matrices are ranked with this and only the winner is solved.
+  Args: ``a`` ``[ℓ, m]``; ``finished`` bool ``[m, N]`` (``j ∈ S_i``).
   """
-  ell = a.shape[0]
-  s = _singular_values(jnp.where(finished.T[:, :, None], a.T[None], 0))
-  return _condition(s, jnp.minimum(jnp.sum(finished, axis=0), ell))
+  return _columns_condition(_dense_columns(a, finished), jnp.sum(finished, axis=0))
+
+
+def holder_columns(a, workers, finished):
+  """``A[:, S_i]ᵀ`` restricted to chunk ``i``'s holders: ``[N, r, ℓ]``, zero rows outside ``S_i``.
+
+  ``workers`` int ``[N, r]`` (``assignment.holders[0]``, ``-1`` padded) and
+  ``finished`` bool ``[N, r]`` (holder ``q`` of chunk ``i`` has finished it). Only
+  holders can be in ``S_i``, so this is the dense ``[N, m, ℓ]`` with its all-zero
+  rows left out: the same singular values and pinv at ``r/m`` of the memory.
+  """
+  return jnp.where(finished[..., None], a.T[jnp.maximum(workers, 0)], 0)
+
+
+def holder_condition_numbers(a, workers, finished):
+  """:func:`condition_numbers` from the holders' view (``[N, r]`` as in :func:`holder_columns`)."""
+  return _columns_condition(holder_columns(a, workers, finished), jnp.sum(finished, axis=-1))
+
+
+def holder_solve(a, workers, finished, rcond):
+  """:func:`min_norm_solve` from the holders' view: ``B`` ``[N, r, ℓ]`` and cond ``[N]``.
+
+  ``B[i, q]`` is the coefficient row of holder ``workers[i, q]`` for chunk ``i``.
+  """
+  return _columns_solve(holder_columns(a, workers, finished), jnp.sum(finished, axis=-1),
+                        jnp.max(a[0] ** 2), rcond)
+
+
+def _dense_columns(a, finished):
+  return jnp.where(finished.T[:, :, None], a.T[None], 0)           # A_{S_i}^T: [N, m, ℓ]
+
+
+def _columns_condition(mat, cov):
+  return _condition(_singular_values(mat), jnp.minimum(cov, mat.shape[-1]))
 
 
 def _rotate2(mat):
@@ -162,17 +195,25 @@ def min_norm_solve(a, finished, rcond):
     a: ``[ℓ, m]``; finished: bool ``[m, N]`` (``j ∈ S_i``).
   Returns:
     ``B`` ``[N, m, ℓ]`` (zero rows outside ``S_i``) and ``cond(A[:, S_i])`` over its
-    ``min(|S_i|, ℓ)`` leading singular values, ``[N]``.
+    ``min(|S_i|, ℓ)`` leading singular values, ``[N]``. :func:`holder_solve` is
+    the same solve on the holders' rows only, which is what scales.
   """
-  ell = a.shape[0]
-  mat = jnp.where(finished.T[:, :, None], a.T[None], 0)           # A_{S_i}^T: [N, m, ℓ]
+  return _columns_solve(_dense_columns(a, finished), jnp.sum(finished, axis=0),
+                        jnp.max(a[0] ** 2), rcond)
+
+
+def _columns_solve(mat, cov, scale, rcond):
+  """pinv of each ``mat[i]`` ``[rows, ℓ]`` (``A_{S_i}ᵀ``, zero rows outside ``S_i``), transposed.
+
+  ``cov`` ``[N]``: ``|S_i|``; ``scale``: ``max_j A[0, j]²``, the ``ℓ = 1`` threshold's unit.
+  """
+  ell = mat.shape[-1]
   if ell == 1:
     # pinv of a row vector is v / ‖v‖², and its condition number is 1: no SVD needed.
     sq = jnp.sum(mat[..., 0] ** 2, axis=1)
-    ok = sq > rcond * jnp.max(a[0] ** 2)
-    return mat / jnp.where(ok, sq, 1.0)[:, None, None] * ok[:, None, None], jnp.ones(sq.shape, a.dtype)
+    ok = sq > rcond * scale
+    return mat / jnp.where(ok, sq, 1.0)[:, None, None] * ok[:, None, None], jnp.ones(sq.shape, mat.dtype)
   w, s, v = _svd(mat)                                              # mat = (W/s) diag(s) Vᵀ
-  cov = jnp.sum(finished, axis=0)
   # Rank is |S_i| generically; the threshold catches structured A (e.g. 0/1 colourings).
   keep = (jnp.arange(ell)[None] < cov[:, None]) & (s > rcond * s[:, :1])
   sinv2 = jnp.where(keep, 1.0 / jnp.where(keep, s * s, 1.0), 0.0)
@@ -226,38 +267,66 @@ class PartialStraggler(Protocol):
                          f"[K, ell, m], got shape {np.shape(decoding_matrix)}.")
       if not np.isfinite(cands).all():
         raise ValueError("decoding_matrix contains NaN or Inf.")
-    self._rcond = float(10 * max(m, ell) * jnp.finfo(self.dtype).eps)
+    # pinv's threshold, relative to the [r, ℓ] matrix actually inverted (r = max
+    # replication); relative to m it grew with the pod and dropped good directions.
+    self._rcond = float(10 * max(int(assignment.replication.max()), ell)
+                        * jnp.finfo(self.dtype).eps)
     if not isinstance(decoding_matrix, str):
       # Random kinds are generic; a user's matrix may be structured (e.g. 0/1).
       check_full_rank(np.asarray(cands, np.dtype(self.dtype.name)), assignment, self._rcond)
     self.candidates = jnp.asarray(cands, self.dtype)
 
+  def _finished_holders(self, counts):
+    """bool ``[N, r]``: holder ``q`` of chunk ``i`` has finished it (``assignment.holders`` order)."""
+    workers, slots = self.assignment.holders
+    k = jnp.asarray(counts)[jnp.asarray(np.maximum(workers, 0))]
+    return jnp.asarray(workers >= 0) & (jnp.asarray(slots) < k)
+
+  def _best_candidate(self, fin):
+    """The candidate ``A`` whose worst ``cond(A[:, S_i])`` is smallest, and that worst cond."""
+    workers = jnp.asarray(self.assignment.holders[0])
+    # All candidates at once: [K, N, r, ℓ] is small (16 MB at m = 4096, load 32, ℓ = 4).
+    conds = jnp.max(jax.vmap(lambda c: holder_condition_numbers(c, workers, fin))(self.candidates),
+                    axis=-1)
+    best = jnp.argmin(conds)
+    return self.candidates[best], conds[best]
+
   def _solve(self, counts):
-    """(B [N, m, ℓ], A [ℓ, m], cond [N]) for the best candidate at this state."""
-    fin = self.assignment.finished(counts)
+    """(enc [m, max_load, ℓ], A [ℓ, m], cond [N]) for the best candidate at this state.
+
+    Works on each chunk's holders only (``[N, r, ℓ]``, ``r`` = max replication),
+    never on ``[N, m, ℓ]``: at ``m = 4096`` the latter is gigabytes per candidate.
+    """
+    fin = self._finished_holders(counts)
     a = self.candidates[0]
     if self.candidates.shape[0] > 1 and self.ell > 1:   # for ℓ = 1 every cond is 1
-      conds = jax.vmap(lambda c: condition_numbers(c, fin))(self.candidates)
-      a = self.candidates[jnp.argmin(jnp.max(conds, axis=-1))]
-    b, cond = min_norm_solve(a, fin, self._rcond)
-    return b, a, cond
+      a, _ = self._best_candidate(fin)
+    workers, slots = self.assignment.holders
+    b, cond = holder_solve(a, jnp.asarray(workers), fin, self._rcond)  # [N, r, ℓ]
+    # Slot (j, t) holds chunk order[j, t], whose holder row lists j at column q[j, t].
+    order = self.assignment.order
+    q = np.zeros(order.shape, np.int32)
+    valid = workers >= 0
+    q[workers[valid], slots[valid]] = np.nonzero(valid)[1]
+    enc = b[jnp.asarray(np.maximum(order, 0)), jnp.asarray(q)]        # [m, max_load, ℓ]
+    enc = jnp.where(self.finished_slots(counts)[..., None], enc, 0).astype(self.dtype)
+    return enc, a, cond
 
   def solve(self, counts) -> Coefficients:
     """:class:`Coefficients` at state ``counts`` ``[m]``; ``condition`` is the worst
     ``cond(A[:, S_i])`` of the chosen candidate, from the same solve."""
     counts = self.check_counts(counts)
-    b, a, cond = self._solve(counts)
-    enc = self.slot_coefficients(jnp.swapaxes(b, 0, 1), self.finished_slots(counts))
+    enc, a, cond = self._solve(counts)
     senders = (counts > 0) & jnp.any(a != 0, axis=0)   # a zero column of A has nothing to send
     dec = jnp.where(senders[None, :], a, 0).astype(self.dtype)
     return Coefficients(enc, dec, senders, jnp.max(cond))
 
   def condition_number(self, counts):
-    """Worst ``cond(A[:, S_i])`` over chunks at this state (the numerical-risk diagnostic)."""
-    fin = self.assignment.finished(self.check_counts(counts))
-    # Candidates' singular values only: cheaper than solve(counts).condition.
-    conds = jax.vmap(lambda c: condition_numbers(c, fin))(self.candidates)
-    return jnp.min(jnp.max(conds, axis=-1))
+    """Worst ``cond(A[:, S_i])`` over chunks at this state (the numerical-risk diagnostic).
+
+    Candidates' singular values only: cheaper than ``solve(counts).condition``.
+    """
+    return self._best_candidate(self._finished_holders(self.check_counts(counts)))[1]
 
   def is_decodable(self, counts):
     counts = self.check_counts(counts, batched=True, what="is_decodable")

@@ -1,0 +1,292 @@
+"""Config -> objects: each block goes straight to its library constructor.
+
+The library validates; this module only says which flag a library ``ValueError``
+is about (:class:`~jaxgc.experiment.config.ConfigError`).
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import re
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from jaxgc import assignments, data, models, parallel, protocols, timing
+from jaxgc.experiment.config import ConfigError
+
+__all__ = [
+    "Experiment", "build", "setup_devices", "make_dataset", "make_assignment",
+    "make_protocol", "make_straggler_model", "make_model", "make_optimizer", "make_step",
+    "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS",
+]
+
+TIMEOUT_FACTOR = 3.0   # default timeout: this many times the median uncoded step time
+TIMEOUT_DRAWS = 256    # straggler draws behind that median
+
+
+class Experiment(NamedTuple):
+  """Everything a run is built from (see :func:`build`)."""
+  config: ml_collections.ConfigDict
+  dataset: data.Dataset
+  assignment: assignments.Assignment
+  protocol: Any
+  straggler: Any
+  model: Any
+  tx: optax.GradientTransformation
+  loss_fn: Any
+  step: Any            # CodedStep, or a RayStep with the same interface
+  mesh: Any
+  timeout: float | None
+
+
+# -- naming the flag -----------------------------------------------------------------
+
+def _options(block: ml_collections.ConfigDict, fn, seed: int) -> dict[str, Any]:
+  """The chosen choice's options; unset ones dropped, an unset ``seed`` is ``config.seed``."""
+  sub = block.get(block.name)
+  opts = {} if sub is None else {k: v for k, v in sub.to_dict().items() if v is not None}
+  try:
+    params = inspect.signature(fn).parameters if fn is not None else {}
+  except (TypeError, ValueError):
+    params = {}
+  if "seed" in params and "seed" not in opts:
+    opts["seed"] = seed
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+
+
+def _flag(path: str, config) -> str:
+  node = config
+  for key in path.split("."):
+    node = node[key] if key in node else None
+    if node is None:
+      return f"--config.{path}"
+  shown = node if isinstance(node, (int, float, bool)) or node is None else repr(node)
+  return f"--config.{path}={shown}"
+
+
+@contextlib.contextmanager
+def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: str = ""):
+  """Re-raises a library ``ValueError`` as a :class:`ConfigError` naming the flag.
+
+  The flag is the first of ``fields`` (dotted config paths) whose last name the
+  message mentions, else ``default`` (``<block>.name`` if empty). A ``TypeError``
+  for an unknown keyword names the option's flag.
+  """
+  name = config[block].name if block in config and "name" in config[block] else None
+  try:
+    yield
+  except ConfigError:
+    raise
+  except TypeError as e:
+    m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+    if not m:
+      raise
+    where = f"{block}.{name}" if name is not None else block
+    raise ConfigError(f"--config.{where}.{m[1]}",
+                      f"{kind} {name or ''} has no option {m[1]!r} ({e}).") from None
+  except ValueError as e:
+    msg = str(e)
+    hits = [(mt.start(), f) for f in fields
+            for mt in [re.search(rf"\b{re.escape(f.split('.')[-1])}\b", msg)] if mt]
+    path = min(hits)[1] if hits else (default or f"{block}.name")
+    hint = ""
+    if path.endswith(".name") and name is not None:
+      near = difflib.get_close_matches(name, [w for w in re.findall(r"'([\w\-]+)'", msg)
+                                              if w != name], n=1)
+      hint = f" Did you mean --config.{path}={near[0]}?" if near else ""
+    raise ConfigError(_flag(path, config), msg + hint) from None
+
+
+def _fields(config, block: str) -> tuple[str, ...]:
+  """Dotted paths of the block's fields and of its chosen options."""
+  out = [f"{block}.{k}" for k, v in config[block].items()
+         if not isinstance(v, ml_collections.ConfigDict) and k != "name"]
+  sub = config[block].get(config[block].get("name", ""))
+  if isinstance(sub, ml_collections.ConfigDict):
+    out += [f"{block}.{config[block].name}.{k}" for k in sub.keys()]
+  return tuple(out)
+
+
+# -- devices -----------------------------------------------------------------------------
+
+def setup_devices(config):
+  """Fixes the device count, joins the cluster if asked, and returns the mesh."""
+  platform = config.platform or None
+  if platform == "cpu":
+    local = config.num_cpu_devices or config.num_devices // config.num_processes
+    parallel.set_cpu_device_count(local)
+  if config.num_processes > 1:
+    if platform == "cpu":
+      parallel.use_gloo()
+    if not parallel.backend_started():
+      kwargs = {}
+      if config.coordinator_address:
+        kwargs = dict(coordinator_address=config.coordinator_address,
+                      num_processes=config.num_processes, process_id=config.process_id)
+      jax.distributed.initialize(initialization_timeout=int(config.distributed_timeout),
+                                 **kwargs)
+  with blame(config, "devices", "mesh", ("num_devices", "platform"), "num_devices"):
+    return parallel.make_mesh(config.num_devices, platform)
+
+
+# -- building blocks -----------------------------------------------------------------------
+
+def make_dataset(config) -> data.Dataset:
+  d = config.data
+  with blame(config, "data", "dataset", _fields(config, "data")):
+    ds = data.load(d.name, test_fraction=d.test_fraction, split_seed=d.split_seed,
+                   **_options(d, data.load, config.seed))
+  with blame(config, "data", "dataset", ("batch_size",), "batch_size"):
+    data.steps_per_epoch(ds.num_train, config.batch_size)
+  return ds
+
+
+def _assignment_builder(name: str):
+  fn = getattr(assignments, name, None) if name in assignments.__all__ else None
+  if fn is None or not callable(fn) or isinstance(fn, type):
+    return None
+  params = list(inspect.signature(fn).parameters)
+  return fn if params[:2] == ["num_workers", "load"] else None
+
+
+def make_assignment(config) -> assignments.Assignment:
+  a = config.assignment
+  fn = _assignment_builder(a.name)
+  if fn is None:
+    names = [n for n in assignments.__all__ if _assignment_builder(n)]
+    near = difflib.get_close_matches(a.name, names, n=1)
+    hint = f" Did you mean --config.assignment.name={near[0]}?" if near else ""
+    raise ConfigError(_flag("assignment.name", config),
+                      f"unknown assignment {a.name!r}; choose one of {names}.{hint}")
+  with blame(config, "assignment", "assignment", _fields(config, "assignment")):
+    return fn(a.num_workers, a.load, **_options(a, fn, config.seed))
+
+
+def make_protocol(config, assignment):
+  p = config.protocol
+  cls = protocols.PROTOCOLS.get(p.name)
+  with blame(config, "protocol", "protocol",
+             _fields(config, "protocol") + ("assignment.load", "assignment.num_workers")):
+    return protocols.get_protocol(p.name, assignment, p.ell, **_options(p, cls, config.seed))
+
+
+def make_straggler_model(config, failure_prob: float | None = None):
+  """The straggler model (``failure_prob`` overrides the config's, e.g. 0 for the timeout)."""
+  s = config.straggler
+  fp = s.failure_prob if failure_prob is None else failure_prob
+  with blame(config, "straggler", "straggler model", _fields(config, "straggler")):
+    return timing.get_model(s.name, failure_prob=fp, **_options(s, None, config.seed))
+
+
+def make_model(config, num_classes: int):
+  m = config.model
+  with blame(config, "model", "model", _fields(config, "model")):
+    return models.get_model(m.name, num_classes, **_options(m, models.get_model, config.seed))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  fn = getattr(optax, o.name, None)
+  if o.name.startswith("_") or not callable(fn) or isinstance(fn, type):
+    near = difflib.get_close_matches(o.name, [n for n in dir(optax) if not n.startswith("_")],
+                                     n=1)
+    hint = f" Did you mean --config.optimizer.name={near[0]}?" if near else ""
+    raise ConfigError(_flag("optimizer.name", config),
+                      f"optax has no optimizer {o.name!r} (any optax.<name>(learning_rate, "
+                      f"...) works).{hint}")
+  with blame(config, "optimizer", "optimizer", _fields(config, "optimizer")):
+    tx = fn(o.learning_rate, **_options(o, fn, config.seed))
+  if not isinstance(tx, optax.GradientTransformation):
+    raise ConfigError(_flag("optimizer.name", config),
+                      f"optax.{o.name} is not an optimizer (it returned {type(tx).__name__}).")
+  return tx
+
+
+def default_timeout(assignment, straggler, key, draws: int = TIMEOUT_DRAWS) -> float:
+  """``TIMEOUT_FACTOR`` × the median uncoded step time over ``draws`` straggler draws.
+
+  ``straggler`` should be the model without failures: the time the PS waits for
+  a step that never becomes decodable, scaled from a normal step.
+  """
+  uncoded = protocols.Uncoded(assignment)
+
+  @jax.jit
+  def times(key):
+    k_init, k_steps = jax.random.split(key)
+    state = timing.init_state(straggler, k_init, assignment.num_workers)
+
+    def one(state, k):
+      durations, state = timing.sample_step(straggler, k, state, assignment)
+      return state, uncoded.completion_time(durations)
+    return jax.lax.scan(one, state, jax.random.split(k_steps, draws))[1]
+
+  t = np.asarray(times(key))
+  return float(TIMEOUT_FACTOR * np.median(t[np.isfinite(t)])) if np.isfinite(t).any() else None
+
+
+def _accepts(fn, name: str) -> bool:
+  return name in inspect.signature(fn).parameters
+
+
+def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
+  """The coded step: :func:`jaxgc.parallel.make_coded_step`, or the Ray step."""
+  s = config.step
+  kwargs = dict(mode=s.mode, deadline=s.deadline, message_loss_prob=s.message_loss_prob,
+                nan_message_prob=s.nan_message_prob)
+  if config.backend == "ray":
+    try:
+      from jaxgc import ray_backend  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConfigError("--config.backend=ray",
+                        "--config.backend=ray needs Ray: pip install 'jaxgc[ray]'") from None
+    with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
+               "backend"):
+      return ray_backend.RayStep(protocol, straggler, loss_fn, tx, timeout=timeout, **kwargs,
+                                 **config.ray.to_dict())
+  # The step takes ``timeout`` once the one stop rule (jaxgc.protocols.stop_time) is in.
+  if timeout is not None and (_accepts(parallel.make_coded_step, "timeout")
+                              or _accepts(parallel.CodedStep.__init__, "timeout")):
+    kwargs["timeout"] = timeout
+  with blame(config, "step", "step", _fields(config, "step"), "step.mode"):
+    return parallel.make_coded_step(protocol, straggler, loss_fn, tx, mesh,
+                                    report_condition=s.report_condition, **kwargs)
+
+
+def _check_batches(config, ds, num_chunks: int):
+  """The library's chunking checks, traced (no device work) before training."""
+  x = jax.ShapeDtypeStruct(ds.x_train.shape, ds.x_train.dtype)
+  y = jax.ShapeDtypeStruct(ds.y_train.shape, ds.y_train.dtype)
+  with blame(config, "data", "batch", ("batch_size", "assignment.num_workers"), "batch_size"):
+    jax.eval_shape(lambda d: data.step_chunks(d, jax.random.key(0), 0, config.batch_size,
+                                              num_chunks), (x, y))
+
+
+def build(config, mesh=None) -> Experiment:
+  """Builds every part of a run from ``config`` (devices first, unless ``mesh`` is given).
+
+  Raises:
+    ConfigError: a setting the library rejects, naming its flag.
+  """
+  mesh = setup_devices(config) if mesh is None else mesh
+  ds = make_dataset(config)
+  assignment = make_assignment(config)
+  protocol = make_protocol(config, assignment)
+  _check_batches(config, ds, assignment.num_chunks)
+  straggler = make_straggler_model(config)
+  model = make_model(config, ds.num_classes)
+  tx = make_optimizer(config)
+  loss_fn = models.chunk_loss_fn(model.apply, config.batch_size, ds.is_regression)
+  timeout = config.step.timeout
+  if config.step.mode == "exact" and timeout is None:
+    timeout = default_timeout(assignment, make_straggler_model(config, failure_prob=0.0),
+                              jax.random.fold_in(jax.random.key(config.seed), 0x7173))
+  elif config.step.mode != "exact":
+    timeout = None
+  step = make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout)
+  return Experiment(config, ds, assignment, protocol, straggler, model, tx, loss_fn, step,
+                    mesh, timeout)

@@ -1,0 +1,408 @@
+"""The experiment config: its fields, command-line overrides, old flag names.
+
+A config is an ``ml_collections.ConfigDict`` with nested blocks whose fields go
+straight to the library's constructors (big_vision style):
+
+=============  ==============================================================
+block          built with
+=============  ==============================================================
+``data``       ``jaxgc.data.load(name, test_fraction=, split_seed=, **data.<name>)``
+``model``      ``jaxgc.models.get_model(name, num_classes, **model.<name>)``
+``optimizer``  ``optax.<name>(learning_rate, **optimizer.<name>)``
+``assignment`` ``jaxgc.assignments.<name>(num_workers, load, **assignment.<name>)``
+``protocol``   ``jaxgc.protocols.get_protocol(name, assignment, ell, **protocol.<name>)``
+``straggler``  ``jaxgc.timing.get_model(name, failure_prob, **straggler.<name>)``
+``step``       ``jaxgc.parallel.make_coded_step(..., **step)`` (or the Ray step)
+``ray``        ``jaxgc.ray_backend.RayStep(..., **ray)`` when ``backend="ray"``
+=============  ==============================================================
+
+A *choice block* has a ``name`` and one sub-block of options per choice; only
+the chosen one is used, so switching ``--config.straggler.name`` needs no other
+edit. A choice that the config file does not list (say a straggler model added
+to the library) takes its options on the command line,
+``--config.straggler.<name>.<option>=value``; the library rejects unknown ones.
+An option called ``seed`` left unset takes ``config.seed`` (where the
+constructor's signature shows one).
+
+:data:`ALIASES` keeps the flat flag names of earlier versions working
+(``--config.ell``, ``--config.protocol=original``, ``--config.straggler.shift``, ...).
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Iterable
+
+import ml_collections
+from ml_collections import config_dict
+
+__all__ = [
+    "ConfigError", "default_config", "load_config", "apply_overrides", "check_config",
+    "flatten", "effective", "result_fields_differ", "ALIASES", "CHOICE_BLOCKS",
+    "NON_RESULT_FIELDS", "split_config_flags", "check_fields",
+]
+
+CHOICE_BLOCKS = ("data", "model", "optimizer", "assignment", "protocol", "straggler")
+
+# Fields that may differ between invocations on one workdir: they do not change
+# what a given step computes (only how long the run is, how often it reports and
+# where it runs).
+NON_RESULT_FIELDS = (
+    "num_steps", "eval_every", "checkpoint_every", "max_checkpoints", "target_accuracy",
+    "platform", "num_devices", "num_cpu_devices", "coordinator_address", "num_processes",
+    "process_id", "distributed_timeout", "ray.address",
+)
+
+# Old flat field -> its place now. "<name>" is the block's chosen name, resolved
+# once every override is applied.
+ALIASES = {
+    "mode": "step.mode",
+    "deadline": "step.deadline",
+    "timeout": "step.timeout",
+    "message_loss_prob": "step.message_loss_prob",
+    "nan_message_prob": "step.nan_message_prob",
+    "report_condition": "step.report_condition",
+    "failure_prob": "straggler.failure_prob",
+    "ell": "protocol.ell",
+    "load": "assignment.load",
+    "num_workers": "assignment.num_workers",
+    "decoding_matrix": "protocol.partial_straggler.decoding_matrix",
+    "num_candidates": "protocol.partial_straggler.num_candidates",
+    "construction": "protocol.original.construction",
+    "rescale": "protocol.ignore_stragglers.rescale",
+    "dataset": "data.name",
+    "test_fraction": "data.test_fraction",
+    "split_seed": "data.split_seed",
+    "synthetic.*": "data.<name>.*",
+    "hidden": "model.mlp.hidden",
+    "learning_rate": "optimizer.learning_rate",
+    "straggler.*": "straggler.<name>.*",
+}
+# ``--config.<block>=NAME`` for a choice block means ``--config.<block>.name=NAME``.
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work; ``flag`` names it as on the command line."""
+
+  def __init__(self, flag: str | None, message: str):
+    self.flag, self.message = flag, " ".join(str(message).split())
+    super().__init__(f"{flag}: {self.message}" if flag else self.message)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field with its default: digits, an MLP, 20 workers, partial-straggler coding."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 300
+  c.batch_size = 320                # examples per step, split into num_chunks chunks
+
+  # Data: digits ships with scikit-learn, the synthetic tasks are generated.
+  synthetic = dict(num_examples=4000, dim=32, noise=0.1, data_seed=0)
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits", test_fraction=0.2, split_seed=0,
+      digits={}, synthetic_logistic=dict(synthetic), synthetic_linear=dict(synthetic)))
+  c.model = ml_collections.ConfigDict(dict(
+      name="mlp", mlp=dict(hidden=(64, 64)), linear={}, cnn={}))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=3e-3, adam={}, sgd=dict(momentum=None)))
+  c.optimizer.sgd.momentum = config_dict.placeholder(float)
+
+  # Gradient coding: N = m chunks per step, each held by `load` workers.
+  c.assignment = ml_collections.ConfigDict(dict(
+      name="cyclic", num_workers=20, load=4, cyclic={}, fractional_repetition={},
+      random_regular=dict(seed=None)))
+  c.assignment.random_regular.seed = config_dict.placeholder(int)
+  c.protocol = ml_collections.ConfigDict(dict(
+      name="partial_straggler", ell=2,
+      partial_straggler=dict(decoding_matrix="auto", num_candidates=None, seed=None),
+      original=dict(construction="auto", seed=None),
+      uncoded={}, ignore_stragglers=dict(rescale=True)))
+  c.protocol.partial_straggler.num_candidates = config_dict.placeholder(int)
+  c.protocol.partial_straggler.seed = config_dict.placeholder(int)
+  c.protocol.original.seed = config_dict.placeholder(int)
+
+  # Per-chunk durations; failure_prob: a worker fails for the whole step.
+  c.straggler = ml_collections.ConfigDict(dict(
+      name="slowdown", failure_prob=0.0,
+      slowdown=dict(shift=1.0, rate=1.0, fraction=0.2, factor=5.0),
+      shifted_exponential=dict(shift=1.0, rate=1.0),
+      pareto=dict(scale=1.0, alpha=2.0)))
+
+  # When the PS stops (exact: once decodable; deadline: at min(deadline, t*)) and
+  # message faults. timeout: simulated seconds the PS waits in exact mode before
+  # giving up on an undecodable step; unset: 3x the median uncoded step time.
+  c.step = ml_collections.ConfigDict(dict(
+      mode="exact", deadline=None, timeout=None, message_loss_prob=0.0,
+      nan_message_prob=0.0, report_condition=True))
+  c.step.deadline = config_dict.placeholder(float)
+  c.step.timeout = config_dict.placeholder(float)
+
+  # Where the step runs: "spmd" (one shard_map program) or "ray" (one actor per worker).
+  c.backend = "spmd"
+  c.ray = ml_collections.ConfigDict(dict(num_actors=4, time_scale=0.01, address=None))
+  c.ray.address = config_dict.placeholder(str)
+
+  # Devices: num_devices in the mesh (all processes together).
+  c.platform = "cpu"                # cpu, or "" for JAX's default backend (GPU/TPU)
+  c.num_devices = 8
+  # Per process; unset: num_devices // num_processes.
+  c.num_cpu_devices = config_dict.placeholder(int)
+  c.coordinator_address = config_dict.placeholder(str)  # multi-host: "host:port"
+  c.num_processes = 1
+  c.process_id = 0
+  c.distributed_timeout = 120       # seconds to wait for the other processes
+
+  # Loop.
+  c.eval_every = 10
+  c.checkpoint_every = 50           # 0 disables checkpoints
+  c.max_checkpoints = 2
+  c.target_accuracy = 0.95          # reported, and marked on the plots
+  return c
+
+
+# -- loading and overriding ---------------------------------------------------------
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of the Python file ``path`` (``path:arg`` calls ``get_config(arg)``)."""
+  arg = None
+  if not os.path.isfile(path) and ":" in path:
+    path, arg = path.rsplit(":", 1)
+  if not os.path.isfile(path):
+    raise ConfigError("--config", f"no config file {path!r}; pass a Python file with "
+                      "get_config(), e.g. --config=configs/default.py.")
+  spec = importlib.util.spec_from_file_location(
+      "jaxgc_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError("--config", f"{path} defines no get_config().")
+  config = module.get_config() if arg is None else module.get_config(arg)
+  check_fields(config)
+  return config
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _parse(flag: str, text: str, kind) -> Any:
+  """``text`` as a value of ``kind`` (the field's type; ``None`` when untyped)."""
+  try:
+    if kind is bool:
+      low = text.lower()
+      if low in ("true", "1", "yes"):
+        return True
+      if low in ("false", "0", "no"):
+        return False
+      raise ValueError
+    if kind is int:
+      return int(text)
+    if kind is float:
+      return float(text)
+    if kind is str:
+      return text
+    if kind in (tuple, list):
+      value = _literal(text)
+      if isinstance(value, (int, float, str)):
+        value = (value,)
+      if not isinstance(value, (tuple, list)):
+        raise ValueError
+      return tuple(value)
+  except ValueError:
+    raise ConfigError(flag, f"{text!r} is not a {kind.__name__}.") from None
+  return _literal(text)
+
+
+def _suggest(key: str, choices: Iterable[str], prefix: str) -> str:
+  near = difflib.get_close_matches(key, list(choices), n=1)
+  return f" Did you mean --config.{prefix}{near[0]}?" if near else ""
+
+
+def _set(config, path: list[str], text: str, flag: str) -> None:
+  node, prefix = config, ""
+  for i, key in enumerate(path[:-1]):
+    if key not in node:
+      # A choice block takes option blocks for choices the file does not list.
+      if "name" in node and i == len(path) - 2:
+        node[key] = ml_collections.ConfigDict()
+      else:
+        raise ConfigError(flag, "no such config field." + _suggest(key, node.keys(), prefix))
+    node, prefix = node[key], prefix + key + "."
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(flag, f"--config.{prefix[:-1]} is a value, not a block.")
+  key = path[-1]
+  if key not in node:
+    choice_options = len(path) >= 2 and "name" in _parent(config, path[:-2])
+    if not choice_options:
+      hint = _suggest(key, list(node.keys()) + (list(ALIASES) if not prefix else []), prefix)
+      raise ConfigError(flag, "no such config field." + hint)
+    node[key] = _literal(text)      # an option of a choice: its constructor checks it
+    return
+  if isinstance(node[key], ml_collections.ConfigDict):
+    if "name" in node[key]:         # --config.protocol=original
+      return _set(config, path + ["name"], text, flag)
+    raise ConfigError(flag, f"--config.{prefix}{key} is a block; set one of its fields, "
+                      f"e.g. --config.{prefix}{key}.{next(iter(node[key].keys()))}=...")
+  kind = node.get_type(key)
+  if text == "None" and kind is not str:
+    value = None                    # unset an optional field, e.g. --config.step.timeout=None
+  else:
+    value = _parse(flag, text, None if kind is type(None) else kind)
+  try:
+    node[key] = value
+  except TypeError:
+    raise ConfigError(flag, f"{text!r} is not a {kind.__name__}.") from None
+
+
+def _parent(config, path):
+  node = config
+  for key in path:
+    node = node[key]
+  return node
+
+
+def _canonical(path: list[str]) -> list[str]:
+  """Maps an old field path to its place now."""
+  dotted = ".".join(path)
+  return ALIASES[dotted].split(".") if dotted in ALIASES else path
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Iterable[tuple[str, str]]) -> ml_collections.ConfigDict:
+  """Applies ``(dotted_path, text)`` pairs (``--config.a.b=text``); returns the config.
+
+  Text is parsed as the field's type. Old flag names (:data:`ALIASES`) are
+  accepted. Raises :class:`ConfigError` naming the flag.
+  """
+  config.unlock()
+  deferred = []
+  for dotted, text in overrides:
+    flag = f"--config.{dotted}"
+    path = dotted.split(".")
+    if len(path) == 2 and path[0] in ("straggler", "synthetic"):
+      block = ALIASES[path[0] + ".*"].split(".")[0]
+      if path[1] not in config[block] or path[0] == "synthetic":
+        deferred.append((block, path[1], text, flag))   # old flat straggler/synthetic params
+        continue
+    _set(config, _canonical(path), text, flag)
+  for block, key, text, flag in deferred:
+    _set(config, [block, config[block].name, key], text, flag)
+  return config
+
+
+def check_fields(config: ml_collections.ConfigDict, reference=None, prefix: str = "") -> None:
+  """Rejects fields the experiment does not know (typos), naming the closest one."""
+  reference = default_config() if reference is None else reference
+  for key in config.keys():
+    flag = f"--config.{prefix}{key}"
+    if key not in reference:
+      if "name" in reference and isinstance(config[key], ml_collections.ConfigDict):
+        continue                     # options of a choice the defaults do not list
+      raise ConfigError(flag, "unknown config field." + _suggest(key, reference.keys(), prefix))
+    if isinstance(config[key], ml_collections.ConfigDict):
+      if not isinstance(reference[key], ml_collections.ConfigDict):
+        raise ConfigError(flag, "expected a value, got a block.")
+      if "name" not in reference[key] or prefix:
+        check_fields(config[key], reference[key], prefix + key + ".")
+      else:
+        check_fields(ml_collections.ConfigDict(
+            {k: v for k, v in config[key].items() if not isinstance(v, ml_collections.ConfigDict)}),
+            reference[key], prefix + key + ".")
+    elif isinstance(reference[key], ml_collections.ConfigDict):
+      raise ConfigError(flag, f"is a block; set one of its fields, e.g. "
+                        f"--config.{prefix}{key}.{next(iter(reference[key].keys()))}=...")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The experiment's own fields (the library checks the rest when building)."""
+  check_fields(config)
+  for key in ("num_steps", "eval_every", "batch_size"):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ConfigError(f"--config.{key}", f"must be a positive integer, got {config[key]!r}.")
+  for key in ("checkpoint_every", "max_checkpoints"):
+    if not isinstance(config[key], int) or config[key] < 0:
+      raise ConfigError(f"--config.{key}", f"must be an integer >= 0, got {config[key]!r}.")
+  if config.backend not in ("spmd", "ray"):
+    raise ConfigError("--config.backend", f"unknown backend {config.backend!r}; choose "
+                      "'spmd' (one shard_map program) or 'ray' (one actor per worker).")
+  if config.num_devices < 1:
+    raise ConfigError("--config.num_devices", f"must be >= 1, got {config.num_devices}.")
+  if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
+    raise ConfigError("--config.process_id", f"need num_processes >= 1 and 0 <= process_id < "
+                      f"num_processes, got {config.num_processes}, {config.process_id}.")
+  if config.num_devices % config.num_processes:
+    raise ConfigError("--config.num_devices", f"num_devices={config.num_devices} must split "
+                      f"evenly over num_processes={config.num_processes}.")
+  for block in CHOICE_BLOCKS:
+    name = config[block].name
+    if not isinstance(name, str) or not name:
+      raise ConfigError(f"--config.{block}.name", f"must be a name, got {name!r}.")
+    for key, value in config[block].items():
+      if isinstance(value, ml_collections.ConfigDict) and key != name and key not in (
+          default_config()[block]):
+        raise ConfigError(f"--config.{block}.{key}",
+                          f"sets options of {key!r}, but --config.{block}.name is {name!r}.")
+
+
+# -- comparing runs --------------------------------------------------------------------
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become tuples (as read back from JSON)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def effective(config: dict) -> dict[str, Any]:
+  """The flat fields that decide a run's results: unchosen option blocks dropped."""
+  tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+  for block in CHOICE_BLOCKS:
+    if isinstance(tree.get(block), dict):
+      name = tree[block].get("name")
+      tree[block] = {k: v for k, v in tree[block].items()
+                     if not isinstance(v, dict) or k == name}
+  return {k: v for k, v in flatten(tree).items() if k not in NON_RESULT_FIELDS}
+
+
+def result_fields_differ(saved: dict, requested: dict) -> list[tuple[str, Any, Any]]:
+  """``(field, saved, requested)`` for every field that changes results and differs."""
+  a, b = effective(saved), effective(requested)
+  # Where a choice differs, its name says it all: its options are another choice's.
+  switched = tuple(k[:-len("name")] for k in a
+                   if k.count(".") == 1 and k.endswith(".name") and a[k] != b.get(k))
+  return [(k, a.get(k, "unset"), b.get(k, "unset")) for k in sorted(set(a) | set(b))
+          if a.get(k, "unset") != b.get(k, "unset")
+          and (k.endswith(".name") or not k.startswith(switched))]
+
+
+def split_config_flags(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Separates ``--config.a.b=v`` (or ``--config.a.b v``) from the other arguments.
+
+  Returns ``(other_args, [("a.b", "v"), ...])`` in command-line order; ``--config=FILE``
+  stays with the other arguments.
+  """
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      if "=" in arg:
+        key, text = arg[len("--config."):].split("=", 1)
+      elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        key, text = arg[len("--config."):], argv[i + 1]
+        i += 1
+      else:
+        key, text = arg[len("--config."):], "true"
+      overrides.append((key, text))
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides

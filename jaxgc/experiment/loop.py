@@ -1,0 +1,362 @@
+"""The training loop: ``train_step``, ``evaluate``, ``train_and_evaluate``, comparisons.
+
+Each step costs simulated time (the protocol's stop time under the straggler
+model); ``metrics.jsonl`` logs it cumulatively as ``sim_time``. The batch and the
+straggler durations of step ``s`` are functions of ``(seed, s)`` only, so a run
+resumed from a checkpoint reproduces the uninterrupted one, and every protocol
+sees the same chunks and draws.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import time
+import weakref
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxgc import data, models, parallel
+from jaxgc.experiment import runs
+from jaxgc.experiment.build import (Experiment, build, make_assignment, make_protocol,
+                                    setup_devices)
+from jaxgc.experiment.config import ConfigError, check_config
+from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
+
+__all__ = [
+    "keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
+    "train_step", "evaluate", "train", "train_and_evaluate", "compare_protocols", "run",
+]
+
+
+def keys(seed: int):
+  """``(init, data, step)`` keys of a run. Built inside ``jit`` from the static seed,
+  so no key array has to be placed on a multi-process mesh."""
+  return jax.random.split(jax.random.key(seed), 3)
+
+
+def global_array(x, sharding):
+  """A host array as a global ``jax.Array`` with ``sharding`` (works across processes)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def epoch_permutation(seed: int, epoch, num_train: int):
+  """Epoch ``epoch``'s example order (the ``perm`` of :func:`train_step`)."""
+  return data.epoch_permutation(keys(seed)[1], epoch, num_train)
+
+
+def epoch_permutations(seed: int, num_train: int, batch_size: int, sharding):
+  """``step -> perm`` for :func:`train_step`: jitted, and drawn once per epoch.
+
+  Drawing a permutation sorts ``num_train`` keys, which on a CPU mesh costs more
+  than a small model's whole step, so the current epoch's is kept.
+  """
+  per_epoch = data.steps_per_epoch(num_train, batch_size)
+  draw = jax.jit(functools.partial(epoch_permutation, seed, num_train=num_train),
+                 out_shardings=sharding)
+  held = {}
+
+  def perm_for(step: int):
+    epoch = step // per_epoch
+    if epoch not in held:
+      held.clear()
+      held[epoch] = draw(epoch)
+    return held[epoch]
+  return perm_for
+
+
+def step_chunks(train_data, step, perm, *, seed: int, batch_size: int, num_chunks: int):
+  """The ``num_chunks`` chunks of step ``step``'s batch (leaves ``[N, batch/N, ...]``)."""
+  return data.step_chunks(train_data, keys(seed)[1], step, batch_size, num_chunks, perm=perm)
+
+
+def train_step(state: parallel.TrainState, train_data, perm, *, coded_step, batch_size: int,
+               seed: int):
+  """One coded step on the batch of step ``state.step`` (jit this).
+
+  ``perm`` is the current epoch's example order (:func:`epoch_permutations`).
+  """
+  chunks = step_chunks(train_data, state.step, perm, seed=seed, batch_size=batch_size,
+                       num_chunks=coded_step.assignment.num_chunks)
+  return coded_step.update(state, chunks, keys(seed)[2])
+
+
+def evaluate(apply_fn, params, test_data, regression: bool = False) -> dict[str, float]:
+  """Test-set loss and accuracy (or MSE for regression)."""
+  metrics = _eval_fn(apply_fn, regression)(params, *test_data)
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(apply_fn, regression):
+  return jax.jit(functools.partial(models.predict_metrics, apply_fn, regression=regression))
+
+
+def _to_python(tree) -> dict:
+  out = {}
+  for k, v in jax.device_get(tree).items():
+    v = np.asarray(v)
+    out[k] = bool(v) if v.dtype == bool else (int(v) if v.dtype.kind in "iu" else float(v))
+  return out
+
+
+# Jitted functions per step object, so that training one built Experiment again (several
+# workdirs, a longer num_steps) compiles nothing new.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _per_step(step, key, make):
+  held = _COMPILED.setdefault(step, {})
+  if key not in held:
+    held[key] = make()
+  return held[key]
+
+
+def _make_update(exp: Experiment, sharding):
+  """``(state, train_data, perm) -> (state, metrics)``: one program for the shard_map
+  step, or a jitted batch plus the step's own (host) update for the Ray backend."""
+  cfg = exp.config
+  key = ("update", cfg.backend, cfg.batch_size, cfg.seed, sharding)
+  return _per_step(exp.step, key, lambda: _build_update(exp, sharding))
+
+
+def _build_update(exp: Experiment, sharding):
+  cfg = exp.config
+  if cfg.backend == "spmd":
+    return jax.jit(functools.partial(train_step, coded_step=exp.step,
+                                     batch_size=cfg.batch_size, seed=cfg.seed),
+                   donate_argnums=(0,))
+  chunks = jax.jit(functools.partial(step_chunks, seed=cfg.seed, batch_size=cfg.batch_size,
+                                     num_chunks=exp.assignment.num_chunks),
+                   out_shardings=sharding)
+  update, step_key = exp.step.jit(), keys(cfg.seed)[2]
+  return lambda state, train_data, perm: update(state, chunks(train_data, state.step, perm),
+                                                step_key)
+
+
+def _init_state(exp: Experiment, sharding):
+  seed, model, example = exp.config.seed, exp.model, exp.dataset.x_train[:1]
+  spmd = exp.config.backend == "spmd"
+
+  def init():   # keys built in the program from the static seed (see keys())
+    params = models.init_params(model, keys(seed)[0], example)   # (example: shapes only)
+    return exp.step.init_state(params, keys(seed)[2]) if spmd else params
+
+  out = _per_step(exp.step, ("init", spmd, model, seed, example.shape, example.dtype, sharding),
+                  lambda: jax.jit(init, out_shardings=sharding))()
+  return out if spmd else exp.step.init_state(out, keys(seed)[2])
+
+
+def _restore(exp: Experiment, workdir: str, state, sharding, lead: bool):
+  """``(state, checkpoints or None, meta)``: the newest checkpoint that restores, if any."""
+  cfg = exp.config
+  if cfg.checkpoint_every <= 0:
+    return state, None, {}
+  ckpt = runs.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
+                          cfg.max_checkpoints)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          state)
+  restored, meta, skipped = ckpt.restore(abstract)
+  for step, reason in skipped:
+    if lead:
+      runs.note(f"skipped checkpoint {step} (moved to broken_checkpoints/), it does not "
+                f"restore: {reason}")
+  return (state if restored is None else restored), ckpt, meta
+
+
+def _write_outputs(exp: Experiment, workdir: str, state, summary: dict) -> None:
+  """Final parameters, the plot and ``summary.json`` (process 0), each renamed into place."""
+  cfg = exp.config
+  flat = {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
+  tmp = os.path.join(workdir, f"final_params.tmp{os.getpid()}.npz")
+  np.savez(tmp, **flat)
+  os.replace(tmp, os.path.join(workdir, "final_params.npz"))
+  if not exp.dataset.is_regression:
+    # From the log, so a resumed run still sees a target reached before the restart.
+    summary["sim_time_to_target"] = time_to_target(runs.read_metrics(workdir),
+                                                   cfg.target_accuracy)
+    plot_accuracy_vs_time({summary["protocol"]: workdir},
+                          os.path.join(workdir, "accuracy_vs_time.png"), cfg.target_accuracy,
+                          title=f"{summary['protocol']}/{summary['mode']}, seed {cfg.seed}")
+  runs.write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+  print(json.dumps(summary), flush=True)
+
+
+def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.TrainState:
+  """Runs a built :class:`Experiment` in ``workdir``: resume, train, evaluate, checkpoint,
+  summarise (see :func:`train_and_evaluate`, which checks the workdir first).
+
+  ``exp.step`` may be any step with the :class:`jaxgc.parallel.CodedStep` interface; with
+  ``config.backend != "spmd"`` its ``jit()`` may return a plain callable (the Ray step).
+  A step with ``close()`` is closed at the end.
+  """
+  try:
+    return _train(exp, workdir, restart)
+  finally:
+    if hasattr(exp.step, "close"):
+      exp.step.close()
+
+
+def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  cfg, ds = exp.config, exp.dataset
+  lead = jax.process_index() == 0
+  workdir = os.path.abspath(workdir)
+  if lead:
+    if restart and os.path.isdir(workdir):
+      runs.clear_run(workdir)
+    runs.save_config(cfg, workdir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("jaxgc workdir ready")
+
+  rep = NamedSharding(exp.mesh, P())
+  train_data = (global_array(ds.x_train, rep), global_array(ds.y_train, rep))
+  test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
+  state, ckpt, meta = _restore(exp, workdir, _init_state(exp, rep), rep, lead)
+  start = int(state.step)
+  if lead and start:
+    runs.note(f"resuming {workdir} from step {start}.")
+  log = runs.MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, lead)
+  if start > cfg.num_steps and lead:
+    runs.note(f"{workdir} is already at step {start} > --config.num_steps={cfg.num_steps}: "
+              "nothing to train (use a new --workdir for a shorter run).")
+
+  update = _make_update(exp, rep)
+  perm_for = epoch_permutations(cfg.seed, ds.num_train, cfg.batch_size, rep)
+  regression = ds.is_regression
+  score_key = "test_mse" if regression else "test_accuracy"
+  name, mode = cfg.protocol.name, cfg.step.mode
+  step_wall = log.last.get("wall_time", 0.0)   # Ray: real seconds the steps took
+
+  def run_eval(step, sim_time):
+    ev = evaluate(exp.model.apply, state.params, test_data, regression)
+    log.write({"step": step, "sim_time": sim_time, **ev})
+    return ev
+
+  t0, wall_before = time.time(), float(meta.get("wall_time", 0.0))
+  ev = run_eval(0, 0.0) if start == 0 else {}
+  # The first step compiles: the bar starts after it, so its rate and ETA are the steps'.
+  bar = None
+  if start < cfg.num_steps:
+    bar = tqdm(total=cfg.num_steps, initial=start, disable=not lead,
+               desc=f"{name}/{mode}", bar_format="{desc}: {n_fmt}/{total_fmt} compiling…")
+  for step in range(start, cfg.num_steps):
+    state, metrics = update(state, train_data, perm_for(step))
+    rec = {"step": step + 1, **_to_python(metrics)}
+    if "wall_time" in rec:
+      step_wall += rec["wall_time"]
+      rec["wall_time"] = step_wall
+    log.write(rec)
+    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.num_steps:
+      ev = run_eval(step + 1, rec["sim_time"])
+    if step == start:
+      bar.close()
+      bar = tqdm(total=cfg.num_steps, initial=step + 1, disable=not lead, desc=f"{name}/{mode}")
+    else:
+      bar.update(1)
+    # refresh=False: the bar redraws at its own pace, not once per (fast) step.
+    bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_time=f"{rec['sim_time']:.0f}",
+                    **{score_key: f"{ev.get(score_key, float('nan')):.3f}"}, refresh=False)
+    if ckpt is not None:
+      ckpt.save(step + 1, state, {"wall_time": wall_before + time.time() - t0})
+  if bar is not None:
+    bar.close()
+  wall = wall_before + time.time() - t0
+  if ckpt is not None:
+    if ckpt.latest_step() != int(state.step):
+      ckpt.save(int(state.step), state, {"wall_time": wall}, force=True)
+    ckpt.close()
+  if not ev:                 # nothing trained in this invocation: the restored state's
+    ev = evaluate(exp.model.apply, state.params, test_data, regression)
+
+  if lead:
+    summary = {"protocol": name, "mode": mode, "steps": int(state.step),
+               "num_steps": cfg.num_steps, "sim_time": float(state.sim_time),
+               "skipped": int(state.num_skipped), "erasures": int(state.num_erasures),
+               "timeout": exp.timeout, "wall_time_s": wall,
+               "session_wall_time_s": time.time() - t0, "resumed_from": start, **ev}
+    if step_wall:
+      summary["step_wall_time_s"] = step_wall
+    _write_outputs(exp, workdir, state, summary)
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart: bool = False) -> parallel.TrainState:
+  """Trains and evaluates; writes metrics, checkpoints and a summary to ``workdir``.
+
+  A workdir holds one run: rerunning resumes it (from the newest checkpoint that
+  restores), a higher ``num_steps`` continues it, and a config that would change
+  its results is refused unless ``restart`` (which starts over in ``workdir``).
+
+  Returns the final :class:`jaxgc.parallel.TrainState`.
+
+  Raises:
+    ConfigError: (a ``ValueError``) a setting that cannot work, naming its flag;
+      checked before any device work or file write.
+  """
+  check_config(config)
+  runs.open_workdir(config, workdir, restart)
+  return train(build(config), workdir, restart)
+
+
+def compare_protocols(config: ml_collections.ConfigDict, workdir: str,
+                      names=("partial_straggler", "original", "uncoded"), *,
+                      restart: bool = False) -> dict:
+  """Trains once per protocol (same seed: same batches, same straggler draws).
+
+  Every protocol's config is built (and so validated) before any training.
+  Writes ``workdir/<protocol>/`` runs and ``workdir/accuracy_vs_time.png``;
+  returns ``{protocol: simulated time to config.target_accuracy}``.
+  """
+  check_config(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir}", "is a file, not a directory.")
+  configs = {}
+  for name in names:
+    cfg = copy.deepcopy(config)
+    cfg.unlock()
+    cfg.protocol.name = name
+    runs.open_workdir(cfg, os.path.join(workdir, name), restart)
+    configs[name] = cfg
+  mesh = setup_devices(config)
+  try:                       # protocols first: cheap, and the likeliest typo
+    for cfg in configs.values():
+      make_protocol(cfg, make_assignment(cfg))
+  except ConfigError as e:
+    if e.flag and e.flag.startswith("--config.protocol.name"):
+      raise ConfigError(f"--compare={','.join(names)}",
+                        e.message.replace("--config.protocol.name=", "")) from None
+    raise
+  built = {name: build(cfg, mesh) for name, cfg in configs.items()}
+  run_dirs = {}
+  for name, exp in built.items():
+    run_dirs[name] = os.path.join(workdir, name)
+    train(exp, run_dirs[name], restart)
+  out = {n: time_to_target(runs.read_metrics(d), config.target_accuracy)
+         for n, d in run_dirs.items()}
+  if jax.process_index() == 0:
+    plot_accuracy_vs_time(run_dirs, os.path.join(workdir, "accuracy_vs_time.png"),
+                          config.target_accuracy,
+                          title=f"{', '.join(names)}: {config.step.mode} mode, seed {config.seed}")
+    runs.write_atomic(os.path.join(workdir, "comparison.json"), json.dumps(
+        {"target_accuracy": config.target_accuracy, "sim_time_to_target": out}, indent=2))
+  return out
+
+
+def run(config, workdir: str, compare=None, restart: bool = False):
+  """What ``train.py`` runs: :func:`compare_protocols` if ``compare`` names protocols,
+  else :func:`train_and_evaluate`."""
+  if compare:
+    out = compare_protocols(config, workdir, tuple(compare), restart=restart)
+    print(json.dumps({"target_accuracy": config.target_accuracy, "sim_time_to_target": out}))
+    return out
+  return train_and_evaluate(config, workdir, restart=restart)
