@@ -5,6 +5,9 @@ cyclic load 4, ℓ = 2) under persistent stragglers: Gilbert–Elliott (p_slow =
 0.02, p_recover = 0.1, factor 5) and the Alibaba PAI job 4 trace. Protocols:
 the adaptive PS (PartialStraggler + jaxgc.adaptive.AdaptivePS in the coded
 step), the static PS, Original, uncoded, and backup workers (b = 2). 3 seeds.
+Every object comes from ``jaxgc.experiment`` with train.py's flags, e.g. the
+adaptive PS is ``--config.adaptive=True`` and backup workers
+``--config.protocol.name=backup_workers --config.protocol.backup_workers.num_backup=2``.
 
 How it is measured, cheaply but with the step's own code:
   * Each protocol's per-step plan (stop time = step_sim_time, and the state k)
@@ -31,9 +34,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -41,26 +41,31 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
-from configs import default  # noqa: E402
-from jaxgc import adaptive, assignments, data, models, parallel, protocols, timing  # noqa: E402
+from jaxgc import adaptive, data, experiment, models, parallel, protocols  # noqa: E402
 
 NAMES = ("adaptive", "static", "original", "uncoded", "backup_workers")
 
 
-def stragglers():
-  return {
-      "gilbert_elliott": timing.get_straggler_model("gilbert_elliott", p_slow=0.02,
-                                                    p_recover=0.1, factor=5.0),
-      "alibaba_job4": timing.get_straggler_model("trace", trace="alibaba_pai_job4"),
-  }
+STRAGGLERS = {
+    "gilbert_elliott": [("straggler.name", "gilbert_elliott"),
+                        ("straggler.gilbert_elliott.p_slow", "0.02"),
+                        ("straggler.gilbert_elliott.p_recover", "0.1"),
+                        ("straggler.gilbert_elliott.factor", "5.0")],
+    "alibaba_job4": [("straggler.name", "trace"), ("straggler.trace.trace", "alibaba_pai_job4")],
+}
+PROTOCOL_FLAGS = {
+    "adaptive": [("protocol.name", "partial_straggler"), ("adaptive", "True")],
+    "static": [("protocol.name", "partial_straggler")],
+    "original": [("protocol.name", "original")],
+    "uncoded": [("protocol.name", "uncoded")],
+    "backup_workers": [("protocol.name", "backup_workers"),
+                       ("protocol.backup_workers.num_backup", "2")],
+}
 
 
-def make_protocol(name, asg, ell):
-  if name in ("adaptive", "static"):
-    return protocols.get_protocol("partial_straggler", asg, ell)
-  if name == "backup_workers":
-    return protocols.get_protocol("backup_workers", asg, ell, num_backup=2)
-  return protocols.get_protocol(name, asg, ell)
+def configured(base, flags):
+  """A copy of ``base`` with ``--config.<flag>=<value>`` overrides, as train.py applies them."""
+  return experiment.apply_overrides(base.copy_and_resolve_references(), flags)
 
 
 def plan_scan(coded, num_steps):
@@ -123,31 +128,38 @@ def main():
                   help="the adaptive PS's EWMA weight of the newest step")
   args = ap.parse_args()
   t_start = time.time()
-  cfg = default.get_config()
-  ds = data.load(cfg.dataset, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
-  model = models.get_model(cfg.model, ds.num_classes, cfg.hidden)
-  tx = optax.adam(cfg.learning_rate)
-  loss_fn = models.chunk_loss_fn(model.apply, cfg.batch_size)
+  cfg = experiment.default_config()
+  mesh = experiment.setup_devices(cfg)
+  ds = experiment.make_dataset(cfg)
+  model = experiment.make_model(cfg, ds.num_classes)
+  tx = experiment.make_optimizer(cfg)
+  loss_fn = models.chunk_loss_fn(model.apply, cfg.batch_size, ds.is_regression)
   train_data = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
   test_data = (jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
-  asg = assignments.cyclic(cfg.num_workers, cfg.load)
-  mesh = parallel.make_mesh(cfg.num_devices)
-  keys = jnp.stack([jax.random.split(jax.random.key(s), 3) for s in range(args.seeds)])
+  asg = experiment.make_assignment(cfg)
+  num_workers, ell = cfg.assignment.num_workers, cfg.protocol.ell
+  keys = jnp.stack([experiment.keys(s) for s in range(args.seeds)])
   init_keys, data_keys, step_keys = keys[:, 0], keys[:, 1], keys[:, 2]
   target = cfg.target_accuracy
-  print(f"digits MLP {tuple(cfg.hidden)}, m={cfg.num_workers}, cyclic load {cfg.load}, "
-        f"ell={cfg.ell}, batch {cfg.batch_size}, {args.steps} steps, {args.seeds} seeds, "
+  print(f"{cfg.data.name} {cfg.model.name} {tuple(cfg.model.mlp.hidden)}, m={num_workers}, "
+        f"{cfg.assignment.name} load {cfg.assignment.load}, ell={ell}, batch {cfg.batch_size}, "
+        f"{args.steps} steps, {args.seeds} seeds, "
         f"adaptive decay {args.decay}; "
         f"target accuracy {target}", flush=True)
 
-  protos = {n: make_protocol(n, asg, cfg.ell) for n in NAMES}
+  configs = {n: configured(cfg, f) for n, f in PROTOCOL_FLAGS.items()}
+  protos = {n: experiment.make_protocol(c, asg) for n, c in configs.items()}
   trains = {n: make_train(p, model, loss_fn, tx, train_data, test_data, cfg.batch_size,
                           args.steps) for n, p in protos.items()}
   results = {}
-  for sname, straggler in stragglers().items():
-    ps = lambda n, p: adaptive.AdaptivePS(p, decay=args.decay) if n == "adaptive" else None
-    steps = {n: parallel.make_coded_step(p, straggler, loss_fn, tx, mesh, mode="exact",
-                                         adaptive=ps(n, p)) for n, p in protos.items()}
+  for sname, flags in STRAGGLERS.items():
+    straggler = experiment.make_straggler_model(configured(cfg, flags))
+    steps = {n: experiment.make_step(configs[n], p, straggler, loss_fn, tx, mesh)
+             for n, p in protos.items()}
+    if args.decay != adaptive.AdaptivePS._field_defaults["decay"]:
+      steps["adaptive"] = parallel.make_coded_step(
+          protos["adaptive"], straggler, loss_fn, tx, mesh,
+          adaptive=adaptive.AdaptivePS(protos["adaptive"], decay=args.decay))
     for n in NAMES:
       t0 = time.time()
       stop, counts = jax.tree.map(np.asarray, plan_scan(steps[n], args.steps)(step_keys))
@@ -159,7 +171,7 @@ def main():
       check(steps["adaptive"], model, train_data, cfg, init_keys[0], data_keys[0], step_keys[0],
             results[sname, "adaptive"], args.check_steps)
 
-  for sname in stragglers():
+  for sname in STRAGGLERS:
     print(f"\n== {sname}: time to {target:.0%} test accuracy (simulated time, median "
           f"[min, max] over {args.seeds} seeds)")
     print(f"{'protocol':16s} {'time to target':>26s} {'steps':>6s} {'mean step time':>15s} "
@@ -195,13 +207,16 @@ def check(coded, model, train_data, cfg, init_key, data_key, step_key, fast, num
   state = coded.init_state(params, step_key)
   sim, loss = [], []
   for s in range(num_steps):
-    chunks = data.step_chunks(train_data, data_key, s, cfg.batch_size, cfg.num_workers)
+    chunks = data.step_chunks(train_data, data_key, s, cfg.batch_size,
+                              coded.assignment.num_chunks)
     state, met = update(state, chunks, step_key)
     sim.append(float(met["step_sim_time"]))
     loss.append(float(met["loss"]))
+  assert coded.adaptive is not None
   np.testing.assert_array_equal(np.asarray(sim, np.float32), fast["stop"][0, :num_steps])
   np.testing.assert_allclose(loss, fast["loss"][0, :num_steps], rtol=1e-4)
-  moved = int(np.sum(np.asarray(state.adaptive_state.perm) != np.arange(cfg.num_workers)))
+  perm = np.asarray(state.adaptive_state.perm)
+  moved = int(np.sum(perm != np.arange(perm.size)))
   print(f"  check: sharded CodedStep (adaptive) = plan scan for {num_steps} steps "
         f"(step_sim_time equal, loss max rel diff "
         f"{np.max(np.abs(np.asarray(loss) / fast['loss'][0, :num_steps] - 1)):.1e}); "

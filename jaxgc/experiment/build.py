@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxgc import assignments, data, models, parallel, protocols, timing
+from jaxgc import adaptive, assignments, data, models, parallel, protocols, timing
 from jaxgc.experiment.config import ConfigError
 
 __all__ = [
@@ -238,7 +238,12 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
   s = config.step
   kwargs = dict(mode=s.mode, deadline=s.deadline, message_loss_prob=s.message_loss_prob,
                 nan_message_prob=s.nan_message_prob)
+  if not isinstance(config.adaptive, bool):
+    raise ConfigError("--config.adaptive", f"must be True or False, got {config.adaptive!r}.")
   if config.backend == "ray":
+    if config.adaptive:
+      raise ConfigError("--config.adaptive", "the adaptive PS runs in the spmd step only; use "
+                        "--config.backend=spmd or --config.adaptive=False.")
     try:
       from jaxgc import ray_backend  # pylint: disable=import-outside-toplevel
     except ImportError:
@@ -253,8 +258,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
                               or _accepts(parallel.CodedStep.__init__, "timeout")):
     kwargs["timeout"] = timeout
   with blame(config, "step", "step", _fields(config, "step"), "step.mode"):
-    return parallel.make_coded_step(protocol, straggler, loss_fn, tx, mesh,
-                                    report_condition=s.report_condition, **kwargs)
+    return parallel.make_coded_step(
+        protocol, straggler, loss_fn, tx, mesh, report_condition=s.report_condition,
+        adaptive=adaptive.AdaptivePS(protocol) if config.adaptive else None, **kwargs)
 
 
 def _check_batches(config, ds, num_chunks: int):

@@ -138,6 +138,9 @@ def default_config() -> ml_collections.ConfigDict:
       nan_message_prob=0.0, report_condition=True))
   c.step.deadline = config_dict.placeholder(float)
   c.step.timeout = config_dict.placeholder(float)
+  # The PS learns each worker's speed and re-places the chunk lists between steps
+  # (jaxgc.adaptive.AdaptivePS of the protocol); the code and exactness are unchanged.
+  c.adaptive = False
 
   # Where the step runs: "spmd" (one shard_map program) or "ray" (one actor per worker).
   c.backend = "spmd"
