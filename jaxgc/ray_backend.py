@@ -84,33 +84,9 @@ def _one_line(err: BaseException) -> str:
 # -- the protocol interface, in one place ------------------------------------------
 
 def _solve(protocol, counts):
-  """``(enc [m, max_load, ℓ], dec [ℓ, m])`` at ``counts``: the protocol's one solve.
-
-  ``protocol.solve`` returns :class:`jaxgc.protocols.Coefficients` where the shared
-  interface has landed; older protocols only have ``coefficients``.
-  """
-  if hasattr(_protocols, "Coefficients") and hasattr(protocol, "solve"):
-    c = protocol.solve(counts)
-    return c[0], c[1]
-  return tuple(protocol.coefficients(counts))
-
-
-def _stop_time(protocol, durations, mode, deadline, timeout):
-  """The simulator's stop time (:func:`jaxgc.protocols.stop_time` where it exists)."""
-  rule = getattr(_protocols, "stop_time", None)
-  if rule is not None:
-    return rule(protocol, durations, mode=mode, deadline=deadline, timeout=timeout)
-  t_star = protocol.completion_time(durations)
-  if mode == "deadline":
-    return jnp.minimum(jnp.float32(deadline), t_star)
-  f = timing.finish_times(durations)
-  never = jnp.max(jnp.where(jnp.isfinite(f), f, 0.0)) if timeout is None else jnp.float32(timeout)
-  return jnp.where(jnp.isfinite(t_star), t_star, never)
-
-
-def _has_exact_mode(protocol) -> bool:
-  return getattr(protocol, "has_exact_mode",
-                 not isinstance(protocol, _protocols.IgnoreStragglers))
+  """``(enc [m, max_load, ℓ], dec [ℓ, m])`` at ``counts``: the protocol's one solve."""
+  c = protocol.solve(counts)
+  return c.enc, c.dec
 
 
 def work_slots(protocol) -> list[np.ndarray]:
@@ -406,7 +382,8 @@ def _draw(protocol, straggler, mode, deadline, timeout, loss_prob, nan_prob, key
                                                   protocol.assignment)
   m = protocol.assignment.num_workers
   draw = lambda k, p: jax.random.bernoulli(k, p, (m,)) if p > 0 else jnp.zeros(m, bool)
-  sim_stop = _stop_time(protocol, durations, mode, deadline, timeout)
+  sim_stop = _protocols.stop_time(protocol, durations, mode=mode, deadline=deadline,
+                                    timeout=timeout)
   return durations, draw(k_loss, loss_prob), draw(k_nan, nan_prob), sim_stop, straggler_state
 
 
@@ -477,7 +454,7 @@ class RayStep:
     if mode == "deadline" and (deadline is None or not np.isfinite(deadline) or deadline <= 0):
       raise ValueError(f"deadline mode needs a positive finite deadline, got {deadline!r}; set "
                        "deadline=T (simulated seconds), or use mode='exact'.")
-    if mode == "exact" and not _has_exact_mode(protocol):
+    if mode == "exact" and not protocol.has_exact_mode:
       raise ValueError(f"{protocol.name} never recovers the gradient exactly, so it has no exact "
                        "mode; use mode='deadline' with a deadline, or protocol 'uncoded'.")
     if timeout is not None and (not np.isfinite(timeout) or timeout <= 0):
@@ -649,7 +626,7 @@ class RayStep:
 
     # Round(s): solve for the observed state, collect messages, erase and redo once.
     solve_s = round_s = 0.0
-    msgs = np.zeros((m, _protocols.num_blocks(d, proto.ell)), np.float32)
+    msgs = np.zeros((m, _protocols.base.num_blocks(d, proto.ell)), np.float32)
     dec = None
     failed_again = False
     for attempt in range(2):

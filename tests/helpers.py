@@ -32,3 +32,14 @@ def random_lists(rng, m, n_chunks, min_rep=1, max_load=None):
     rng.shuffle(lists[j])
   lists = [[int(c) for c in l] or [int(rng.integers(n_chunks))] for l in lists]
   return jaxgc.assignments.from_lists(lists, n_chunks)
+
+
+def digits_mlp(hidden, batch_size, seed=0):
+  """``(dataset, model, params, chunk loss_fn, train_data)`` for a small MLP on digits."""
+  import jax.numpy as jnp
+  from jaxgc import data, models
+  ds = data.load("digits")
+  model = models.get_model("mlp", ds.num_classes, hidden)
+  params = models.init_params(model, jax.random.key(seed), ds.x_train[:1])
+  loss_fn = models.chunk_loss_fn(model.apply, batch_size)
+  return ds, model, params, loss_fn, (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))

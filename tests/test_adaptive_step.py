@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import jaxgc
-from jaxgc import adaptive, assignments, data, models, timing
+from helpers import digits_mlp
+from jaxgc import adaptive, assignments, data, timing
 from jaxgc import parallel
 
 M, LOAD, ELL, BATCH = 20, 4, 2, 160
@@ -20,11 +21,7 @@ STEPS = 24
 def setup():
   assert len(jax.devices()) >= 8, "conftest must give 8 CPU devices"
   mesh = parallel.make_mesh(8)
-  ds = data.load("digits")
-  model = models.get_model("mlp", ds.num_classes, (16,))
-  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
-  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
-  train_data = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+  ds, model, params, loss_fn, train_data = digits_mlp((16,), BATCH)
   proto = jaxgc.PartialStraggler(assignments.cyclic(M, LOAD), ELL)
   make = lambda ps: parallel.make_coded_step(proto, SLOW, loss_fn, optax.sgd(0.5), mesh,
                                              adaptive=ps)

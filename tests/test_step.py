@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from jaxgc import assignments, data, models, protocols, timing
 from jaxgc import parallel
 from jaxgc.parallel import step as step_lib
+from helpers import digits_mlp
 
 M, LOAD, BATCH = 20, 4, 160
 
@@ -21,11 +22,7 @@ M, LOAD, BATCH = 20, 4, 160
 def setup():
   assert len(jax.devices()) >= 8, "conftest must give 8 CPU devices"
   mesh = parallel.make_mesh(8)
-  ds = data.load("digits")
-  model = models.get_model("mlp", ds.num_classes, (32,))
-  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
-  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
-  train_data = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+  ds, model, params, loss_fn, train_data = digits_mlp((32,), BATCH)
   return mesh, train_data, model, params, loss_fn
 
 
@@ -212,7 +209,7 @@ def test_decoder_under_shard_map_with_check_vma():
   """decode_sharded == protocols.decode, and its output is device-invariant (P())."""
   mesh = parallel.make_mesh(8)
   m_pad, ell, d = 24, 3, 100
-  b = protocols.num_blocks(d, ell)
+  b = protocols.base.num_blocks(d, ell)
   k1, k2 = jax.random.split(jax.random.key(0))
   msgs = jax.random.normal(k1, (m_pad, b))
   dec = jax.random.normal(k2, (ell, m_pad)).at[:, 5].set(0.0)

@@ -5,9 +5,6 @@ Internals of the sharded step (``split_blocks``, ``weighted_sum``,
 """
 from jaxgc.protocols.base import (MODES, Coefficients, Protocol, decode, encode, estimate,
                                   expected_mse, stop_time)
-# Not public (absent from __all__); still reachable here for the step until it imports base.
-from jaxgc.protocols.base import (decode_blocks, min_norm_decoder, num_blocks,  # noqa: F401
-                                  split_blocks, weighted_sum)
 from jaxgc.protocols.graph_code import GraphCode
 from jaxgc.protocols.backup_workers import BackupWorkers
 from jaxgc.protocols.original import Original
