@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 
 from jaxgc.experiment.runs import read_metrics
 
@@ -43,7 +44,9 @@ def plot_accuracy_vs_time(runs: dict[str, str], path: str, target: float | None 
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
   ax.legend(fontsize="small")
-  ax.set_title(title or "Test accuracy against simulated time")
+  # Wrapped: a comparison's title lists every protocol and would run off the figure.
+  ax.set_title(textwrap.fill(title or "Test accuracy against simulated time", 70),
+               fontsize="medium")
   fig.tight_layout()
   tmp = f"{path}.tmp{os.getpid()}"       # renamed into place: never half a PNG
   fig.savefig(tmp, dpi=120, format="png")
