@@ -290,7 +290,8 @@ def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -
   budget = models.device_memory_budget() if budget is None else budget * 2**30
   if budget is None:
     return
-  params = jax.eval_shape(models.init_params, model, jax.random.key(0), ds.x_train[:1])
+  params = jax.eval_shape(lambda k: models.init_params(model, k, ds.x_train[:1]),
+                          jax.random.key(0))
   per_chunk = config.batch_size // assignment.num_chunks
   chunk = tuple(jax.ShapeDtypeStruct((per_chunk,) + a.shape[1:], a.dtype)
                 for a in (ds.x_train, ds.y_train))
@@ -301,11 +302,11 @@ def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -
   # message of d/ell per worker on the device and the decoded gradient.
   workers = -(-assignment.num_workers // num_devices)
   buffers = 2 + -(-workers // config.protocol.ell)
-  est = models.memory_estimate(loss_fn, params, chunk, assignment.load,
-                               optimizer_slots=-(-opt // max(p, 1)), gradient_buffers=buffers)
+  est = models.memory_estimate(loss_fn, params, chunk, assignment.max_load,
+                               optimizer_slots=round(opt / max(p, 1)), gradient_buffers=buffers)
   with blame(config, "memory", "memory", ("assignment.load", "memory_budget_gb"),
              "memory_budget_gb"):
-    models.check_memory(est, budget, assignment.load)
+    models.check_memory(est, budget, assignment.max_load)
 
 
 def build(config, mesh=None) -> Experiment:
