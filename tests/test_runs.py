@@ -15,6 +15,7 @@ from jaxgc import experiment, protocols
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
+LM = f"--config={os.path.join(ROOT, 'configs', 'lm.py')}"
 # A small fast run: 4 workers on 2 CPU devices, a linear model.
 TINY = ("num_devices=2", "num_workers=4", "load=2", "ell=1", "batch_size=64", "model=linear",
         "eval_every=3", "checkpoint_every=1", "max_checkpoints=3")
@@ -73,6 +74,10 @@ def test_bad_flags_give_one_line(tmp_path):
       ("--config.protocol=__no_such_protocol__",): "--config.protocol.name",
       ("--compare=partial_straggler,orignal",): "--compare",
       (f"--workdir={taken}", "--config.seed=7"): "--restart",
+      ("--config.protocol=graph_code", "--config.mode=deadline", "--config.deadline=8"):
+          "--config.protocol.ell",
+      (LM, "--config.model.transformer_lm.seq_len=32"): "--config.data.pystdlib.seq_len=64",
+      (LM, "--config.memory_budget_gb=0.001"): "--config.assignment.load=3",
   }
   procs = {}
   for i, flags in enumerate([*cases, (f"--config={broken}",)]):
@@ -91,6 +96,8 @@ def test_bad_flags_give_one_line(tmp_path):
     assert cases[flags] in lines[0] and "\\n" not in lines[0], (flags, err)
     if "--config.seed=7" in flags:
       assert "seed (0 there, 7 asked)" in lines[0], err
+    if "--config.memory_budget_gb=0.001" in flags:   # the estimate, by part
+      assert "GiB per device (params" in lines[0] and "exceeds the memory budget" in lines[0]
   for i in range(len(cases)):
     assert not (tmp_path / str(i)).exists()       # a bad command leaves no folder behind
 
@@ -287,6 +294,10 @@ ALIAS_CASES = [   # old flag -> (new path, value)
     ("optimizer=sgd", "optimizer.name", "sgd"),
     ("learning_rate=0.5", "optimizer.learning_rate", 0.5),
     ("dataset=synthetic_linear", "data.name", "synthetic_linear"),
+    ("num_backup=2", "protocol.backup_workers.num_backup", 2),
+    ("seq_len=32", "data.pystdlib.seq_len", 32),
+    ("corpus_bytes=5000", "data.pystdlib.max_bytes", 5000),
+    ("d_model=32", "model.transformer_lm.d_model", 32),
 ]
 
 
