@@ -15,7 +15,6 @@ from jaxgc import experiment, protocols
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
-LM = f"--config={os.path.join(ROOT, 'configs', 'lm.py')}"
 # A small fast run: 4 workers on 2 CPU devices, a linear model.
 TINY = ("num_devices=2", "num_workers=4", "load=2", "ell=1", "batch_size=64", "model=linear",
         "eval_every=3", "checkpoint_every=1", "max_checkpoints=3")
@@ -76,8 +75,6 @@ def test_bad_flags_give_one_line(tmp_path):
       (f"--workdir={taken}", "--config.seed=7"): "--restart",
       ("--config.protocol=graph_code", "--config.mode=deadline", "--config.deadline=8"):
           "--config.protocol.ell",
-      (LM, "--config.model.transformer_lm.seq_len=32"): "--config.data.pystdlib.seq_len=64",
-      (LM, "--config.memory_budget_gb=0.001"): "--config.assignment.load=3",
   }
   procs = {}
   for i, flags in enumerate([*cases, (f"--config={broken}",)]):
@@ -96,10 +93,26 @@ def test_bad_flags_give_one_line(tmp_path):
     assert cases[flags] in lines[0] and "\\n" not in lines[0], (flags, err)
     if "--config.seed=7" in flags:
       assert "seed (0 there, 7 asked)" in lines[0], err
-    if "--config.memory_budget_gb=0.001" in flags:   # the estimate, by part
-      assert "GiB per device (params" in lines[0] and "exceeds the memory budget" in lines[0]
   for i in range(len(cases)):
     assert not (tmp_path / str(i)).exists()       # a bad command leaves no folder behind
+
+
+def test_lm_settings_fail_at_build_naming_the_flags():
+  """The LM's sequence length has one source (the data), and the memory estimate is
+  checked against --config.memory_budget_gb before any training."""
+  lm = experiment.load_config(os.path.join(ROOT, "configs", "lm.py"))
+  cases = {
+      "model.transformer_lm.seq_len=32": r"^--config.model.transformer_lm.seq_len=32: differs "
+                                         r"from --config.data.pystdlib.seq_len=64",
+      "memory_budget_gb=0.001": r"^--config.assignment.load=3: .*estimated [\d.]+ GiB per "
+                                r"device \(params .*exceeds the memory budget of 0.001 GiB",
+      "batch_size=60": r"^--config.batch_size=60: batch_size=60 sequences of seq_len=64",
+  }
+  for flag, match in cases.items():
+    config = experiment.apply_overrides(
+        lm.copy_and_resolve_references(), [("num_cpu_devices", "8"), flag.split("=", 1)])
+    with pytest.raises(experiment.ConfigError, match=match):
+      experiment.build(config)
 
 
 # -- crash safety: kill -9 at chosen moments ----------------------------------------------
