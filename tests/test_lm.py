@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgc import assignments, data, models, parallel, protocols, timing
+from jaxgc import data, experiment, models
 
 M, LOAD, ELL, BATCH, SEQ = 8, 3, 2, 16, 16     # 2 sequences of 16 bytes per chunk
 
@@ -63,6 +63,11 @@ def test_chunk_losses_sum_to_the_batch_mean_token_loss():
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   np.testing.assert_allclose(float(ev["test_loss"]), float(want), rtol=1e-5)
   np.testing.assert_allclose(float(ev["test_perplexity"]), np.exp(float(want)), rtol=1e-5)
+  # The loop evaluates in batches (3 of 5 sequences and 1 left over): the same numbers.
+  batched = experiment.evaluate(model.apply, params, (x, y), batch_size=5)
+  assert batched.keys() == ev.keys()
+  for k, v in batched.items():
+    np.testing.assert_allclose(v, float(ev[k]), rtol=1e-5, err_msg=k)
 
 
 def test_causal():
