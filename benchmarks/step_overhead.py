@@ -7,6 +7,7 @@ the same optax update. Prints median step times and their median ratio.
 
   python benchmarks/step_overhead.py                 # default config, 8 CPU devices
   python benchmarks/step_overhead.py --models=512,512,512 --protocol=original
+  python benchmarks/step_overhead.py --config=configs/lm.py    # the transformer LM
 
 The coded step plans each step (durations, state, coefficient solve) on one
 device during the previous step and ships the plan in that step's all-reduce,
@@ -30,7 +31,8 @@ def main():
   ap.add_argument("--protocol", default=None, help="override config.protocol.name")
   ap.add_argument("--models", default=None,
                   help="';'-separated hidden sizes of the MLPs to time (default: the "
-                       "config's model, then 512,512,512)")
+                       "config's model, then 512,512,512); for the LM, ';'-separated "
+                       "d_model,num_layers (default: the config's, then 128,4)")
   ap.add_argument("--max_seconds", type=float, default=60.0,
                   help="stop timing a model after this long (big models on CPU)")
   ap.add_argument("--num_devices", type=int, default=None, help="override config.num_devices")
@@ -68,10 +70,22 @@ def main():
         f"batch={config.batch_size}, num_candidates="
         f"{config.protocol.partial_straggler.num_candidates or 'default'}")
 
-  models_arg = args.models or (",".join(map(str, config.model.mlp.hidden)) + ";512,512,512")
+  lm = config.model.name == "transformer_lm"
+  if lm:
+    opts = config.model.transformer_lm
+    models_arg = args.models or f"{opts.d_model},{opts.num_layers};128,4"
+  else:
+    models_arg = args.models or (",".join(map(str, config.model.mlp.hidden)) + ";512,512,512")
   for hidden in models_arg.split(";"):
     hidden = tuple(int(h) for h in hidden.split(","))
-    model = models.get_model(config.model.name, ds.num_classes, hidden)
+    if lm:
+      config.model.transformer_lm.d_model, config.model.transformer_lm.num_layers = hidden
+      what = (f"LM d_model={hidden[0]} layers={hidden[1]} "
+              f"seq_len={experiment.sequence_length(ds)}")
+    else:
+      config.model.mlp.hidden = hidden
+      what = f"MLP hidden={hidden}"
+    model = experiment.make_model(config, ds.num_classes, experiment.sequence_length(ds))
     tx = experiment.make_optimizer(config)
     loss_fn = models.chunk_loss_fn(model.apply, config.batch_size)
     protocol = experiment.make_protocol(config, experiment.make_assignment(config))
@@ -107,7 +121,7 @@ def main():
     nparams = sum(x.size for x in jax.tree.leaves(states["coded"].params))
     c, u = (np.asarray(times[k]) for k in ("coded", "uncoded"))
     ratio = np.median(c / u)
-    print(f"MLP hidden={hidden} ({nparams} params, {len(c)} steps): "
+    print(f"{what} ({nparams} params, {len(c)} steps): "
           f"coded {1e3 * np.median(c):.2f} ms, "
           f"uncoded {1e3 * np.median(u):.2f} ms, median ratio {ratio:.3f} "
           f"(overhead {100 * (ratio - 1):+.1f}%)")

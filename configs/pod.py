@@ -1,33 +1,34 @@
-"""A larger model on a GPU/TPU pod: one worker per accelerator.
+"""The language model on a GPU/TPU pod: one worker per accelerator.
 
 Run the same command on every host, with that host's process id:
 
   python train.py --config=configs/pod.py --workdir=gs://... \
       --config.coordinator_address=host0:1234 --config.num_processes=4 \
-      --config.process_id=$RANK --config.num_devices=32 --config.assignment.num_workers=32
+      --config.process_id=$RANK --config.num_devices=32
 
-On Cloud TPU / SLURM, jax.distributed.initialize() finds the cluster by itself;
-leave coordinator_address unset and set num_processes > 1.
+``--config.assignment.num_workers`` follows ``--config.num_devices`` and the batch
+grows with it (16 sequences per worker). On Cloud TPU / SLURM,
+jax.distributed.initialize() finds the cluster by itself; leave
+coordinator_address unset and set num_processes > 1.
 """
-from configs import default as default_lib
+from configs import lm as lm_lib
 
 
 def get_config():
-  config = default_lib.get_config()
-  config.platform = ""             # JAX's default backend (GPU/TPU)
+  config = lm_lib.get_config()
+  config.platform = ""                          # JAX's default backend (GPU/TPU)
   config.num_devices = 8
-  config.assignment.num_workers = 8  # one worker per device
+  config.assignment.num_workers = config.get_ref("num_devices")   # one worker per device
+  config.batch_size = config.get_ref("num_devices") * 16
   config.assignment.load = 3
   config.protocol.ell = 2
-  config.model.name = "mlp"
-  config.model.mlp.hidden = (2048, 2048, 2048)
-  config.data.name = "synthetic_logistic"
-  config.data.synthetic_logistic.num_examples = 200_000
-  config.data.synthetic_logistic.dim = 512
-  config.batch_size = 8 * 1024
+  config.data.pystdlib.max_bytes = 1 << 40      # more than there is: the whole stdlib
+  config.data.pystdlib.seq_len = 512
+  config.model.transformer_lm.d_model = 512
+  config.model.transformer_lm.num_heads = 8
+  config.model.transformer_lm.num_layers = 8
   config.optimizer.learning_rate = 1e-3
-  config.num_steps = 2000
-  config.eval_every = 100
+  config.num_steps = 5000
+  config.eval_every = 250
   config.checkpoint_every = 500
-  config.target_accuracy = 0.8
   return config

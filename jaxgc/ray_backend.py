@@ -20,7 +20,8 @@ and the driver plays the PS, in real time:
    ``T · time_scale`` wall seconds after dispatch (deadline mode; ``T`` is in
    simulated seconds as everywhere in jaxgc, so one config runs on both backends).
    An exact-mode step that can never decode (dead workers) stops once nothing
-   more can arrive, or at ``timeout · time_scale``.
+   more can arrive, or at ``timeout · time_scale`` plus ``message_timeout`` wall
+   seconds for the real compute.
 3. **Round.** The PS solves the coefficients of the observed state with the
    protocol's own solve, sends each worker its row, and collects the ``⌈d/ℓ⌉``
    messages (:func:`jaxgc.protocols.encode` on the worker). That call also stops
@@ -588,7 +589,11 @@ class RayStep:
     if self.mode == "deadline":
       limit = self.deadline * self.time_scale
     else:
-      limit = np.inf if self.timeout is None else self.timeout * self.time_scale
+      # The timeout is simulated seconds of injected delay; the workers' real compute
+      # comes on top (it dominates at a small time_scale), so the PS waits
+      # message_timeout more wall seconds before giving up on a step.
+      limit = np.inf if self.timeout is None else (self.timeout * self.time_scale
+                                                   + self.message_timeout)
     live = dict(zip(gens, range(num_actors)))
     arrived = np.full((m, width), np.inf, np.float32)   # the stop test's view of `finish`
     complete = bool(self._complete(arrived))

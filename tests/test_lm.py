@@ -1,5 +1,9 @@
 """The transformer LM on the stdlib corpus: data, chunk loss, coded exactness, bad input."""
 import functools
+import json
+import os
+import subprocess
+import sys
 import sysconfig
 
 import jax
@@ -8,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgc import assignments, data, models, parallel, protocols, timing
+from jaxgc import data, experiment, models
 
 M, LOAD, ELL, BATCH, SEQ = 8, 3, 2, 16, 16     # 2 sequences of 16 bytes per chunk
 
@@ -59,6 +63,11 @@ def test_chunk_losses_sum_to_the_batch_mean_token_loss():
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   np.testing.assert_allclose(float(ev["test_loss"]), float(want), rtol=1e-5)
   np.testing.assert_allclose(float(ev["test_perplexity"]), np.exp(float(want)), rtol=1e-5)
+  # The loop evaluates in batches (3 of 5 sequences and 1 left over): the same numbers.
+  batched = experiment.evaluate(model.apply, params, (x, y), batch_size=5)
+  assert batched.keys() == ev.keys()
+  for k, v in batched.items():
+    np.testing.assert_allclose(v, float(ev[k]), rtol=1e-5, err_msg=k)
 
 
 def test_causal():
@@ -72,36 +81,35 @@ def test_causal():
   assert not np.allclose(np.asarray(a[:, 9:]), np.asarray(b[:, 9:]))
 
 
-def test_coded_lm_equals_uncoded_step_by_step_and_full_batch_gradient():
-  """Exact-mode partial_straggler: its first SGD step moves the parameters by the
-  full-batch gradient, and its losses equal uncoded training's step by step
-  (same keys, same chunks)."""
-  ds, _, params, loss_fn = setup()
-  mesh = parallel.make_mesh(8)
-  asg = assignments.cyclic(M, LOAD)
-  lr = 0.5
-  train = (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
-  data_key, key = jax.random.key(1), jax.random.key(2)
-  chunks = [data.step_chunks(train, data_key, s, BATCH, M) for s in range(3)]
-  flat = lambda t: jax.flatten_util.ravel_pytree(t)[0]
-  losses = {}
-  for name, ell in (("partial_straggler", ELL), ("uncoded", 1)):
-    step = parallel.make_coded_step(protocols.get_protocol(name, asg, ell),
-                                    timing.get_model("slowdown"), loss_fn, optax.sgd(lr), mesh)
-    state, update = jax.jit(step.init_state)(params, key), step.jit()
-    losses[name] = []
-    for s, c in enumerate(chunks):
-      new, metrics = update(state, c, key)
-      assert bool(metrics["exact"])
-      losses[name].append(float(metrics["loss"]))
-      if s == 0 and name == "partial_straggler":
-        total = lambda p, c=c: jnp.sum(jax.vmap(loss_fn, (None, 0))(p, c))
-        want = flat(jax.jit(jax.grad(total))(params))
-        got = (flat(params) - flat(new.params)) / lr
-        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-4
-      state = new
+def test_train_py_lm_coded_equals_uncoded_and_logs_perplexity(tmp_path):
+  """``train.py --config=configs/lm.py``: exact-mode partial_straggler's losses equal
+  uncoded training's step by step (same seed: same chunks), the loss falls, and
+  evaluation logs validation loss, next-byte accuracy and perplexity."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = root
+  flags = ["--config.num_steps=4", "--config.eval_every=4", "--config.checkpoint_every=0",
+           "--config.mode=exact", "--config.seed=3", "--config.corpus_bytes=200000",
+           "--config.num_layers=1"]
+  out = subprocess.run([sys.executable, os.path.join(root, "train.py"),
+                        f"--config={os.path.join(root, 'configs', 'lm.py')}",
+                        f"--workdir={tmp_path}", "--compare=partial_straggler,uncoded", *flags],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  losses, evals = {}, {}
+  for name in ("partial_straggler", "uncoded"):
+    rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    losses[name] = [r["loss"] for r in rows if "loss" in r]
+    evals[name] = [r for r in rows if "test_loss" in r]
+  assert len(losses["uncoded"]) == 4
   np.testing.assert_allclose(losses["partial_straggler"], losses["uncoded"], rtol=1e-5)
-  assert losses["uncoded"][-1] < losses["uncoded"][0]
+  assert losses["uncoded"][-1] < losses["uncoded"][0] - 0.5
+  for ev in evals["partial_straggler"]:
+    np.testing.assert_allclose(ev["test_perplexity"], np.exp(ev["test_loss"]), rtol=1e-5)
+    assert 0.0 <= ev["test_accuracy"] <= 1.0
+  assert [ev["step"] for ev in evals["partial_straggler"]] == [0, 4]
+  assert evals["partial_straggler"][-1]["test_loss"] < evals["partial_straggler"][0]["test_loss"]
+  assert (tmp_path / "accuracy_vs_time.png").exists()
 
 
 def test_bad_input_names_the_setting_and_the_fix():

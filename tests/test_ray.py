@@ -103,8 +103,10 @@ def test_exact_losses_equal_spmd_uncoded(pool, setup, partial):
   # SGD: Adam would blow float rounding on exactly-zero gradients up to full steps.
   a, tx, key = assignments.cyclic(M, LOAD), optax.sgd(0.5), jax.random.key(7)
   straggler = timing.get_model("slowdown")
+  # timeout · time_scale is microseconds, far below the workers' real compute: the PS
+  # still waits for it, as the simulator would (a decodable step is never cut).
   ps = RayStep(partial[2], straggler, loss_fn, tx,
-               pool=pool, time_scale=0.005)
+               pool=pool, time_scale=0.005, timeout=1e-3)
   spmd = parallel.make_coded_step(protocols.get_protocol("uncoded", a), straggler, loss_fn, tx,
                                   parallel.make_mesh(1))
   update = ps.jit()

@@ -73,6 +73,8 @@ def test_bad_flags_give_one_line(tmp_path):
       ("--config.protocol=__no_such_protocol__",): "--config.protocol.name",
       ("--compare=partial_straggler,orignal",): "--compare",
       (f"--workdir={taken}", "--config.seed=7"): "--restart",
+      ("--config.protocol=graph_code", "--config.mode=deadline", "--config.deadline=8"):
+          "--config.protocol.ell",
   }
   procs = {}
   for i, flags in enumerate([*cases, (f"--config={broken}",)]):
@@ -93,6 +95,24 @@ def test_bad_flags_give_one_line(tmp_path):
       assert "seed (0 there, 7 asked)" in lines[0], err
   for i in range(len(cases)):
     assert not (tmp_path / str(i)).exists()       # a bad command leaves no folder behind
+
+
+def test_lm_settings_fail_at_build_naming_the_flags():
+  """The LM's sequence length has one source (the data), and the memory estimate is
+  checked against --config.memory_budget_gb before any training."""
+  lm = experiment.load_config(os.path.join(ROOT, "configs", "lm.py"))
+  cases = {
+      "model.transformer_lm.seq_len=32": r"^--config.model.transformer_lm.seq_len=32: differs "
+                                         r"from --config.data.pystdlib.seq_len=64",
+      "memory_budget_gb=0.001": r"^--config.assignment.load=3: .*estimated [\d.]+ GiB per "
+                                r"device \(params .*exceeds the memory budget of 0.001 GiB",
+      "batch_size=60": r"^--config.batch_size=60: batch_size=60 sequences of seq_len=64",
+  }
+  for flag, match in cases.items():
+    config = experiment.apply_overrides(
+        lm.copy_and_resolve_references(), [("num_cpu_devices", "8"), flag.split("=", 1)])
+    with pytest.raises(experiment.ConfigError, match=match):
+      experiment.build(config)
 
 
 # -- crash safety: kill -9 at chosen moments ----------------------------------------------
@@ -287,6 +307,10 @@ ALIAS_CASES = [   # old flag -> (new path, value)
     ("optimizer=sgd", "optimizer.name", "sgd"),
     ("learning_rate=0.5", "optimizer.learning_rate", 0.5),
     ("dataset=synthetic_linear", "data.name", "synthetic_linear"),
+    ("num_backup=2", "protocol.backup_workers.num_backup", 2),
+    ("seq_len=32", "data.pystdlib.seq_len", 32),
+    ("corpus_bytes=5000", "data.pystdlib.max_bytes", 5000),
+    ("d_model=32", "model.transformer_lm.d_model", 32),
 ]
 
 

@@ -10,9 +10,9 @@ A workdir holds one run (config.json, metrics.jsonl, checkpoints/, summary.json,
 final_params.npz, accuracy_vs_time.png); see :mod:`jaxgc.experiment.runs`.
 """
 from jaxgc.experiment.build import (TIMEOUT_DRAWS, TIMEOUT_FACTOR, Experiment, build,
-                                    default_timeout, make_assignment, make_dataset, make_model,
+                                    check_memory, default_timeout, make_assignment, make_dataset, make_model,
                                     make_optimizer, make_protocol, make_step,
-                                    make_straggler_model, setup_devices)
+                                    make_straggler_model, sequence_length, setup_devices)
 from jaxgc.experiment.config import (ALIASES, NON_RESULT_FIELDS, ConfigError, apply_overrides,
                                      check_config, default_config, load_config,
                                      result_fields_differ, split_config_flags)
@@ -29,7 +29,7 @@ __all__ = [
     # config -> objects
     "Experiment", "build", "setup_devices", "make_dataset", "make_assignment", "make_protocol",
     "make_straggler_model", "make_model", "make_optimizer", "make_step", "default_timeout",
-    "TIMEOUT_FACTOR", "TIMEOUT_DRAWS",
+    "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length", "check_memory",
     # loop
     "keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
     "train_step", "evaluate", "train", "train_and_evaluate", "compare_protocols", "run",

@@ -22,7 +22,7 @@ from jaxgc.experiment.config import ConfigError
 __all__ = [
     "Experiment", "build", "setup_devices", "make_dataset", "make_assignment",
     "make_protocol", "make_straggler_model", "make_model", "make_optimizer", "make_step",
-    "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS",
+    "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length", "check_memory",
 ]
 
 TIMEOUT_FACTOR = 3.0   # default timeout: this many times the median uncoded step time
@@ -183,10 +183,26 @@ def make_straggler_model(config, failure_prob: float | None = None):
     return timing.get_model(s.name, failure_prob=fp, **_options(s, None, config.seed))
 
 
-def make_model(config, num_classes: int):
+def sequence_length(ds: data.Dataset) -> int | None:
+  """Tokens per sequence of a text dataset (targets ``[n, T]``), else ``None``."""
+  return int(ds.y_train.shape[1]) if ds.y_train.ndim == 2 else None
+
+
+def make_model(config, num_classes: int, seq_len: int | None = None):
+  """The model; ``seq_len`` (the data's, see :func:`sequence_length`) goes to a model
+  whose options list ``seq_len``, where it must agree with any value set there."""
   m = config.model
+  opts = _options(m, models.get_model, config.seed)
+  sub = m.get(m.name)
+  if seq_len is not None and isinstance(sub, ml_collections.ConfigDict) and "seq_len" in sub:
+    if opts.setdefault("seq_len", seq_len) != seq_len:
+      data_flag = (f"--config.data.{config.data.name}.seq_len"
+                   if "seq_len" in config.data.get(config.data.name, {}) else "the data")
+      raise ConfigError(_flag(f"model.{m.name}.seq_len", config),
+                        f"differs from {data_flag}={seq_len}, the data's sequence length; "
+                        f"leave --config.model.{m.name}.seq_len unset (it follows the data).")
   with blame(config, "model", "model", _fields(config, "model")):
-    return models.get_model(m.name, num_classes, **_options(m, models.get_model, config.seed))
+    return models.get_model(m.name, num_classes, **opts)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -268,8 +284,35 @@ def _check_batches(config, ds, num_chunks: int):
   x = jax.ShapeDtypeStruct(ds.x_train.shape, ds.x_train.dtype)
   y = jax.ShapeDtypeStruct(ds.y_train.shape, ds.y_train.dtype)
   with blame(config, "data", "batch", ("batch_size", "assignment.num_workers"), "batch_size"):
+    data.check_chunking(config.batch_size, num_chunks, sequence_length(ds))
     jax.eval_shape(lambda d: data.step_chunks(d, jax.random.key(0), 0, config.batch_size,
                                               num_chunks), (x, y))
+
+
+def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -> None:
+  """The model's per-device memory estimate against ``config.memory_budget_gb``
+  (unset: :func:`jaxgc.models.device_memory_budget`; no budget, no check)."""
+  budget = config.memory_budget_gb
+  budget = models.device_memory_budget() if budget is None else budget * 2**30
+  if budget is None:
+    return
+  params = jax.eval_shape(lambda k: models.init_params(model, k, ds.x_train[:1]),
+                          jax.random.key(0))
+  per_chunk = config.batch_size // assignment.num_chunks
+  chunk = tuple(jax.ShapeDtypeStruct((per_chunk,) + a.shape[1:], a.dtype)
+                for a in (ds.x_train, ds.y_train))
+  nbytes = lambda tree: sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                           for a in jax.tree.leaves(tree))
+  p, opt = nbytes(params), nbytes(jax.eval_shape(tx.init, params))
+  # The step streams over a device's chunk slots: one chunk gradient at a time, plus a
+  # message of d/ell per worker on the device and the decoded gradient.
+  workers = -(-assignment.num_workers // num_devices)
+  buffers = 2 + -(-workers // config.protocol.ell)
+  est = models.memory_estimate(loss_fn, params, chunk, assignment.max_load,
+                               optimizer_slots=round(opt / max(p, 1)), gradient_buffers=buffers)
+  with blame(config, "memory", "memory", ("assignment.load", "memory_budget_gb"),
+             "memory_budget_gb"):
+    models.check_memory(est, budget, assignment.max_load)
 
 
 def build(config, mesh=None) -> Experiment:
@@ -284,9 +327,10 @@ def build(config, mesh=None) -> Experiment:
   protocol = make_protocol(config, assignment)
   _check_batches(config, ds, assignment.num_chunks)
   straggler = make_straggler_model(config)
-  model = make_model(config, ds.num_classes)
+  model = make_model(config, ds.num_classes, sequence_length(ds))
   tx = make_optimizer(config)
   loss_fn = models.chunk_loss_fn(model.apply, config.batch_size, ds.is_regression)
+  check_memory(config, model, loss_fn, tx, ds, assignment, mesh.devices.size)
   timeout = config.step.timeout
   if config.step.mode == "exact" and timeout is None:
     timeout = default_timeout(assignment, make_straggler_model(config, failure_prob=0.0),

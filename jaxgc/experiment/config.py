@@ -52,7 +52,7 @@ CHOICE_BLOCKS = ("data", "model", "optimizer", "assignment", "protocol", "stragg
 NON_RESULT_FIELDS = (
     "num_steps", "eval_every", "checkpoint_every", "max_checkpoints", "target_accuracy",
     "platform", "num_devices", "num_cpu_devices", "coordinator_address", "num_processes",
-    "process_id", "distributed_timeout", "ray.address",
+    "process_id", "distributed_timeout", "ray.address", "memory_budget_gb",
 )
 
 # Old flat field -> its place now. "<name>" is the block's chosen name, resolved
@@ -78,6 +78,12 @@ ALIASES = {
     "synthetic.*": "data.<name>.*",
     "hidden": "model.mlp.hidden",
     "learning_rate": "optimizer.learning_rate",
+    "num_backup": "protocol.backup_workers.num_backup",
+    "seq_len": "data.pystdlib.seq_len",
+    "corpus_bytes": "data.pystdlib.max_bytes",
+    "d_model": "model.transformer_lm.d_model",
+    "num_heads": "model.transformer_lm.num_heads",
+    "num_layers": "model.transformer_lm.num_layers",
     "straggler.*": "straggler.<name>.*",
 }
 # ``--config.<block>=NAME`` for a choice block means ``--config.<block>.name=NAME``.
@@ -102,9 +108,15 @@ def default_config() -> ml_collections.ConfigDict:
   synthetic = dict(num_examples=4000, dim=32, noise=0.1, data_seed=0)
   c.data = ml_collections.ConfigDict(dict(
       name="digits", test_fraction=0.2, split_seed=0,
-      digits={}, synthetic_logistic=dict(synthetic), synthetic_linear=dict(synthetic)))
+      digits={}, synthetic_logistic=dict(synthetic), synthetic_linear=dict(synthetic),
+      # Next-byte prediction on the stdlib's source: seq_len bytes per sequence,
+      # the first max_bytes bytes of the corpus.
+      pystdlib=dict(seq_len=64, max_bytes=2_000_000)))
+  # A model option `seq_len` left unset takes the data's sequence length (one source).
   c.model = ml_collections.ConfigDict(dict(
-      name="mlp", mlp=dict(hidden=(64, 64)), linear={}, cnn={}))
+      name="mlp", mlp=dict(hidden=(64, 64)), linear={}, cnn={},
+      transformer_lm=dict(d_model=64, num_heads=4, num_layers=2, mlp_ratio=4, seq_len=None)))
+  c.model.transformer_lm.seq_len = config_dict.placeholder(int)
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=3e-3, adam={}, sgd=dict(momentum=None)))
   c.optimizer.sgd.momentum = config_dict.placeholder(float)
@@ -146,6 +158,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.backend = "spmd"
   c.ray = ml_collections.ConfigDict(dict(num_actors=4, time_scale=0.01, address=None))
   c.ray.address = config_dict.placeholder(str)
+  # Per-device memory the step may use (GiB); unset: what the device reports (none on
+  # CPU: no check). The model's estimate (jaxgc.models.memory_estimate) must fit.
+  c.memory_budget_gb = config_dict.placeholder(float)
 
   # Devices: num_devices in the mesh (all processes together).
   c.platform = "cpu"                # cpu, or "" for JAX's default backend (GPU/TPU)

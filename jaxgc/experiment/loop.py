@@ -16,6 +16,7 @@ import time
 import weakref
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -85,15 +86,36 @@ def train_step(state: parallel.TrainState, train_data, perm, *, coded_step, batc
   return coded_step.update(state, chunks, keys(seed)[2])
 
 
-def evaluate(apply_fn, params, test_data, regression: bool = False) -> dict[str, float]:
-  """Test-set loss and accuracy (or MSE for regression)."""
-  metrics = _eval_fn(apply_fn, regression)(params, *test_data)
+def evaluate(apply_fn, params, test_data, regression: bool = False,
+             batch_size: int | None = None) -> dict[str, float]:
+  """Test-set loss and accuracy (or MSE for regression; perplexity for a language model).
+
+  ``batch_size``: examples per forward pass (``None``: all at once); a language
+  model's logits ``[n, T, vocab]`` for a whole validation split need not fit a device.
+  """
+  n = int(test_data[0].shape[0])
+  size = n if batch_size is None else max(1, min(int(batch_size), n))
+  metrics = _eval_fn(apply_fn, regression, size)(params, *test_data)
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 @functools.lru_cache(maxsize=None)
-def _eval_fn(apply_fn, regression):
-  return jax.jit(functools.partial(models.predict_metrics, apply_fn, regression=regression))
+def _eval_fn(apply_fn, regression, size: int):
+  metrics = functools.partial(models.predict_metrics, apply_fn, regression=regression)
+
+  def run(params, x, y):
+    k = x.shape[0] // size
+    split = lambda a: a[:k * size].reshape((k, size) + a.shape[1:])
+    parts = jax.lax.map(lambda b: metrics(params, *b), (split(x), split(y)))
+    total = jax.tree.map(lambda v: jnp.sum(v) * size, parts)
+    if x.shape[0] > k * size:
+      total = jax.tree.map(lambda t, v: t + v * (x.shape[0] - k * size), total,
+                           metrics(params, x[k * size:], y[k * size:]))
+    out = jax.tree.map(lambda t: t / x.shape[0], total)   # example-weighted means
+    if "test_perplexity" in out:                          # exp of the mean loss, not a mean
+      out["test_perplexity"] = jnp.exp(out["test_loss"])
+    return out
+  return jax.jit(run)
 
 
 def _to_python(tree) -> dict:
@@ -237,7 +259,7 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   step_wall = log.last.get("wall_time", 0.0)   # Ray: real seconds the steps took
 
   def run_eval(step, sim_time):
-    ev = evaluate(exp.model.apply, state.params, test_data, regression)
+    ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size)
     log.write({"step": step, "sim_time": sim_time, **ev})
     return ev
 
@@ -275,7 +297,7 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
       ckpt.save(int(state.step), state, {"wall_time": wall}, force=True)
     ckpt.close()
   if not ev:                 # nothing trained in this invocation: the restored state's
-    ev = evaluate(exp.model.apply, state.params, test_data, regression)
+    ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size)
 
   if lead:
     summary = {"protocol": name, "mode": mode, "steps": int(state.step),
