@@ -206,8 +206,7 @@ def built():
 
 
 def replicated_train_data(exp):
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  rep = NamedSharding(exp.mesh, P())
+  rep = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
   return rep, (experiment.global_array(exp.dataset.x_train, rep),
                experiment.global_array(exp.dataset.y_train, rep))
 

@@ -32,7 +32,8 @@ __all__ = [
     "TIMEOUT_FACTOR", "TIMEOUT_DRAWS",
     # loop
     "keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
-    "train_step", "StepInput", "evaluate", "train", "train_and_evaluate", "compare_protocols", "run",
+    "train_step", "StepInput", "evaluate", "train", "train_and_evaluate", "compare_protocols",
+    "run",
     # runs on disk and plots
     "open_workdir", "read_metrics", "MetricsLog", "time_to_target", "plot_accuracy_vs_time",
 ]

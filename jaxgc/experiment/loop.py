@@ -34,7 +34,8 @@ from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
 
 __all__ = [
     "keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
-    "train_step", "StepInput", "evaluate", "train", "train_and_evaluate", "compare_protocols", "run",
+    "train_step", "StepInput", "evaluate", "train", "train_and_evaluate", "compare_protocols",
+    "run",
 ]
 
 
@@ -122,8 +123,8 @@ class StepInput:
     self._indices = jax.jit(functools.partial(data.batch_indices, None,
                                               num_train=self.num_train, batch_size=batch_size))
     if layout is not None:
-      ids = layout.process_chunk_ids()
-      self._ids = np.maximum(ids, 0)     # phantom slots repeat chunk 0 (as shard_chunks), never used
+      # Phantom slots (-1) repeat chunk 0, as shard_chunks does; they are never computed.
+      self._ids = np.maximum(layout.process_chunk_ids(), 0)
 
   def chunk_indices(self, step: int) -> np.ndarray:
     """int ``[N, batch_size / N]``: the examples of step ``step``'s chunks."""
