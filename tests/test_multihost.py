@@ -71,6 +71,8 @@ def test_two_processes_match_one(tmp_path):
   assert sa["sim_time"] == pytest.approx(sb["sim_time"], rel=1e-6)
   assert sa["erasures"] == sb["erasures"]
   assert sa["test_accuracy"] == pytest.approx(sb["test_accuracy"], abs=1e-6)
+  # Each process placed only its devices' chunks: the same per-device input as one process.
+  assert sa["input_bytes_per_device"] == sb["input_bytes_per_device"] < sa["global_batch_bytes"]
 
 
 # Each process loads only the chunks its own devices hold (process_chunk_ids) and

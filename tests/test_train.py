@@ -143,6 +143,12 @@ def test_default_config_reaches_95_percent(tmp_path):
   experiment.train_and_evaluate(config, str(tmp_path))
   summary = json.load(open(tmp_path / "summary.json"))
   assert summary["test_accuracy"] >= 0.95, summary
+  # A device holds its workers' chunks only: load/m of the global batch per worker,
+  # ceil(m / devices) workers per device (20 workers on 8 devices: 3, one phantom slot row).
+  m, load = config.assignment.num_workers, config.assignment.load
+  per_device = -(-m // config.num_devices)
+  assert summary["input_bytes_per_device"] * m == (
+      summary["global_batch_bytes"] * per_device * load), summary
 
 
 def test_compare_writes_plot(tmp_path):
@@ -188,6 +194,68 @@ def test_command_line_defaults_from_any_directory(tmp_path):
   assert (tmp_path / "workdir" / "accuracy_vs_time.png").exists()
   bad = run("--config.nm_steps=4")
   assert bad.returncode != 0 and "--config.num_steps" in bad.stderr
+
+
+# -- the step's input, built on the host ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def built():
+  """A built experiment (shared: building costs more than these tests' steps)."""
+  return experiment.build(small_config("num_steps=5", "checkpoint_every=0", "eval_every=5",
+                                       "batch_size=640", "message_loss_prob=0.2"))
+
+
+def replicated_train_data(exp):
+  rep = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+  return rep, (experiment.global_array(exp.dataset.x_train, rep),
+               experiment.global_array(exp.dataset.y_train, rep))
+
+
+def test_step_input_equals_in_graph_batches(built):
+  """StepInput's chunks, host and per worker, are bit for bit those drawn in the graph
+  from the replicated training set (train_step's), across epoch boundaries."""
+  from jaxgc import data  # pylint: disable=import-outside-toplevel
+  exp, seed = built, 3                             # 1437 examples, batch 640: 2 steps/epoch
+  ds, n = exp.dataset, exp.assignment.num_chunks
+  _, replicated = replicated_train_data(exp)
+  inputs = experiment.StepInput((ds.x_train, ds.y_train), seed=seed, batch_size=640,
+                                num_chunks=n, layout=exp.step.layout)
+  for step in (0, 1, 2, 5):
+    perm = experiment.epoch_permutation(seed, step // 2, ds.num_train)
+    want = data.step_chunks(replicated, experiment.keys(seed)[1], step, 640, n, perm=perm)
+    for a, b in zip(inputs.host_chunks(step), want):
+      np.testing.assert_array_equal(a, np.asarray(b))
+    for a, b in zip(inputs(step).data, exp.step.shard_chunks(want).data):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      assert a.sharding == b.sharding
+  with pytest.raises(ValueError, match="--config.batch_size=640"):
+    experiment.StepInput((ds.x_train, ds.y_train), seed=seed, batch_size=650, num_chunks=n)
+
+
+def test_training_equals_in_graph_batches(built, tmp_path):
+  """The loop (host-built, per-worker input) trains bit for bit as train_step on the
+  replicated training set does: same losses, same final parameters."""
+  from jaxgc import models  # pylint: disable=import-outside-toplevel
+  exp, seed, steps = built, built.config.seed, built.config.num_steps
+  experiment.train(exp, str(tmp_path))
+  rep, train_data = replicated_train_data(exp)
+  state = jax.jit(lambda: exp.step.init_state(
+      models.init_params(exp.model, experiment.keys(seed)[0], exp.dataset.x_train[:1]),
+      experiment.keys(seed)[2]), out_shardings=rep)()
+  step = jax.jit(lambda s, d, p: experiment.train_step(s, d, p, coded_step=exp.step,
+                                                       batch_size=640, seed=seed))
+  perm_for = experiment.epoch_permutations(seed, exp.dataset.num_train, 640, rep)
+  losses = []
+  for s in range(steps):
+    state, metrics = step(state, train_data, perm_for(s))
+    losses.append(float(metrics["loss"]))
+  assert losses == [r["loss"] for r in read(tmp_path) if "loss" in r]
+  got = final_params(tmp_path)
+  want = {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
 
 
 def test_epoch_permutations_draw_each_epoch_once():

@@ -16,9 +16,9 @@ from jaxgc.experiment.build import (TIMEOUT_DRAWS, TIMEOUT_FACTOR, Experiment, b
 from jaxgc.experiment.config import (ALIASES, NON_RESULT_FIELDS, ConfigError, apply_overrides,
                                      check_config, default_config, load_config,
                                      result_fields_differ, split_config_flags)
-from jaxgc.experiment.loop import (compare_protocols, epoch_permutation, epoch_permutations,
-                                   evaluate, global_array, keys, run, step_chunks, train,
-                                   train_and_evaluate, train_step)
+from jaxgc.experiment.loop import (StepInput, compare_protocols, epoch_permutation,
+                                   epoch_permutations, evaluate, global_array, keys, run,
+                                   step_chunks, train, train_and_evaluate, train_step)
 from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
 from jaxgc.experiment.runs import MetricsLog, open_workdir, read_metrics
 
@@ -32,7 +32,8 @@ __all__ = [
     "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length", "check_memory",
     # loop
     "keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
-    "train_step", "evaluate", "train", "train_and_evaluate", "compare_protocols", "run",
+    "train_step", "StepInput", "evaluate", "train", "train_and_evaluate", "compare_protocols",
+    "run",
     # runs on disk and plots
     "open_workdir", "read_metrics", "MetricsLog", "time_to_target", "plot_accuracy_vs_time",
 ]

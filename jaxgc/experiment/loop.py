@@ -1,10 +1,16 @@
-"""The training loop: ``train_step``, ``evaluate``, ``train_and_evaluate``, comparisons.
+"""The training loop: ``StepInput``, ``evaluate``, ``train_and_evaluate``, comparisons.
 
 Each step costs simulated time (the protocol's stop time under the straggler
 model); ``metrics.jsonl`` logs it cumulatively as ``sim_time``. The batch and the
 straggler durations of step ``s`` are functions of ``(seed, s)`` only, so a run
 resumed from a checkpoint reproduces the uninterrupted one, and every protocol
 sees the same chunks and draws.
+
+The training set stays on the host. Each step, :class:`StepInput` gathers the
+chunks the step needs there and each process places only its own devices' part
+(:meth:`jaxgc.parallel.WorkerLayout.from_process_chunks`), so a device receives
+its workers' chunks, ``load / m`` of the global batch per worker, not all of it.
+The test set is small and is placed replicated for evaluation.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
 
 __all__ = [
     "keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
-    "train_step", "evaluate", "train", "train_and_evaluate", "compare_protocols", "run",
+    "train_step", "StepInput", "evaluate", "train", "train_and_evaluate", "compare_protocols",
+    "run",
 ]
 
 
@@ -77,13 +84,70 @@ def step_chunks(train_data, step, perm, *, seed: int, batch_size: int, num_chunk
 
 def train_step(state: parallel.TrainState, train_data, perm, *, coded_step, batch_size: int,
                seed: int):
-  """One coded step on the batch of step ``state.step`` (jit this).
+  """One coded step on the batch of step ``state.step`` (jit this), drawn in the graph.
 
-  ``perm`` is the current epoch's example order (:func:`epoch_permutations`).
+  ``train_data`` is the whole training set on the mesh (replicated) and ``perm``
+  the current epoch's example order (:func:`epoch_permutations`). The same
+  chunks as :class:`StepInput`'s, which :func:`train` uses instead so that a
+  device receives only its workers' chunks.
   """
   chunks = step_chunks(train_data, state.step, perm, seed=seed, batch_size=batch_size,
                        num_chunks=coded_step.assignment.num_chunks)
   return coded_step.update(state, chunks, keys(seed)[2])
+
+
+class StepInput:
+  """The input of step ``s``, built on the host: the chunks of :func:`step_chunks`.
+
+  The training set stays a host (NumPy) pytree. Step ``s``'s chunk indices come
+  from the epoch's permutation (:func:`epoch_permutation`, drawn on the host CPU
+  once per epoch, the same values as on the mesh) and :func:`jaxgc.data.batch_indices`,
+  so the chunks are bit for bit those of :func:`train_step`. Each process gathers
+  only the chunks its devices hold (``layout.process_chunk_ids()``) and places them
+  with ``layout.from_process_chunks``; no host holds the replicated global batch.
+
+  Args:
+    train_data: host pytree of arrays ``[n_train, ...]``.
+    seed, batch_size, num_chunks: as in :func:`step_chunks`.
+    layout: the step's :class:`jaxgc.parallel.WorkerLayout`; ``None``: the step
+      takes host chunks ``[N, ...]`` (the Ray step).
+  """
+
+  def __init__(self, train_data, *, seed: int, batch_size: int, num_chunks: int,
+               layout: parallel.WorkerLayout | None = None):
+    self.train_data = jax.tree.map(np.asarray, train_data)
+    self.num_train = int(jax.tree.leaves(self.train_data)[0].shape[0])
+    data.check_chunking(batch_size, num_chunks)
+    self.batch_size, self.num_chunks, self.layout = batch_size, num_chunks, layout
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    self._perm_for = epoch_permutations(seed, self.num_train, batch_size, cpu)
+    self._indices = jax.jit(functools.partial(data.batch_indices, None,
+                                              num_train=self.num_train, batch_size=batch_size))
+    if layout is not None:
+      # Phantom slots (-1) repeat chunk 0, as shard_chunks does; they are never computed.
+      self._ids = np.maximum(layout.process_chunk_ids(), 0)
+
+  def chunk_indices(self, step: int) -> np.ndarray:
+    """int ``[N, batch_size / N]``: the examples of step ``step``'s chunks."""
+    idx = self._indices(step, perm=self._perm_for(step))
+    return np.asarray(idx).reshape(self.num_chunks, -1)
+
+  def host_chunks(self, step: int):
+    """Step ``step``'s chunks on the host, leaves ``[N, batch_size / N, ...]``."""
+    idx = self.chunk_indices(step)
+    return jax.tree.map(lambda a: a[idx], self.train_data)
+
+  def __call__(self, step: int):
+    """What the step consumes: :class:`jaxgc.parallel.WorkerChunks` (this process's
+    devices' chunks, placed), or host chunks ``[N, ...]`` without a layout."""
+    if self.layout is None:
+      return self.host_chunks(step)
+    idx = self.chunk_indices(step)[self._ids]                  # [rows, slots, batch / N]
+    return self.layout.from_process_chunks(jax.tree.map(lambda a: a[idx], self.train_data))
+
+  def global_batch_bytes(self) -> int:
+    """Bytes of one step's whole batch (all ``N`` chunks)."""
+    return sum(self.batch_size * a[0].nbytes for a in jax.tree.leaves(self.train_data))
 
 
 def evaluate(apply_fn, params, test_data, regression: bool = False,
@@ -138,26 +202,45 @@ def _per_step(step, key, make):
   return held[key]
 
 
-def _make_update(exp: Experiment, sharding):
-  """``(state, train_data, perm) -> (state, metrics)``: one program for the shard_map
-  step, or a jitted batch plus the step's own (host) update for the Ray backend."""
+def _make_update(exp: Experiment):
+  """``(state, step input) -> (state, metrics)``: the jitted shard_map step on
+  :class:`jaxgc.parallel.WorkerChunks`, or the step's own (host) update for the Ray
+  backend on host chunks."""
   cfg = exp.config
-  key = ("update", cfg.backend, cfg.batch_size, cfg.seed, sharding)
-  return _per_step(exp.step, key, lambda: _build_update(exp, sharding))
+  return _per_step(exp.step, ("update", cfg.backend, cfg.seed), lambda: _build_update(exp))
 
 
-def _build_update(exp: Experiment, sharding):
-  cfg = exp.config
-  if cfg.backend == "spmd":
-    return jax.jit(functools.partial(train_step, coded_step=exp.step,
-                                     batch_size=cfg.batch_size, seed=cfg.seed),
+def _build_update(exp: Experiment):
+  seed = exp.config.seed
+  if exp.config.backend == "spmd":
+    return jax.jit(lambda state, chunks: exp.step.update(state, chunks, keys(seed)[2]),
                    donate_argnums=(0,))
-  chunks = jax.jit(functools.partial(step_chunks, seed=cfg.seed, batch_size=cfg.batch_size,
-                                     num_chunks=exp.assignment.num_chunks),
-                   out_shardings=sharding)
-  update, step_key = exp.step.jit(), keys(cfg.seed)[2]
-  return lambda state, train_data, perm: update(state, chunks(train_data, state.step, perm),
-                                                step_key)
+  update, step_key = exp.step.jit(), keys(seed)[2]
+  return lambda state, chunks: update(state, chunks, step_key)
+
+
+def _step_input(exp: Experiment, rep):
+  """``step -> input`` of the step object: per-worker for a step with a layout, host
+  chunks for the Ray step, else the replicated chunks ``[N, ...]``."""
+  cfg, ds = exp.config, exp.dataset
+  layout = getattr(exp.step, "layout", None) if cfg.backend == "spmd" else None
+  layout = layout if isinstance(layout, parallel.WorkerLayout) else None
+  inputs = StepInput((ds.x_train, ds.y_train), seed=cfg.seed, batch_size=cfg.batch_size,
+                     num_chunks=exp.assignment.num_chunks, layout=layout)
+  if layout is None and cfg.backend == "spmd":
+    return inputs, lambda step: jax.tree.map(lambda x: global_array(x, rep),
+                                             inputs.host_chunks(step))
+  return inputs, inputs
+
+
+def _input_bytes_per_device(inputs: StepInput, first) -> int | None:
+  """Input bytes of one step on one device (``None``: host input, the Ray step)."""
+  if isinstance(first, parallel.WorkerChunks):
+    return inputs.layout.device_bytes(first)
+  leaves = jax.tree.leaves(first)
+  if leaves and isinstance(leaves[0], jax.Array):
+    return sum(x.addressable_shards[0].data.nbytes for x in leaves)
+  return None
 
 
 def _init_state(exp: Experiment, sharding):
@@ -240,7 +323,7 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
     multihost_utils.sync_global_devices("jaxgc workdir ready")
 
   rep = NamedSharding(exp.mesh, P())
-  train_data = (global_array(ds.x_train, rep), global_array(ds.y_train, rep))
+  # The test set is small: replicated. The training set stays on the host (StepInput).
   test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
   state, ckpt, meta = _restore(exp, workdir, _init_state(exp, rep), rep, lead)
   start = int(state.step)
@@ -251,8 +334,8 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
     runs.note(f"{workdir} is already at step {start} > --config.num_steps={cfg.num_steps}: "
               "nothing to train (use a new --workdir for a shorter run).")
 
-  update = _make_update(exp, rep)
-  perm_for = epoch_permutations(cfg.seed, ds.num_train, cfg.batch_size, rep)
+  update = _make_update(exp)
+  inputs, input_for = _step_input(exp, rep)
   regression = ds.is_regression
   score_key = "test_mse" if regression else "test_accuracy"
   name, mode = cfg.protocol.name, cfg.step.mode
@@ -270,8 +353,12 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   if start < cfg.num_steps:
     bar = tqdm(total=cfg.num_steps, initial=start, disable=not lead,
                desc=f"{name}/{mode}", bar_format="{desc}: {n_fmt}/{total_fmt} compiling…")
+  next_input = input_for(start) if start < cfg.num_steps else None
+  input_bytes = _input_bytes_per_device(inputs, next_input)
   for step in range(start, cfg.num_steps):
-    state, metrics = update(state, train_data, perm_for(step))
+    state, metrics = update(state, next_input)
+    # The next step's chunks are gathered and sent while this step runs.
+    next_input = input_for(step + 1) if step + 1 < cfg.num_steps else None
     rec = {"step": step + 1, **_to_python(metrics)}
     if "wall_time" in rec:
       step_wall += rec["wall_time"]
@@ -307,6 +394,9 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
                "session_wall_time_s": time.time() - t0, "resumed_from": start, **ev}
     if step_wall:
       summary["step_wall_time_s"] = step_wall
+    summary["global_batch_bytes"] = inputs.global_batch_bytes()
+    if input_bytes is not None:
+      summary["input_bytes_per_device"] = input_bytes
     _write_outputs(exp, workdir, state, summary)
   return state
 
