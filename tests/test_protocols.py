@@ -13,8 +13,6 @@ from jaxgc import assignments
 from helpers import random_lists
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# Each example builds a new protocol whose eager solve compiles op by op for its shapes.
-SOLVE_SETTINGS = settings(SETTINGS, max_examples=20)
 
 
 def rel_err(est, g):
@@ -58,7 +56,7 @@ def instances(draw):
   return asg, ell, d, rng
 
 
-@SOLVE_SETTINGS
+@SETTINGS
 @given(instances())
 def test_partial_straggler_exact_whenever_coverage_reaches_ell(inst):
   asg, ell, d, rng = inst
@@ -69,7 +67,7 @@ def test_partial_straggler_exact_whenever_coverage_reaches_ell(inst):
   assert rel_err(roundtrip(proto, chunk_grads, counts, d), g.sum(0)) < 1e-4
 
 
-@SOLVE_SETTINGS
+@SETTINGS
 @given(instances())
 def test_encoding_zero_on_unfinished_slots(inst):
   asg, ell, _, rng = inst

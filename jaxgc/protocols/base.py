@@ -246,20 +246,34 @@ class Protocol:
 
   def coefficients(self, counts):
     """``(enc [m, max_load, ℓ], dec [ℓ, m])`` at state ``counts`` ``[m]``."""
-    c = self.solve(counts)
+    c = self._solved(counts)
     return c.enc, c.dec
 
   def encoding(self, counts):
     """Encoding coefficients ``[m, max_load, ℓ]``; zero for unfinished slots."""
-    return self.solve(counts).enc
+    return self._solved(counts).enc
 
   def decoding(self, counts):
     """Decoding matrix ``[ℓ, m]``."""
-    return self.solve(counts).dec
+    return self._solved(counts).dec
 
   def condition_number(self, counts):
     """Worst condition number of the solve at this state, ``[]`` (1.0 where none applies)."""
-    return self.solve(counts).condition
+    return self._solved(counts).condition
+
+  def _solved(self, counts) -> Coefficients:
+    """:meth:`solve`; a concrete state is validated here and solved by one compiled program.
+
+    Run eagerly, a solve dispatches (and compiles, once per shape) each of its
+    many small operations separately, which costs about ten times one compile.
+    """
+    if isinstance(counts, jax.core.Tracer):
+      return self.solve(counts)
+    if self._jitted_solve is None:
+      self._jitted_solve = jax.jit(self.solve)
+    return self._jitted_solve(self.check_counts(counts))
+
+  _jitted_solve = None
 
   def completion_time(self, durations):
     """Exact-recovery time ``[...]`` from durations ``[..., m, max_load]``; ``inf`` if never."""
