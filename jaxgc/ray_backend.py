@@ -101,8 +101,7 @@ def work_slots(protocol) -> list[np.ndarray]:
   a = protocol.assignment
   if isinstance(protocol, _protocols.Uncoded):
     return [np.flatnonzero(row).astype(np.int32) for row in protocol.designated]
-  enc = np.asarray(_ps_functions(protocol)[1](jnp.asarray(a.loads, jnp.int32))[0])
-  used = np.any(enc != 0, axis=-1) & a.slot_mask
+  used = protocol.slots_in_use()
   out = []
   for j in range(a.num_workers):
     last = np.flatnonzero(used[j])

@@ -270,16 +270,10 @@ def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int
 
 
 def _used_slots(protocol) -> int:
-  """How many leading slots per worker the protocol can ever use.
-
-  Probed at the all-finished state: ``Uncoded`` uses only each chunk's designated
-  slot (slot 0 of a cyclic assignment), so its workers need not hold the rest.
-  """
-  a = protocol.assignment
-  enc = np.asarray(protocol.solve(jnp.asarray(a.loads)).enc)
-  used = np.any(enc != 0, axis=-1)
+  """How many leading slots per worker the protocol can ever use (all if none)."""
+  used = protocol.slots_in_use()
   if not used.any():
-    return a.max_load
+    return protocol.assignment.max_load
   return int(np.max(np.nonzero(used)[1])) + 1
 
 

@@ -284,6 +284,17 @@ class Protocol:
     raise NotImplementedError
 
   # -- shared helpers --------------------------------------------------------
+  def slots_in_use(self) -> np.ndarray:
+    """bool ``[m, max_load]``: the slots that can ever carry a coefficient.
+
+    Probed at the all-finished state, where every protocol's encoding is widest:
+    ``Uncoded`` uses only each chunk's designated slot, so a backend need not
+    compute (or ship) the rest.
+    """
+    a = self.assignment
+    enc = np.asarray(self.solve(jnp.asarray(a.loads, jnp.int32)).enc)
+    return np.any(enc != 0, axis=-1) & a.slot_mask
+
   def coverage(self, counts):
     """``c_i(k)``, ``[..., N]``."""
     return self.assignment.coverage(counts)
