@@ -73,7 +73,8 @@ def _flag(path: str, config) -> str:
 def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: str = ""):
   """Re-raises a library ``ValueError`` as a :class:`ConfigError` naming the flag.
 
-  The flag is the first of ``fields`` (dotted config paths) whose last name the
+  The flag is the field of ``fields`` (dotted config paths) named by the error's
+  ``param`` (:class:`jaxgc.errors.ParamError`), else the first whose last name the
   message mentions, else ``default`` (``<block>.name`` if empty). A ``TypeError``
   for an unknown keyword names the option's flag.
   """
@@ -91,9 +92,16 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
                       f"{kind} {name or ''} has no option {m[1]!r} ({e}).") from None
   except ValueError as e:
     msg = str(e)
+    param = getattr(e, "param", None)     # a jaxgc.errors.ParamError names its parameter
+    named = [f for f in fields if f.split(".")[-1] == param]
     hits = [(mt.start(), f) for f in fields
             for mt in [re.search(rf"\b{re.escape(f.split('.')[-1])}\b", msg)] if mt]
-    path = min(hits)[1] if hits else (default or f"{block}.name")
+    if named:
+      path = named[0]
+    elif param == "name":
+      path = f"{block}.name"
+    else:
+      path = min(hits)[1] if hits else (default or f"{block}.name")
     hint = ""
     if path.endswith(".name") and name is not None:
       near = difflib.get_close_matches(name, [w for w in re.findall(r"'([\w\-]+)'", msg)

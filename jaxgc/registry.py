@@ -1,0 +1,125 @@
+"""One registry mechanism: names to constructors, options read from their signatures.
+
+A :class:`Registry` maps a name (as typed on a command line) to a constructor, a
+class or a function. The options a name takes are the constructor's keyword
+parameters, so declaring a new choice is one decorator::
+
+    STRAGGLER_MODELS = Registry("straggler model")
+
+    @STRAGGLER_MODELS.register("pareto")
+    class Pareto: ...
+
+    STRAGGLER_MODELS.build("pareto", alpha=3.0)
+
+:meth:`Registry.build` rejects an unknown name or option with a
+:class:`~jaxgc.errors.ParamError` that lists the valid ones.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+from jaxgc.errors import ParamError
+
+__all__ = ["Registry", "signature_options"]
+
+T = TypeVar("T")
+_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def signature_options(fn: Callable[..., Any], skip: int = 0) -> tuple[str, ...]:
+  """Names of ``fn``'s keyword-capable parameters, after the first ``skip`` positional ones."""
+  params = [p for p in inspect.signature(fn).parameters.values() if p.kind in _KEYWORD]
+  return tuple(p.name for p in params[skip:])
+
+
+class Registry(Generic[T]):
+  """Names to constructors of one kind (``kind`` is used in error messages).
+
+  ``positional``: how many leading parameters every constructor takes from the
+  caller rather than as options (e.g. ``1`` for a protocol's ``assignment``); they
+  are not listed by :meth:`options`.
+  """
+
+  def __init__(self, kind: str, positional: int = 0):
+    self.kind = kind
+    self.positional = positional
+    self._entries: dict[str, Callable[..., T]] = {}
+
+  def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: registers a class or function under ``name`` and returns it unchanged."""
+    def add(fn: Callable[..., T]) -> Callable[..., T]:
+      if name in self._entries and self._entries[name] is not fn:
+        raise ValueError(f"{self.kind} {name!r} is already registered "
+                         f"({self._entries[name]!r}); choose another name.")
+      self._entries[name] = fn
+      return fn
+    return add
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._entries
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(sorted(self._entries))
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def names(self) -> list[str]:
+    """The registered names, sorted."""
+    return sorted(self._entries)
+
+  def get(self, name: str) -> Callable[..., T]:
+    """The constructor registered as ``name``; an unknown name raises ``ParamError("name")``."""
+    if name not in self._entries:
+      near = difflib.get_close_matches(str(name), self.names(), n=1)
+      hint = f" Did you mean {near[0]!r}?" if near else ""
+      raise ParamError(f"unknown {self.kind} {name!r}; choose one of {self.names()}.{hint}",
+                       "name")
+    return self._entries[name]
+
+  def options(self, name: str) -> tuple[str, ...]:
+    """The options ``name`` takes: its constructor's keyword parameters."""
+    return signature_options(self.get(name), self.positional)
+
+  def table(self) -> Mapping[str, tuple[str, ...]]:
+    """A live read-only view ``{name: options}`` (includes later registrations)."""
+    return _OptionTable(self)
+
+  def build(self, name: str, /, *args: Any, **options: Any) -> T:
+    """``constructor(*args, **options)`` for ``name``, after checking the option names.
+
+    An unknown option raises :class:`~jaxgc.errors.ParamError` with ``param`` set to
+    it and the valid options listed.
+    """
+    fn = self.get(name)
+    valid = self.options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+      raise ParamError(f"{self.kind} {name!r} takes no parameter(s) {unknown}; it takes "
+                       f"{list(valid)}.", unknown[0])
+    return fn(*args, **options)
+
+  def __repr__(self) -> str:
+    return f"Registry({self.kind!r}, {self.names()})"
+
+
+class _OptionTable(Mapping[str, tuple[str, ...]]):
+  def __init__(self, registry: Registry[Any]):
+    self._registry = registry
+
+  def __getitem__(self, name: str) -> tuple[str, ...]:
+    if name not in self._registry:
+      raise KeyError(name)
+    return self._registry.options(name)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._registry)
+
+  def __len__(self) -> int:
+    return len(self._registry)
+
+  def __repr__(self) -> str:
+    return repr(dict(self))
