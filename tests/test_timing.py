@@ -46,9 +46,9 @@ def test_models_run_under_jit_and_vmap():
 def test_trace_and_get_model():
   asg = assignments.cyclic(3, 2)
   tr = np.arange(6, dtype=np.float32).reshape(3, 2)
-  np.testing.assert_array_equal(timing.Trace(tr).sample(None, asg), tr)
+  np.testing.assert_array_equal(timing.RecordedDurations(tr).sample(None, asg), tr)
   with pytest.raises(ValueError, match="trailing shape"):
-    timing.Trace(np.ones((2, 2))).sample(None, asg)
+    timing.RecordedDurations(np.ones((2, 2))).sample(None, asg)
   assert isinstance(timing.get_model("pareto", failure_prob=0.1), timing.Failures)
   assert timing.get_model("slowdown", shift=2.0, factor=3.0).base.shift == 2.0
   with pytest.raises(ValueError, match="unknown straggler model"):
@@ -66,7 +66,7 @@ def test_nan_durations_rejected():
   with pytest.raises(ValueError, match="NaN"):
     jaxgc.PartialStraggler(asg, 1).completion_time(bad)
   with pytest.raises(ValueError, match="NaN"):
-    timing.Trace(bad)
+    timing.RecordedDurations(bad)
   with pytest.raises(ValueError, match="non-negative"):
     timing.progress(-np.ones((3, 2)), 1.0)
 
@@ -169,3 +169,127 @@ def test_straggler_model_registry_names():
     assert set(params) >= ({"shift", "rate"} if name != "pareto" else {"alpha"})
   ge = timing.get_straggler_model("gilbert_elliott", shift=2.0, p_slow=0.1, p_recover=0.3)
   assert ge.base.shift == 2.0 and ge.slow_fraction == pytest.approx(0.25) and ge.stateful
+
+
+# -- construction-time validation (models are checked when built) ------------------
+
+import math                                            # noqa: E402
+import pickle                                          # noqa: E402
+import warnings                                        # noqa: E402
+
+from hypothesis import HealthCheck, given, settings    # noqa: E402
+from hypothesis import strategies as st                # noqa: E402
+
+from jaxgc.errors import ParamError                    # noqa: E402
+
+HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ASG4 = assignments.from_lists([[0, 1, 2], [1], [2, 3], [3, 0]], 4)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@pytest.mark.parametrize("build,param", [
+    (lambda: timing.ShiftedExponential(float("nan"), 1.0), "shift"),
+    (lambda: timing.ShiftedExponential(1.0, float("inf")), "rate"),
+    (lambda: timing.Failures(p=1.5), "p"),
+    (lambda: timing.GilbertElliott(p_slow=2.0), "p_slow"),
+    (lambda: timing.GilbertElliott(p_slow=0.0, p_recover=0.0), "p_recover"),
+    (lambda: timing.Slowdown(fraction=-0.1), "fraction"),
+    (lambda: timing.Slowdown(base=3.0), "base"),
+    (lambda: timing.FixedSlowdown(workers=(0, -1)), "workers"),
+    (lambda: timing.Pareto(alpha=0.0), "alpha"),
+    (lambda: timing.TraceReplay("alibaba_pai_job1", noise=timing.Pareto(1.0, 0.5)), "alpha"),
+    (lambda: timing.get_model("slowdown", bogus=1.0), "bogus"),
+    (lambda: timing.get_model("weibull"), "name"),
+    (lambda: timing.get_model("pareto", failure_prob=-0.5), "failure_prob"),
+])
+def test_bad_model_fails_when_built_naming_the_param(build, param):
+  with pytest.raises(ParamError) as e:
+    build()
+  assert e.value.param == param and isinstance(e.value, ValueError)
+
+
+def test_param_error_survives_pickling():
+  e = pickle.loads(pickle.dumps(ParamError("rate=0 must be > 0.", "rate")))
+  assert isinstance(e, ParamError) and e.param == "rate" and str(e) == "rate=0 must be > 0."
+
+
+@HYP
+@given(shift=st.floats(0, 1e3), rate=st.floats(1e-3, 1e3), fraction=st.floats(0, 1),
+       factor=st.floats(1, 1e3), p=st.floats(0, 1), p_slow=st.floats(0, 1),
+       p_recover=st.floats(1e-6, 1))
+def test_any_valid_parameters_build_and_sample_times(shift, rate, fraction, factor, p, p_slow,
+                                                     p_recover):
+  base = timing.ShiftedExponential(shift, rate)
+  key = jax.random.PRNGKey(0)
+  for model in [base, timing.Slowdown(base, fraction, factor), timing.Failures(base, p),
+                timing.GilbertElliott(base, p_slow, p_recover, factor),
+                timing.FixedSlowdown(base, (1, 3), factor)]:
+    tau = np.asarray(model.sample(key, ASG4, (2,)))
+    assert tau.shape == (2, 4, 3) and not np.isnan(tau).any() and (tau >= 0).all(), model
+    assert np.isinf(tau[:, ~ASG4.slot_mask]).all()
+
+
+_VALID = dict(shift=1.0, rate=1.0, fraction=0.2, factor=5.0, p=0.1, p_slow=0.1, p_recover=0.1)
+_OK = dict(shift=lambda v: v >= 0, rate=lambda v: v > 0, fraction=lambda v: 0 <= v <= 1,
+           factor=lambda v: v >= 1, p=lambda v: 0 <= v <= 1, p_slow=lambda v: 0 <= v <= 1,
+           p_recover=lambda v: 0 <= v <= 1)
+
+
+def _build(params):
+  base = timing.ShiftedExponential(params["shift"], params["rate"])
+  return [timing.Slowdown(base, params["fraction"], params["factor"]),
+          timing.Failures(base, params["p"]),
+          timing.GilbertElliott(base, params["p_slow"], params["p_recover"], params["factor"])]
+
+
+@HYP
+@given(param=st.sampled_from(sorted(_VALID)),
+       value=st.one_of(finite, st.sampled_from([math.nan, math.inf, -math.inf])))
+def test_any_invalid_parameter_raises_param_error_naming_it(param, value):
+  params = dict(_VALID, **{param: value})
+  if math.isfinite(value) and _OK[param](value):
+    assert len(_build(params)) == 3
+    return
+  with pytest.raises(ParamError) as e:
+    _build(params)
+  assert e.value.param == param and param in str(e.value)
+
+
+def test_models_are_hashable_values_and_static_jit_arguments():
+  a, b = timing.get_model("slowdown"), timing.Slowdown(timing.ShiftedExponential(1, 1), 0.2, 5)
+  assert a == b and hash(a) == hash(b) and a != timing.Slowdown(fraction=0.3)
+  assert hash(timing.FixedSlowdown(workers=[0, 1])) == hash(timing.FixedSlowdown(workers=(0, 1)))
+  f = jax.jit(lambda model, key: model.sample(key, ASG4), static_argnums=0)
+  np.testing.assert_array_equal(f(a, jax.random.PRNGKey(1)), f(b, jax.random.PRNGKey(1)))
+  assert f._cache_size() == 1                   # equal models share one compilation
+
+
+def test_models_built_inside_jit_skip_the_check_on_tracers():
+  @jax.jit
+  def draw(rate, key):
+    return timing.ShiftedExponential(1.0, rate).sample(key, ASG4)
+  assert draw(2.0, jax.random.PRNGKey(0)).shape == (4, 3)
+
+
+def test_old_names_still_importable():
+  old = ["ShiftedExponential", "Pareto", "Slowdown", "Failures", "FixedSlowdown",
+         "GilbertElliott", "TraceReplay", "TRACES", "load_trace", "get_straggler_model",
+         "get_model", "MODEL_PARAMS", "check_model", "finish_times", "progress",
+         "worker_finish_times", "oracle_time", "kth_smallest", "check_durations",
+         "event_loop_completion_time", "init_state", "sample_step", "sample_steps"]
+  assert all(hasattr(timing, n) for n in old)
+  with pytest.warns(DeprecationWarning, match="RecordedDurations"):
+    assert timing.Trace is timing.RecordedDurations
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    from jaxgc.timing import RecordedDurations, ShiftedExponential  # noqa: F401
+  assert timing.ShiftedExponential(2.0, 4.0).mean == 2.25
+  assert timing.check_model(timing.get_model("gilbert_elliott")) is not None
+
+
+def test_every_registered_model_builds_from_its_defaults():
+  assert set(timing.MODEL_PARAMS) == set(timing.STRAGGLER_MODELS.names())
+  for name in timing.STRAGGLER_MODELS:
+    model = timing.get_straggler_model(name)
+    assert isinstance(model, timing.StragglerModel), name
+    assert timing.check_model(model) is model

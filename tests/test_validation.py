@@ -169,3 +169,23 @@ def test_stop_time_rejects_bad_modes():
     jaxgc.stop_time(proto, tau(), timeout=-1.0)
   with pytest.raises(ValueError, match=r"ignore_stragglers .* no exact mode; use mode='deadline'"):
     jaxgc.stop_time(jaxgc.IgnoreStragglers(ASG), tau())
+
+
+# -- the command line names the flag from the error's parameter ---------------
+
+@pytest.mark.parametrize("name,options,flag", [
+    # The message names p_slow first; the error's param (p_recover) decides the flag.
+    ("gilbert_elliott", dict(p_slow=0.0, p_recover=0.0), "straggler.gilbert_elliott.p_recover"),
+    ("slowdown", dict(rate=-1.0), "straggler.slowdown.rate"),
+    ("pareto", dict(alpha=float("nan")), "straggler.pareto.alpha"),
+])
+def test_bad_straggler_option_names_its_flag(name, options, flag):
+  import ml_collections
+
+  from jaxgc import experiment
+  config = experiment.default_config()
+  config.straggler.name = name
+  config.straggler[name] = ml_collections.ConfigDict(options)
+  with pytest.raises(experiment.ConfigError) as e:
+    experiment.make_straggler_model(config)
+  assert e.value.flag.split("=")[0] == f"--config.{flag}", e.value
