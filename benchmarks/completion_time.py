@@ -48,7 +48,8 @@ def table(trials: int, seed: int):
       t_part, t_or, t_un, t_oc = map(np.asarray, run(jax.random.PRNGKey(seed)))
       r_or, r_oc, r_ocb, r_un = t_or / t_part, t_part / t_oc, t_or / t_oc, t_un / t_part
       print(f"{name:<12}{m:>5}{load:>5}{ell:>4} | {t_part.mean():>8.2f} | "
-            f"{r_or.mean():>12.2f}{np.median(r_or):>8.2f} | {r_oc.mean():>11.2f}{r_ocb.mean():>12.2f} | "
+            f"{r_or.mean():>12.2f}{np.median(r_or):>8.2f} | "
+            f"{r_oc.mean():>11.2f}{r_ocb.mean():>12.2f} | "
             f"{r_un.mean():>20.2f}")
       rows.append((name, m, load, ell, r_or.mean(), np.median(r_or)))
   return rows
@@ -97,11 +98,13 @@ def speed(trials: int, loop_trials: int, seed: int):
   print(f"  vectorised completion_time: {vec:.3f} s (median of 5, jitted)")
   print(f"  Python event loop: {loop_per_trial * 1e3:.1f} ms/trial -> "
         f"{loop_per_trial * trials:.1f} s for {trials} trials (extrapolated from {loop_trials})")
-  print(f"  speed-up: {loop_per_trial * trials / vec:.0f}x (results agree on the {loop_trials} checked)")
+  print(f"  speed-up: {loop_per_trial * trials / vec:.0f}x "
+        f"(results agree on the {loop_trials} checked)")
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--trials", type=int, default=4000)
   p.add_argument("--quick", action="store_true", help="500 trials, smaller speed test")
   p.add_argument("--seed", type=int, default=0)

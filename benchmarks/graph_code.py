@@ -24,12 +24,12 @@ import jax
 
 jax.config.update("jax_enable_x64", True)   # measure the codes, not float32 round-off
 
-import jax.numpy as jnp   # noqa: E402
-import numpy as np        # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-import jaxgc              # noqa: E402
-from jaxgc import assignments, spectral, timing   # noqa: E402
-from jaxgc.protocols.graph_code import GraphCode, decoding_error   # noqa: E402
+import jaxgc  # noqa: E402
+from jaxgc import assignments, spectral, timing  # noqa: E402
+from jaxgc.protocols.graph_code import GraphCode, decoding_error  # noqa: E402
 
 F64 = jnp.float64
 EXACT = 1e-14   # relative MSE below this is float64 round-off of an exact decode
@@ -62,9 +62,11 @@ def straggler_case(num_sets: int, n: int = 60, load: int = 8, s: int = 20, seed:
     asg = proto.assignment
     ratio, bound = spectral.second_singular_ratio(asg), float(spectral.raviv_bound(asg, s))
     v = norms[name]
-    print(f"{name:<38}{ratio:>7.3f}{bound:>7.2f} | {'':7}{np.median(v):>7.3f}{v.min():>7.3f}{v.max():>7.3f}")
+    print(f"{name:<38}{ratio:>7.3f}{bound:>7.2f} | {'':7}"
+          f"{np.median(v):>7.3f}{v.min():>7.3f}{v.max():>7.3f}")
   orig, gc = norms["Original (tandon, random regular)"], norms["GraphCode, random regular"]
-  print(f"Original / GraphCode on the same sets (random regular): median {np.median(orig / gc):.2f}x, "
+  print("Original / GraphCode on the same sets (random regular): "
+        f"median {np.median(orig / gc):.2f}x, "
         f"range {np.min(orig / gc):.2f}-{np.max(orig / gc):.2f}x; Original above the bound in "
         f"{np.mean(orig > float(spectral.raviv_bound(rr, s))):.0%} of the sets, GraphCode in "
         f"{np.mean(gc > float(spectral.raviv_bound(rr, s))):.0%}.")
@@ -105,7 +107,8 @@ def deadline_case(trials: int, model, label: str, m: int = 20, load: int = 4, se
     row = [errs[n][i] for n in names]
     print(f"{t:>5.1f} | " + "".join(f"{v:>13.3e}" if v > EXACT else f"{'0':>13}" for v in row)
           + f" | {names[int(np.argmin(row))]}")
-  print("ratios a / b (> 1: b is better; '-' where b is exact). Median over the deadlines where both "
+  print("ratios a / b (> 1: b is better; '-' where b is exact). "
+        "Median over the deadlines where both "
         "are non-zero and one is below 0.9:")
   for a, b in (("GC rr", "PS l=1"), ("GC rr", "PS l=2"), ("GC cyclic", "GC rr"),
                ("Original l=1", "GC rr"), ("Ignore", "GC rr")):

@@ -87,7 +87,8 @@ def quality_table(args):
       info = r["info"]
       t_ratio = r["t_rand"].mean() / r["t_opt"].mean()
       t_med = np.median(r["t_rand"] / r["t_opt"][None])  # per draw and order
-      mse_cols = "".join(f"{_ratio(a, b):>10}" for a, b in zip(r["mse_rand"], r["mse_opt"]))
+      mse_cols = "".join(f"{_ratio(a, b):>10}" for a, b in zip(r["mse_rand"], r["mse_opt"],
+                                                                strict=True))
       print(f"{kind:<16}{m:>3}{load:>3}{ell:>3} | {info.method:<12}{info.q:>6}"
             f"{info.lower_bound:>5}{'yes' if info.optimal else 'no':>5} | "
             f"{r['q_rand'].mean():>7.1f}{r['q_rand'].mean() / info.q:>6.2f} | "
@@ -109,7 +110,8 @@ def cost_table(args):
   print("\noptimiser cost (wall time, this machine)")
   print(f"{'assignment':<22}{'ℓ':>3} | {'method':<13}{'Q':>6}{'LB':>6}{'gap':>4}{'colour Q':>9}"
         f"{'shuffled Q':>11}{'seconds':>9}")
-  sizes = [(50, 8), (100, 10), (200, 16)] if args.quick else [(50, 8), (100, 10), (200, 8), (200, 16)]
+  sizes = ([(50, 8), (100, 10), (200, 16)] if args.quick
+           else [(50, 8), (100, 10), (200, 8), (200, 16)])
   cases = [(m, d, 1) for m, d in sizes]
   cases += [(20, 6, 2), (20, 6, 3), (30, 8, 2), (12, 5, 3)]
   if not args.quick:

@@ -92,7 +92,8 @@ def table(steps: int, seed: int, assign: bool = True):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--quick", action="store_true", help="300 steps per case")
   p.add_argument("--seed", type=int, default=0)

@@ -28,13 +28,15 @@ sys.path.insert(0, ROOT)
 def _ps(m: int, load: int, ell: int, repeats: int = 5) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from jaxgc import assignments  # pylint: disable=import-outside-toplevel
   from jaxgc.protocols import PartialStraggler  # pylint: disable=import-outside-toplevel
   t = time.perf_counter()
   proto = PartialStraggler(assignments.cyclic(m, load), ell)
   out = {"m": m, "load": load, "ell": ell, "build_s": time.perf_counter() - t}
   counts = np.random.default_rng(0).integers(0, load + 1, size=m)
-  for name, fn in (("coefficients", proto.coefficients), ("condition_number", proto.condition_number)):
+  for name, fn in (("coefficients", proto.coefficients),
+                   ("condition_number", proto.condition_number)):
     t = time.perf_counter()
     compiled = jax.jit(fn).lower(counts).compile()
     out[f"{name}_compile_s"] = time.perf_counter() - t
@@ -55,6 +57,7 @@ def _ps(m: int, load: int, ell: int, repeats: int = 5) -> dict:
 def _original(m: int, load: int, ell: int, construction: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from jaxgc import assignments  # pylint: disable=import-outside-toplevel
   from jaxgc.protocols import Original  # pylint: disable=import-outside-toplevel
   t = time.perf_counter()

@@ -42,7 +42,8 @@ def errors(proto, states, grads, batch=100):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--trials", type=int, default=1000)
   p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
   p.add_argument("--ells", type=int, nargs="+", default=[1, 2, 4])
@@ -65,7 +66,8 @@ def main():
       tau = timing.ShiftedExponential().sample(key, asg, (trials,))
       grads = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (trials, m, D), jnp.float64))
       cells, conds = [], None
-      for cls, kw in ((jaxgc.PartialStraggler, {}), (jaxgc.Original, {"construction": "polynomial"})):
+      for cls, kw in ((jaxgc.PartialStraggler, {}),
+                      (jaxgc.Original, {"construction": "polynomial"})):
         for dt in (jnp.float32, jnp.float64):
           proto = cls(asg, ell, dtype=dt, **kw)
           states = timing.progress(tau, jaxgc.stop_time(proto, tau))
@@ -75,7 +77,8 @@ def main():
             worst32 = max(worst32, float(err.max()))
             conds = np.asarray(jax.jit(jax.vmap(proto.condition_number))(states[:200]))
       fmt = lambda e: (f"{np.median(e):8.1e} / {e.max():7.1e}" if np.isfinite(e).all() else
-                       f"{np.nanmedian(np.where(np.isfinite(e), e, np.nan)):8.1e} / nf {np.mean(~np.isfinite(e)):4.1%}")
+                       f"{np.nanmedian(np.where(np.isfinite(e), e, np.nan)):8.1e} / "
+                       f"nf {np.mean(~np.isfinite(e)):4.1%}")
       print(f"{m:>4}{ell:>4}{load:>5} | " + " | ".join(fmt(e) for e in cells) +
             f" | {conds.max():>15.1f}   ({time.perf_counter() - t0:.0f}s)", flush=True)
   print("nf X%: the decode gave NaN/Inf in X% of the states (the Vandermonde solve overflowed);\n"

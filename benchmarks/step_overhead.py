@@ -58,7 +58,9 @@ def main():
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P
+
   from jaxgc import models, parallel  # pylint: disable=import-outside-toplevel
 
   ds = experiment.make_dataset(config)
@@ -95,16 +97,18 @@ def main():
         report_condition=config.step.report_condition)
     plain = parallel.make_plain_step(protocol.assignment, loss_fn, tx, mesh,
                                      compute_slots=coded.layout.slots)
-    params = jax.jit(lambda: models.init_params(model, jax.random.key(0), ds.x_train[:1]),
+    params = jax.jit(lambda model=model: models.init_params(model, jax.random.key(0),
+                                                            ds.x_train[:1]),
                      out_shardings=rep)()
     step_key = experiment.keys(0)[2]
     states = {"coded": jax.jit(coded.init_state, out_shardings=rep)(params, step_key),
-              "uncoded": jax.jit(lambda p: parallel.TrainState.create(p, tx),
+              "uncoded": jax.jit(lambda p, tx=tx: parallel.TrainState.create(p, tx),
                                  out_shardings=rep)(params)}
     fns = {name: jax.jit(functools.partial(experiment.train_step, coded_step=s,
                                            batch_size=config.batch_size, seed=0))
            for name, s in (("coded", coded), ("uncoded", plain))}
-    # The epoch's example order is drawn once per epoch, outside the timed step (as in jaxgc.experiment).
+    # The epoch's example order is drawn once per epoch, outside the timed step (as in
+    # jaxgc.experiment).
     perm_for = experiment.epoch_permutations(0, len(ds.x_train), config.batch_size, rep)
     times = {name: [] for name in fns}
     start = time.perf_counter()

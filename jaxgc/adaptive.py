@@ -218,7 +218,8 @@ def simulate(protocol, straggler, key, num_steps: int, adaptive: AdaptivePS | No
 
 # -- simulator only: re-choosing the assignment itself ------------------------------
 
-def speed_assignment(mean_durations, num_chunks: int, total_slots: int, max_load: int) -> np.ndarray:
+def speed_assignment(mean_durations, num_chunks: int, total_slots: int,
+                     max_load: int) -> np.ndarray:
   """Chunk lists with unequal loads for estimated speeds, by greedy list scheduling.
 
   Worker ``p``'s ``t``-th slot would finish at ``(t+1)·μ_p`` at its mean speed.

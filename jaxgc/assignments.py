@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -166,12 +166,13 @@ class Assignment:
             "with counts.astype(jnp.int32).")
       return counts
     c = np.asarray(counts)
-    if np.issubdtype(c.dtype, np.floating):
-      if not np.isfinite(c).all() or (c != np.round(c)).any():
-        bad = c[~np.isfinite(c) | (c != np.round(c))].ravel()[0]
-        raise ValueError(
-            f"{what}: counts must be whole numbers of chunks, got {bad}; pass integers "
-            "0 <= k_j <= load_j (e.g. timing.progress(durations, t)).")
+    fractional = np.issubdtype(c.dtype, np.floating) and (
+        not np.isfinite(c).all() or (c != np.round(c)).any())
+    if fractional:
+      bad = c[~np.isfinite(c) | (c != np.round(c))].ravel()[0]
+      raise ValueError(
+          f"{what}: counts must be whole numbers of chunks, got {bad}; pass integers "
+          "0 <= k_j <= load_j (e.g. timing.progress(durations, t)).")
     over = (c < 0) | (c > self.loads)
     if over.any():
       idx = tuple(np.argwhere(over)[0])
@@ -213,7 +214,7 @@ class Assignment:
           f"only {rmin} worker(s); exact recovery would be impossible. Use ell <= {rmin}, "
           "or an assignment with a larger load.")
 
-  def with_order(self, order) -> "Assignment":
+  def with_order(self, order) -> Assignment:
     """Same chunk sets per worker, new processing order (raises if the sets differ)."""
     new = Assignment(np.asarray(order), self.num_chunks, self.kind)
     if new.order.shape[0] != self.num_workers or not np.array_equal(
@@ -240,9 +241,8 @@ def _validate(order, num_chunks) -> None:
     raise ValueError(
         f"order must be an int array [num_workers, max_load] with both sizes >= 1, "
         f"got shape {order.shape}.")
-  if not np.issubdtype(order.dtype, np.integer):
-    if not np.all(np.equal(np.mod(order, 1), 0)):
-      raise ValueError("order must contain integer chunk indices (-1 for an empty slot).")
+  if not np.issubdtype(order.dtype, np.integer) and not np.all(np.equal(np.mod(order, 1), 0)):
+    raise ValueError("order must contain integer chunk indices (-1 for an empty slot).")
   if not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
     raise ValueError(f"num_chunks must be a positive integer, got {num_chunks!r}.")
   order = order.astype(np.int64)
@@ -289,13 +289,13 @@ def from_order(order, num_chunks: int | None = None, kind: str = "explicit") -> 
 
 def from_lists(lists: Sequence[Sequence[int]], num_chunks: int | None = None) -> Assignment:
   """From ragged per-worker ordered lists, e.g. ``[[0, 1], [1, 2, 0], [2]]``."""
-  lists = [list(map(int, l)) for l in lists]
+  lists = [list(map(int, chunks)) for chunks in lists]
   if not lists:
     raise ValueError("need at least one worker.")
-  width = max(1, max(len(l) for l in lists))
+  width = max(1, max(len(chunks) for chunks in lists))
   order = np.full((len(lists), width), -1, np.int64)
-  for j, l in enumerate(lists):
-    order[j, : len(l)] = l
+  for j, chunks in enumerate(lists):
+    order[j, : len(chunks)] = chunks
   return from_order(order, num_chunks)
 
 
@@ -333,7 +333,8 @@ def from_biadjacency(adjacency) -> Assignment:
   return Assignment(order, adj.shape[1], "graph")
 
 
-def from_graph(graph, workers: Sequence | None = None, chunks: Sequence | None = None) -> Assignment:
+def from_graph(graph, workers: Sequence | None = None,
+               chunks: Sequence | None = None) -> Assignment:
   """From a networkx bipartite graph.
 
   Workers are the nodes with ``bipartite=0`` (or ``workers``), chunks the others;
@@ -354,7 +355,8 @@ def from_graph(graph, workers: Sequence | None = None, chunks: Sequence | None =
   return from_biadjacency(np.asarray(adj.todense()) != 0)
 
 
-def random_regular(num_workers: int, load: int, seed: int = 0, num_swaps: int | None = None) -> Assignment:
+def random_regular(num_workers: int, load: int, seed: int = 0,
+                   num_swaps: int | None = None) -> Assignment:
   """A uniformly-mixed random ``load``-regular bipartite graph with ``N = m``.
 
   Starts from the cyclic graph and applies random degree-preserving edge swaps
@@ -388,7 +390,8 @@ def _check_sizes(num_workers, load):
 
 
 def expander(num_workers: int, load: int, seed: int = 0) -> Assignment:
-  """A Ramanujan ``load``-regular bipartite assignment, ``N = m``: worker ``j`` holds its neighbours.
+  """A Ramanujan ``load``-regular bipartite assignment, ``N = m``: worker ``j`` holds its
+  neighbours.
 
   The graph is networkx's ``random_regular_expander_graph(m, load)``: a simple
   ``load``-regular graph (``load/2`` random permutations) kept only once networkx

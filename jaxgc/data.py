@@ -51,7 +51,10 @@ class Dataset(NamedTuple):
     return self.num_classes == 0
 
 
-def _split(x, y, test_fraction: float, seed: int):
+_Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _split(x, y, test_fraction: float, seed: int) -> _Splits:
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
   perm = np.random.default_rng(seed).permutation(len(x))
@@ -84,7 +87,7 @@ def stdlib_corpus(max_bytes: int | None = 2_000_000) -> np.ndarray:
   return np.frombuffer(b"".join(parts), np.uint8)
 
 
-def _text_windows(tokens, seq_len: int, test_fraction: float):
+def _text_windows(tokens, seq_len: int, test_fraction: float) -> _Splits:
   """Non-overlapping windows ``x = tokens[s:s+T]``, ``y = tokens[s+1:s+T+1]``; the last
   ``test_fraction`` of the text is the validation split (a contiguous tail, so no
   window straddles the two)."""
@@ -171,7 +174,8 @@ def steps_per_epoch(num_train: int, batch_size: int) -> int:
 
 
 def epoch_permutation(data_key, epoch, num_train: int):
-  """The example order of epoch ``epoch``: int32 ``[num_train]``, from ``fold_in(data_key, epoch)``."""
+  """The example order of epoch ``epoch``: int32 ``[num_train]``, from
+  ``fold_in(data_key, epoch)``."""
   return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_train)
 
 

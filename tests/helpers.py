@@ -9,7 +9,7 @@ def assert_trees_allclose(a, b, rtol=1e-6, atol=1e-6):
   la, ta = jax.tree_util.tree_flatten(a)
   lb, tb = jax.tree_util.tree_flatten(b)
   assert ta == tb, f"tree structures differ: {ta} vs {tb}"
-  for x, y in zip(la, lb):
+  for x, y in zip(la, lb, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
@@ -30,13 +30,14 @@ def random_lists(rng, m, n_chunks, min_rep=1, max_load=None):
     pool = [i for i in range(n_chunks) if i not in lists[j]]
     lists[j] += list(rng.choice(pool, size=min(extra, len(pool)), replace=False)) if pool else []
     rng.shuffle(lists[j])
-  lists = [[int(c) for c in l] or [int(rng.integers(n_chunks))] for l in lists]
+  lists = [[int(c) for c in lst] or [int(rng.integers(n_chunks))] for lst in lists]
   return jaxgc.assignments.from_lists(lists, n_chunks)
 
 
 def digits_mlp(hidden, batch_size, seed=0):
   """``(dataset, model, params, chunk loss_fn, train_data)`` for a small MLP on digits."""
   import jax.numpy as jnp
+
   from jaxgc import data, models
   ds = data.load("digits")
   model = models.get_model("mlp", ds.num_classes, hidden)

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import digits_mlp
 
 import jaxgc
-from helpers import digits_mlp
-from jaxgc import adaptive, assignments, data, timing
-from jaxgc import parallel
+from jaxgc import adaptive, assignments, data, parallel, timing
 
 M, LOAD, ELL, BATCH = 20, 4, 2, 160
 SLOW = timing.FixedSlowdown(timing.ShiftedExponential(1.0, 1.0), (0, 1, 2, 3), 5.0)
@@ -54,7 +53,8 @@ def test_adaptive_exact_mode_equals_uncoded_every_step(setup, run):
     ref, ref_met = plain_update(ref, chunks[s])
     assert bool(metrics[s]["exact"]), s
     np.testing.assert_allclose(float(metrics[s]["loss"]), float(ref_met["loss"]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(states[s + 1].params), jax.tree.leaves(ref.params)):
+    for a, b in zip(jax.tree.leaves(states[s + 1].params), jax.tree.leaves(ref.params),
+                    strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   perms = [np.asarray(st.adaptive_state.perm) for st in states[: len(chunks)]]
   assert any((p != np.arange(M)).any() for p in perms), "the placement never changed"
@@ -70,7 +70,8 @@ def test_adaptive_state_survives_checkpoint(setup, run):
   assert int(restored.adaptive_state.num_obs) == 4
   for s in (3, 4):
     restored, met = update(restored, chunks[s], KEY)
-    for x, y in zip(jax.tree.leaves((restored, met)), jax.tree.leaves((states[s + 1], metrics[s]))):
+    for x, y in zip(jax.tree.leaves((restored, met)),
+                    jax.tree.leaves((states[s + 1], metrics[s])), strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -96,7 +97,7 @@ def test_adaptive_for_another_assignment_is_refused(setup):
 
 def test_config_adaptive_builds_the_adaptive_step(setup):
   """--config.adaptive=True (default False) gives the step an AdaptivePS of its protocol."""
-  from jaxgc import experiment   # pylint: disable=import-outside-toplevel
+  from jaxgc import experiment  # pylint: disable=import-outside-toplevel
   mesh, _, loss_fn, proto, _, _ = setup
   cfg = experiment.default_config()
   tx = optax.sgd(0.1)

@@ -102,9 +102,10 @@ def test_finished_views_agree_with_the_lists():
     fin = np.asarray(asg.finished(counts))
     slots = np.asarray(asg.finished_slots(counts))
     whole = np.asarray(asg.finished_workers(counts))
-    np.testing.assert_array_equal(fin, [[i in l for i in range(3)] for l in lists])
-    np.testing.assert_array_equal(slots, [[t < len(l) for t in range(3)] for l in lists])
-    np.testing.assert_array_equal(whole, [len(l) == len(asg.lists()[j]) for j, l in enumerate(lists)])
+    np.testing.assert_array_equal(fin, [[i in lst for i in range(3)] for lst in lists])
+    np.testing.assert_array_equal(slots, [[t < len(lst) for t in range(3)] for lst in lists])
+    np.testing.assert_array_equal(
+        whole, [len(lst) == len(asg.lists()[j]) for j, lst in enumerate(lists)])
   # Batched states work the same way.
   batch = np.array([[1, 2, 1], [2, 3, 1]])
   np.testing.assert_array_equal(asg.coverage(batch)[1], asg.coverage(batch[1]))

@@ -26,7 +26,8 @@ def test_stops_at_the_m_minus_b_th_finish_and_rescales(m, load, b):
     grads = rng.standard_normal((m, load, 5))           # slot t of worker j: chunk (j+t) mod m
     grads[~got, 0] = np.nan                             # what has not arrived must not leak
     want = m / (m - b) * grads[got, 0].sum(0)
-    np.testing.assert_allclose(protocols.estimate(proto, grads.astype(np.float32), counts), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(protocols.estimate(proto, grads.astype(np.float32), counts),
+                               want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(proto.dropped_share(counts)), b / m, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(proto.coverage(counts)),
                                   got[np.argsort(asg.order[:, 0])].astype(int))

@@ -3,16 +3,15 @@ import functools
 
 import hypothesis.strategies as st
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_lists
 from hypothesis import HealthCheck, given, settings
 
 import jaxgc
 from jaxgc import assignments, spectral, timing
 from jaxgc.protocols import GraphCode, get_protocol
 from jaxgc.protocols.graph_code import decoding_error
-from helpers import random_lists
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -79,7 +78,7 @@ def test_optimal_error_obeys_raviv_bound(m, load):
   rng = np.random.default_rng(m)
   stragglers = rng.integers(1, m // 2 + 1, size=32)
   counts = np.full((32, m), load)
-  for row, s in zip(counts, stragglers):
+  for row, s in zip(counts, stragglers, strict=True):
     row[rng.choice(m, s, replace=False)] = 0
   err = np.sqrt(np.asarray(jax.jit(proto.optimal_error)(counts)))
   bound = spectral.raviv_bound(asg, stragglers)

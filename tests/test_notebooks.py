@@ -21,7 +21,8 @@ def _code_cells(nb):
 
 
 def _errors(nb):
-  return [f"{o.get('ename')}: {o.get('evalue')}" for c in _code_cells(nb) for o in c.get("outputs", [])
+  return [f"{o.get('ename')}: {o.get('evalue')}"
+          for c in _code_cells(nb) for o in c.get("outputs", [])
           if o.get("output_type") == "error"]
 
 

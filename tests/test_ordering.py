@@ -6,12 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxgc import assignments
-from jaxgc import ordering
+from jaxgc import assignments, ordering
 from jaxgc.ordering import milp
 from jaxgc.ordering.optimizer import _resolve_method
 from jaxgc.ordering.qmax import orderings_count
-
 
 # -- strategies ------------------------------------------------------------------
 

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_lists
 from hypothesis import HealthCheck, given, settings
 
 import jaxgc
 from jaxgc import assignments
-from helpers import random_lists
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -146,7 +146,8 @@ def test_two_column_closed_form_matches_lapack(inst):
 @pytest.mark.parametrize("unroll", [64, 0])   # the fused unrolled sum and the masked einsum
 @pytest.mark.parametrize("ell,d", [(1, 7), (2, 7), (3, 10)])
 def test_encode_matches_direct_sum(monkeypatch, unroll, ell, d):
-  """z_j = Σ_t Σ_k enc[j,t,k] g_{order[j,t]}^(k), computed directly; NaN in unused slots stays out."""
+  """z_j = Σ_t Σ_k enc[j,t,k] g_{order[j,t]}^(k), computed directly; NaN in unused slots
+  stays out."""
   from jaxgc.protocols import base
   monkeypatch.setattr(base, "UNROLL_LIMIT", unroll)
   rng = np.random.default_rng(ell * 100 + d)
@@ -209,7 +210,8 @@ def test_condition_number_reported(ell):
 
 def test_candidates_pick_best_conditioned():
   asg = assignments.cyclic(16, 4)
-  counts = make_decodable(jaxgc.PartialStraggler(asg, 3), np.zeros(16, int), np.random.default_rng(1))
+  counts = make_decodable(jaxgc.PartialStraggler(asg, 3), np.zeros(16, int),
+                          np.random.default_rng(1))
   one = jaxgc.PartialStraggler(asg, 3, num_candidates=1, decoding_matrix="gaussian")
   many = jaxgc.PartialStraggler(asg, 3, num_candidates=16, decoding_matrix="gaussian")
   assert float(many.condition_number(counts)) <= float(one.condition_number(counts)) + 1e-3
@@ -303,7 +305,8 @@ def test_uncoded_computes_each_chunk_once():
   proto = jaxgc.Uncoded(asg)
   assert proto.designated[:, 0].all() and not proto.designated[:, 1:].any()
   g = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
-  np.testing.assert_allclose(roundtrip(proto, g[asg.order], np.ones(5, int), 4), g.sum(0), rtol=1e-5)
+  np.testing.assert_allclose(roundtrip(proto, g[asg.order], np.ones(5, int), 4), g.sum(0),
+                             rtol=1e-5)
   assert not bool(proto.is_decodable(np.array([1, 1, 0, 1, 1])))
 
 
@@ -311,9 +314,11 @@ def test_ignore_stragglers_rescales():
   asg = assignments.cyclic(4, 1)
   g = np.ones((4, 3), np.float32)
   counts = np.array([1, 0, 1, 1])
-  np.testing.assert_allclose(roundtrip(jaxgc.IgnoreStragglers(asg), g[asg.order], counts, 3), 4.0, rtol=1e-6)
+  np.testing.assert_allclose(roundtrip(jaxgc.IgnoreStragglers(asg), g[asg.order], counts, 3),
+                             4.0, rtol=1e-6)
   np.testing.assert_allclose(
-      roundtrip(jaxgc.IgnoreStragglers(asg, rescale=False), g[asg.order], counts, 3), 3.0, rtol=1e-6)
+      roundtrip(jaxgc.IgnoreStragglers(asg, rescale=False), g[asg.order], counts, 3), 3.0,
+      rtol=1e-6)
 
 
 # -- bad input -----------------------------------------------------------------

@@ -5,12 +5,12 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import random_lists
 from hypothesis import HealthCheck, given, settings
 
 import jaxgc
 from jaxgc import assignments
 from jaxgc.protocols import partial_straggler as ps
-from helpers import random_lists
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EPS = float(np.finfo(np.float32).eps)
@@ -19,7 +19,7 @@ EPS = float(np.finfo(np.float32).eps)
 ELLS = (1, 2, 3)   # closed forms for ℓ = 1, 2; LAPACK beyond
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setting(ell):
   """A fixed non-regular assignment per ℓ (so each jitted solve compiles once) and its PS."""
   asg = random_lists(np.random.default_rng(ell), 10, 9, min_rep=ell, max_load=ell + 3)

@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_lists
 
 import jaxgc
 from jaxgc import assignments, timing
-from helpers import random_lists
 
 
 def test_models_shapes_and_empty_slots():
@@ -173,14 +173,14 @@ def test_straggler_model_registry_names():
 
 # -- construction-time validation (models are checked when built) ------------------
 
-import math                                            # noqa: E402
-import pickle                                          # noqa: E402
-import warnings                                        # noqa: E402
+import math  # noqa: E402
+import pickle  # noqa: E402
+import warnings  # noqa: E402
 
-from hypothesis import HealthCheck, given, settings    # noqa: E402
-from hypothesis import strategies as st                # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-from jaxgc.errors import ParamError                    # noqa: E402
+from jaxgc.errors import ParamError  # noqa: E402
 
 HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ASG4 = assignments.from_lists([[0, 1, 2], [1], [2, 3], [3, 0]], 4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxgc
-from jaxgc import assignments, timing
+from jaxgc import assignments
 
 ASG = assignments.cyclic(6, 3)      # durations [6, 3], loads 3
 
@@ -57,7 +57,8 @@ def test_counts_above_the_load_are_rejected(proto):
 
 @pytest.mark.parametrize("proto", all_protocols(), ids=lambda p: p.name)
 def test_counts_of_the_wrong_length_are_rejected(proto):
-  msg = r"must have shape \[\.\.\., num_workers\] = \[\.\.\., 6\], got \(5,\); pass one entry per worker"
+  msg = (r"must have shape \[\.\.\., num_workers\] = \[\.\.\., 6\], got \(5,\); "
+         r"pass one entry per worker")
   with pytest.raises(ValueError, match=msg):
     proto.is_decodable([1] * 5)
   with pytest.raises(ValueError, match=msg):
@@ -101,7 +102,8 @@ def test_encode_rejects_integer_gradients():
 
 def test_estimate_rejects_misshapen_chunk_gradients():
   proto = jaxgc.PartialStraggler(ASG, 2)
-  with pytest.raises(ValueError, match=r"\[num_workers, max_load, d\] = \[6, 3, d\], got \(3, 6, 4\)"):
+  with pytest.raises(ValueError,
+                     match=r"\[num_workers, max_load, d\] = \[6, 3, d\], got \(3, 6, 4\)"):
     jaxgc.estimate(proto, np.ones((3, 6, 4), np.float32), [3] * 6)
 
 
@@ -160,7 +162,8 @@ def test_uncoded_accepts_any_positive_ell_but_sends_whole_gradients():
 
 def test_stop_time_rejects_bad_modes():
   proto = jaxgc.PartialStraggler(ASG, 2)
-  with pytest.raises(ValueError, match=r"unknown mode 'fast'; choose one of \('exact', 'deadline'\)"):
+  with pytest.raises(ValueError,
+                     match=r"unknown mode 'fast'; choose one of \('exact', 'deadline'\)"):
     jaxgc.stop_time(proto, tau(), mode="fast")
   for bad in (None, 0.0, -1.0, np.inf):
     with pytest.raises(ValueError, match=r"positive finite deadline.*set deadline=T"):

@@ -21,10 +21,20 @@ MILP) and :mod:`~jaxgc.ordering.optimizer` (the driver). All static NumPy / SciP
 """
 from jaxgc.ordering.bounds import q_lower_bound
 from jaxgc.ordering.coloring import coloring, shuffled
-from jaxgc.ordering.optimizer import (METHODS, MILP_MAX_BINARIES, OrderingInfo, optimize,
-                                     optimize_with_info)
-from jaxgc.ordering.qmax import (chunk_terms, exhaustive_optimum, q_max, q_max_all_orderings,
-                                 q_max_brute_force)
+from jaxgc.ordering.optimizer import (
+                                     METHODS,
+                                     MILP_MAX_BINARIES,
+                                     OrderingInfo,
+                                     optimize,
+                                     optimize_with_info,
+)
+from jaxgc.ordering.qmax import (
+                                     chunk_terms,
+                                     exhaustive_optimum,
+                                     q_max,
+                                     q_max_all_orderings,
+                                     q_max_brute_force,
+)
 
 __all__ = [
     "METHODS",

@@ -37,7 +37,8 @@ def averaging_bound(assignment: Assignment, k: int) -> float:
   Proof. The mean of the ``k`` largest of ``r_i`` numbers is at least their
   mean, so with ``a_i = 1 − k/r_i ∈ (0, 1]`` and gains ``g = δ_j − p_j + 1``:
 
-    ``term_i ≥ Σ_{j∉W(i)} δ_j + (k/r_i) Σ_{j∈W(i)} δ_j + a_i Σ_{j∈W(i)} (p_j(i) − 1) =: C_i + a_i Σ_j (p_j(i)−1)``.
+    ``term_i ≥ Σ_{j∉W(i)} δ_j + (k/r_i) Σ_{j∈W(i)} δ_j + a_i Σ_{j∈W(i)} (p_j(i) − 1)
+    =: C_i + a_i Σ_j (p_j(i)−1)``.
 
   Hence ``max_i term_i ≥ (1/N) Σ_i term_i ≥ (1/N)[Σ_i C_i + Σ_j Σ_{i∈π_j} a_i (p_j(i)−1)]``.
   The last sum is separable over workers, and for each worker the positions
@@ -79,7 +80,8 @@ def configuration_bound(assignment: Assignment, k: int) -> int | None:
   d, r, m, n = int(loads[0]), int(rep[0]), assignment.num_workers, assignment.num_chunks
   if math.comb(d + r - 1, r) > CONFIG_MAX_MULTISETS:
     return None
-  from scipy.optimize import Bounds, LinearConstraint, milp as scipy_milp  # pylint: disable=import-outside-toplevel
+  from scipy.optimize import Bounds, LinearConstraint  # pylint: disable=import-outside-toplevel
+  from scipy.optimize import milp as scipy_milp
   sets = np.array(list(itertools.combinations_with_replacement(range(d), r)), np.int64)
   f = sets[:, k:].sum(1)  # ascending tuples: the r−k largest are the last r−k
   counts = np.stack([(sets == v).sum(1) for v in range(d)])  # [d, S]
@@ -128,6 +130,6 @@ def q_lower_bound(assignment: Assignment, ell: int = 1, *, lp: bool = False) -> 
     best = max(best, cfg)
   if lp:
     res = milp.solve(assignment, k, lb=0, ub=None, time_limit=LP_SECONDS, relax=True)
-    if res.status == 0:
+    if res.status == 0 and res.fun is not None:
       best = max(best, math.ceil(res.fun - 1 - 1e-7))
   return 1 + best

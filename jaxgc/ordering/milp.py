@@ -44,7 +44,8 @@ class MilpResult(NamedTuple):
     """The ordering ``[m, max_load]`` (``-1`` padded) encoded by the slot binaries of ``x``."""
     e = self.edges
     split = np.cumsum(e.load)[:-1]
-    slots = np.array([int(np.argmax(seg)) for seg in np.split(np.asarray(x)[:len(e.x_edge)], split)])
+    segments = np.split(np.asarray(x)[:len(e.x_edge)], split)
+    slots = np.array([int(np.argmax(seg)) for seg in segments])
     order = np.full(self.shape, -1, np.int64)
     order[e.worker, slots] = e.chunk
     return order

@@ -41,7 +41,8 @@ def topk_sum(x: np.ndarray, k: int, axis: int) -> np.ndarray:
 
 
 def terms(pos0: np.ndarray, loads: np.ndarray, k: int) -> np.ndarray:
-  """``term_i`` ``[..., N]`` for 0-based positions ``pos0[..., m, N]`` (−1 = not held), ``k = ℓ−1``."""
+  """``term_i`` ``[..., N]`` for 0-based positions ``pos0[..., m, N]`` (−1 = not held),
+  ``k = ℓ−1``."""
   held = pos0 >= 0
   lj = loads.astype(np.int64)[:, None]
   outside = np.where(held, 0, lj).sum(axis=-2)

@@ -7,7 +7,8 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxgc.assignments import Assignment
-from jaxgc.ordering.qmax import terms as chunk_terms_of, topk_sum
+from jaxgc.ordering.qmax import terms as chunk_terms_of
+from jaxgc.ordering.qmax import topk_sum
 
 __all__ = ["local_search", "MAX_RESTARTS"]
 
@@ -25,7 +26,7 @@ class _Instance(NamedTuple):
   column: np.ndarray      # [m, N] index of j in chunk i's holder row (−1: not a holder)
 
   @classmethod
-  def build(cls, assignment: Assignment, k: int) -> "_Instance":
+  def build(cls, assignment: Assignment, k: int) -> _Instance:
     loads = assignment.loads.astype(np.int64)
     hw, _ = assignment.holders
     valid = hw >= 0

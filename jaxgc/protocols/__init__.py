@@ -3,10 +3,18 @@
 Internals of the sharded step (``split_blocks``, ``weighted_sum``,
 ``decode_blocks``, ...) live in :mod:`jaxgc.protocols.base`.
 """
-from jaxgc.protocols.base import (MODES, Coefficients, Protocol, decode, encode, estimate,
-                                  expected_mse, stop_time)
-from jaxgc.protocols.graph_code import GraphCode
 from jaxgc.protocols.backup_workers import BackupWorkers
+from jaxgc.protocols.base import (
+  MODES,
+  Coefficients,
+  Protocol,
+  decode,
+  encode,
+  estimate,
+  expected_mse,
+  stop_time,
+)
+from jaxgc.protocols.graph_code import GraphCode
 from jaxgc.protocols.original import Original
 from jaxgc.protocols.partial_straggler import PartialStraggler
 from jaxgc.protocols.uncoded import IgnoreStragglers, Uncoded
@@ -30,7 +38,7 @@ __all__ = [
     "expected_mse",
 ]
 
-PROTOCOLS = {
+PROTOCOLS: dict[str, type[Protocol]] = {
     "partial_straggler": PartialStraggler,
     "original": Original,
     "uncoded": Uncoded,

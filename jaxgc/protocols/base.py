@@ -13,6 +13,7 @@ derives from it. :func:`stop_time` is the one rule for when the PS stops.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -106,7 +107,8 @@ def encode(chunk_grads, enc):
   """
   chunk_grads, enc = jnp.asarray(chunk_grads), jnp.asarray(enc)
   _check_floating("encode", "chunk_grads", chunk_grads)
-  if chunk_grads.ndim < 2 or enc.ndim != chunk_grads.ndim or enc.shape[:-1] != chunk_grads.shape[:-1]:
+  if (chunk_grads.ndim < 2 or enc.ndim != chunk_grads.ndim
+      or enc.shape[:-1] != chunk_grads.shape[:-1]):
     raise ValueError(
         f"encode: chunk_grads {chunk_grads.shape} and enc {enc.shape} do not match; "
         "expected chunk_grads [..., max_load, d] and enc [..., max_load, ell] with the "
@@ -193,7 +195,7 @@ def check_dtype(dtype):
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating type, got {dtype}.")
-  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+  if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
     raise ValueError(
         "dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
         "before building the protocol.")
@@ -273,7 +275,7 @@ class Protocol:
       self._jitted_solve = jax.jit(self.solve)
     return self._jitted_solve(self.check_counts(counts))
 
-  _jitted_solve = None
+  _jitted_solve: Callable[..., Coefficients] | None = None
 
   def completion_time(self, durations):
     """Exact-recovery time ``[...]`` from durations ``[..., m, max_load]``; ``inf`` if never."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +57,8 @@ def chebyshev_points(m: int) -> np.ndarray:
   return np.cos((2 * np.arange(m) + 1) * np.pi / (2 * m))
 
 
-def polynomial_coefficients(assignment: Assignment, ell: int, alpha: np.ndarray, dtype) -> np.ndarray:
+def polynomial_coefficients(assignment: Assignment, ell: int, alpha: np.ndarray,
+                            dtype) -> np.ndarray:
   """``C[j, i, k]`` with ``q_i(α_j) = Σ_k C[j,i,k] g_i^{(k)}``, computed in ``dtype``."""
   m, n_chunks = assignment.num_workers, assignment.num_chunks
   a = alpha.astype(dtype)
@@ -105,6 +108,7 @@ def _worst_condition(b: np.ndarray, s: int, rng, exhaustive: int = 2048,
   m = b.shape[0]
   if s == 0:
     return float(np.linalg.cond(b))
+  drops: Iterable[Any]
   if math.comb(m, s) <= exhaustive:
     drops = itertools.combinations(range(m), s)
   else:
@@ -121,15 +125,20 @@ def tandon_coefficients(assignment: Assignment, s: int, seed: int,
   (float32 decoding then fails). Of ``num_candidates`` draws, the one with the
   smallest worst ``cond(B_F)`` over (sampled) finisher sets is kept.
   """
+  if num_candidates < 1:
+    raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")
   rng = np.random.default_rng(seed)
-  best, best_cond = None, np.inf
+  best: np.ndarray | None = None
+  best_cond = np.inf
   for _ in range(num_candidates):
     h = rng.standard_normal((s, assignment.num_chunks))
     h[:, -1] = -h[:, :-1].sum(axis=1)
     b = _tandon_rows(assignment, h)
     cond = _worst_condition(b, s, rng)
-    if cond < best_cond:
+    # The first draw is kept even when every condition number is inf or NaN.
+    if best is None or cond < best_cond:
       best, best_cond = b, cond
+  assert best is not None       # num_candidates >= 1
   return best[:, :, None]
 
 
@@ -196,10 +205,18 @@ class Original(Protocol):
     dec = jnp.where(done[None, :], self._decoding(done), 0).astype(self.dtype)
     return Coefficients(enc, dec, done, jnp.ones((), self.dtype))
 
+  def _frc_groups(self) -> np.ndarray:
+    """Each worker's FRC group; ``__init__`` refuses ``construction="frc"`` without them."""
+    if self.groups is None:
+      raise ValueError("this Original code has no FRC groups: it was built with "
+                       f"construction={self.construction!r}, not 'frc'.")
+    return self.groups
+
   def _decoding(self, done):
     if self.construction == "frc":
-      g = jnp.asarray(self.groups)
-      per_group = jnp.zeros(int(self.groups.max()) + 1, jnp.int32).at[g].add(done.astype(jnp.int32))
+      groups = self._frc_groups()
+      g = jnp.asarray(groups)
+      per_group = jnp.zeros(int(groups.max()) + 1, jnp.int32).at[g].add(done.astype(jnp.int32))
       return (done / jnp.maximum(per_group[g], 1))[None].astype(self.dtype)
     coef = jnp.where(done[:, None, None], self.coef, 0)
     target = jnp.broadcast_to(jnp.eye(self.ell, dtype=self.dtype)[:, None, :],
@@ -216,7 +233,8 @@ class Original(Protocol):
     first = jnp.argsort(~done, stable=True)[:n]        # the first n finished workers
     x = jnp.asarray(self.points, self.dtype)[first]
     vander = x[:, None] ** jnp.arange(n, dtype=self.dtype)[None]
-    pick = jnp.zeros((n, self.ell), self.dtype).at[n - 1 - jnp.arange(self.ell), jnp.arange(self.ell)].set(1)
+    top = jnp.arange(self.ell)
+    pick = jnp.zeros((n, self.ell), self.dtype).at[n - 1 - top, top].set(1)
     rows = jnp.linalg.solve(vander.T, pick)            # [n, ℓ]: column k = row n-1-k of V^{-1}
     return jnp.zeros((self.ell, m), self.dtype).at[:, first].set(rows.T)
 
@@ -224,8 +242,8 @@ class Original(Protocol):
     counts = self.check_counts(counts, batched=True, what="is_decodable")
     done = self.assignment.finished_workers(counts)
     if self.construction == "frc":
-      g = jnp.asarray(self.groups)
-      onehot = g[:, None] == jnp.arange(int(self.groups.max()) + 1)[None]
+      groups = self._frc_groups()
+      onehot = jnp.asarray(groups)[:, None] == jnp.arange(int(groups.max()) + 1)[None]
       return jnp.all(jnp.any(done[..., :, None] & onehot, axis=-2), axis=-1)
     return jnp.sum(done, axis=-1) >= self.threshold
 
@@ -233,7 +251,7 @@ class Original(Protocol):
     """FRC: ``max_groups min_{j∈group} F_j``; else the ``(m−s)``-th smallest ``F_j``."""
     t = timing.worker_finish_times(self.check_durations(durations), self.assignment)
     if self.construction == "frc":
-      g = self.groups
+      g = self._frc_groups()
       per_group = jnp.stack([jnp.min(t[..., g == k], axis=-1) for k in range(int(g.max()) + 1)], -1)
       return jnp.max(per_group, axis=-1)
     return timing.kth_smallest(t, self.threshold)

@@ -157,7 +157,8 @@ def _rotate2(mat):
 
 
 def _svd(mat):
-  """Thin SVD ``mat = U diag(s) Vᵀ`` of ``[..., m, ℓ]``, as ``(W = U diag(s), s, V)``, ``s`` descending.
+  """Thin SVD ``mat = U diag(s) Vᵀ`` of ``[..., m, ℓ]``, as ``(W = U diag(s), s, V)``,
+  ``s`` descending.
 
   For ``ℓ = 2`` a closed form (:func:`_rotate2`): a few fused elementwise passes
   instead of one LAPACK call per chunk, which on CPU dominate the PS's per-step work.
@@ -212,7 +213,8 @@ def _columns_solve(mat, cov, scale, rcond):
     # pinv of a row vector is v / ‖v‖², and its condition number is 1: no SVD needed.
     sq = jnp.sum(mat[..., 0] ** 2, axis=1)
     ok = sq > rcond * scale
-    return mat / jnp.where(ok, sq, 1.0)[:, None, None] * ok[:, None, None], jnp.ones(sq.shape, mat.dtype)
+    unit = mat / jnp.where(ok, sq, 1.0)[:, None, None] * ok[:, None, None]
+    return unit, jnp.ones(sq.shape, mat.dtype)
   w, s, v = _svd(mat)                                              # mat = (W/s) diag(s) Vᵀ
   # Rank is |S_i| generically; the threshold catches structured A (e.g. 0/1 colourings).
   keep = (jnp.arange(ell)[None] < cov[:, None]) & (s > rcond * s[:, :1])
@@ -277,7 +279,8 @@ class PartialStraggler(Protocol):
     self.candidates = jnp.asarray(cands, self.dtype)
 
   def _finished_holders(self, counts):
-    """bool ``[N, r]``: holder ``q`` of chunk ``i`` has finished it (``assignment.holders`` order)."""
+    """bool ``[N, r]``: holder ``q`` of chunk ``i`` has finished it (in
+    ``assignment.holders`` order)."""
     workers, slots = self.assignment.holders
     k = jnp.asarray(counts)[jnp.asarray(np.maximum(workers, 0))]
     return jnp.asarray(workers >= 0) & (jnp.asarray(slots) < k)

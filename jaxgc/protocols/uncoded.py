@@ -49,7 +49,8 @@ class Uncoded(Protocol):
   def finished_slots(self, counts):
     """bool ``[..., m, max_load]``: designated slots computed at state ``counts``."""
     counts = self.check_counts(counts, batched=True, what="finished_slots")
-    return jnp.asarray(self.designated) & (jnp.asarray(self.rank) < jnp.asarray(counts)[..., :, None])
+    done = jnp.asarray(self.rank) < jnp.asarray(counts)[..., :, None]
+    return jnp.asarray(self.designated) & done
 
   def solve(self, counts) -> Coefficients:
     counts = self.check_counts(counts)

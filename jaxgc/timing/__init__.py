@@ -20,14 +20,25 @@ import warnings
 from typing import Any
 
 from jaxgc.timing.base import StragglerModel
-from jaxgc.timing.completion import (check_durations, event_loop_completion_time,
-                                     finish_times, kth_smallest, oracle_time, progress,
-                                     worker_finish_times)
+from jaxgc.timing.completion import (
+  check_durations,
+  event_loop_completion_time,
+  finish_times,
+  kth_smallest,
+  oracle_time,
+  progress,
+  worker_finish_times,
+)
 from jaxgc.timing.failures import Failures
 from jaxgc.timing.iid import Pareto, ShiftedExponential
 from jaxgc.timing.markov import GilbertElliott
-from jaxgc.timing.registry import (MODEL_PARAMS, STRAGGLER_MODELS, check_model, get_model,
-                                   get_straggler_model)
+from jaxgc.timing.registry import (
+  MODEL_PARAMS,
+  STRAGGLER_MODELS,
+  check_model,
+  get_model,
+  get_straggler_model,
+)
 from jaxgc.timing.slowdown import FixedSlowdown, Slowdown
 from jaxgc.timing.state import init_state, sample_step, sample_steps
 from jaxgc.timing.traces import MAPPINGS, TRACES, RecordedDurations, TraceReplay, load_trace

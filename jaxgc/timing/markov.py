@@ -58,7 +58,8 @@ class GilbertElliott:
     return jax.random.bernoulli(key, self.slow_fraction, (num_workers,))
 
   def durations(self, key, slow, assignment: Assignment, shape=()):
-    """``base`` durations ``[*shape, m, max_load]``, times ``factor`` where ``slow`` ``[*shape, m]``."""
+    """``base`` durations ``[*shape, m, max_load]``, times ``factor`` where ``slow``
+    ``[*shape, m]``."""
     tau = self.base.sample(key, assignment, shape)
     return jnp.where(slow[..., None], tau * self.factor, tau)
 

@@ -54,7 +54,7 @@ def get_straggler_model(name: str, failure_prob: float = 0.0, **params: Any) -> 
   ``shift``/``rate``). An unknown name or option, or an out-of-range value, raises
   :class:`~jaxgc.errors.ParamError` naming the parameter and the fix.
   """
-  from jaxgc.timing.failures import Failures   # a wrapper, not a registered name
+  from jaxgc.timing.failures import Failures  # a wrapper, not a registered name
 
   model = STRAGGLER_MODELS.build(name, **params)
   if not 0.0 <= failure_prob <= 1.0:

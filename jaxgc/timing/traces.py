@@ -63,7 +63,8 @@ def _read_trace(path: str, name: str) -> np.ndarray:
       raise ParamError(f"trace {name}: a non-numeric worker, time or batch_time_norm "
                        f"({e}); every row needs three numbers.", "trace") from None
   if not rows:
-    raise ParamError(f"trace {name} has no rows; it needs one row per worker and iteration.", "trace")
+    raise ParamError(f"trace {name} has no rows; it needs one row per worker and iteration.",
+                     "trace")
   worker, it, value = np.asarray(rows).T
   bad = ~(np.isfinite(value) & (value > 0))
   if bad.any():
