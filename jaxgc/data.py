@@ -137,8 +137,12 @@ def load(name: str, *, test_fraction: float = 0.2, split_seed: int = 0,
     test_fraction: share of examples held out for testing (for text: the tail of
       the corpus, the validation split; ``split_seed`` is unused).
     split_seed: seed of the train/test permutation.
-    num_examples, dim, noise, data_seed: sizes and seed of the synthetic tasks.
-    seq_len, max_bytes: window length and corpus size of ``pystdlib``.
+    num_examples: examples in a synthetic task.
+    dim: features of a synthetic task.
+    noise: label noise of ``synthetic_linear``.
+    data_seed: seed of the synthetic data.
+    seq_len: window length of ``pystdlib``.
+    max_bytes: corpus size of ``pystdlib`` (``None``: the whole standard library).
   """
   if name == "pystdlib":
     return Dataset(*_text_windows(stdlib_corpus(max_bytes), seq_len, test_fraction),
@@ -207,7 +211,8 @@ def step_chunks(data, data_key, step, batch_size: int, num_chunks: int, perm=Non
 
   Args:
     data: pytree of arrays ``[n_train, ...]`` (e.g. ``(x, y)``).
-    data_key, step: as in :func:`batch_indices`.
+    data_key: as in :func:`batch_indices`.
+    step: as in :func:`batch_indices`.
     batch_size: examples per step; must be a multiple of ``num_chunks``.
     num_chunks: ``N``.
     perm: optional, the epoch's permutation (see :func:`batch_indices`).
