@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from jaxgc.errors import ParamError
@@ -47,14 +47,22 @@ class Registry(Generic[T]):
     self.kind = kind
     self.positional = positional
     self._entries: dict[str, Callable[..., T]] = {}
+    self._declared: dict[str, tuple[str, ...]] = {}
 
-  def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorator: registers a class or function under ``name`` and returns it unchanged."""
+  def register(self, name: str, *, options: Sequence[str] | None = None
+               ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator: registers a class or function under ``name`` and returns it unchanged.
+
+    ``options`` declares the option names of a constructor that takes ``**options``
+    (whose signature cannot list them); otherwise they are read from the signature.
+    """
     def add(fn: Callable[..., T]) -> Callable[..., T]:
       if name in self._entries and self._entries[name] is not fn:
         raise ValueError(f"{self.kind} {name!r} is already registered "
                          f"({self._entries[name]!r}); choose another name.")
       self._entries[name] = fn
+      if options is not None:
+        self._declared[name] = tuple(options)
       return fn
     return add
 
@@ -81,8 +89,20 @@ class Registry(Generic[T]):
     return self._entries[name]
 
   def options(self, name: str) -> tuple[str, ...]:
-    """The options ``name`` takes: its constructor's keyword parameters."""
-    return signature_options(self.get(name), self.positional)
+    """The options ``name`` takes: declared at registration, else its constructor's
+    keyword parameters (after the ``positional`` leading ones)."""
+    fn = self.get(name)
+    if name in self._declared:
+      return self._declared[name]
+    return signature_options(fn, self.positional)
+
+  def _open(self, name: str) -> bool:
+    """Whether ``name``'s constructor takes ``**kwargs`` with no declared options: then
+    it, not the registry, rejects unknown ones."""
+    if name in self._declared:
+      return False
+    params = inspect.signature(self._entries[name]).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
   def table(self) -> Mapping[str, tuple[str, ...]]:
     """A live read-only view ``{name: options}`` (includes later registrations)."""
@@ -97,7 +117,7 @@ class Registry(Generic[T]):
     fn = self.get(name)
     valid = self.options(name)
     unknown = sorted(set(options) - set(valid))
-    if unknown:
+    if unknown and not self._open(name):
       raise ParamError(f"{self.kind} {name!r} takes no parameter(s) {unknown}; it takes "
                        f"{list(valid)}.", unknown[0])
     return fn(*args, **options)

@@ -57,3 +57,22 @@ def test_a_later_registration_shows_in_the_live_table_and_names_clash():
   reg.register("square")(square)              # the same object again is harmless
   with pytest.raises(ValueError, match="already registered"):
     reg.register("square")(dot)
+
+
+def test_declared_options_for_a_constructor_that_takes_kwargs():
+  reg = Registry("protocol", positional=2)
+
+  @reg.register("coded", options=("seed", "rank"))
+  def coded(assignment, ell, **options):
+    return assignment, ell, options
+
+  @reg.register("open")
+  def open_(assignment, ell=1, **options):
+    return options
+
+  assert reg.options("coded") == ("seed", "rank") and reg.options("open") == ()
+  assert reg.build("coded", "asg", 2, seed=3) == ("asg", 2, {"seed": 3})
+  with pytest.raises(ParamError, match=r"takes no parameter\(s\) \['colour'\]"):
+    reg.build("coded", "asg", 2, colour=1)
+  # Undeclared **options: the constructor itself decides what it accepts.
+  assert reg.build("open", "asg", colour=1) == {"colour": 1}
