@@ -9,12 +9,15 @@ from jaxgc import adaptive
 from jaxgc import assignments
 from jaxgc import data
 from jaxgc import models
+from jaxgc import network
 from jaxgc import ordering
 from jaxgc import parallel
+from jaxgc import planner
 from jaxgc import protocols
 from jaxgc import spectral
 from jaxgc import timing
 from jaxgc.assignments import Assignment
+from jaxgc.planner import plan
 from jaxgc.parallel import (CodedStep, PlainStep, TrainState, make_coded_step, make_plain_step)
 # Device plumbing: kept at the top level for existing scripts, documented under jaxgc.parallel.
 from jaxgc.parallel import make_mesh, set_cpu_device_count  # noqa: F401
@@ -30,8 +33,10 @@ __all__ = [
     "assignments",
     "data",
     "models",
+    "network",
     "ordering",
     "parallel",
+    "planner",
     "protocols",
     "spectral",
     "timing",
@@ -58,4 +63,6 @@ __all__ = [
     "TrainState",
     "make_coded_step",
     "make_plain_step",
+    # planning a deployment (jaxgc.planner; `python -m jaxgc.plan` on the command line)
+    "plan",
 ]
