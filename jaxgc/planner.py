@@ -49,11 +49,13 @@ class Candidate(NamedTuple):
 
 
 class Simulated(NamedTuple):
-  """A candidate's simulated steps: stop times and first-round senders, ``[trials]`` each."""
+  """A candidate's simulated steps: stop times, first-round senders and whether the
+  gradient is exact at the stop, ``[trials]`` each."""
   candidate: Candidate
   stop: np.ndarray
   senders: np.ndarray
   protocol: Any
+  exact: np.ndarray
 
 
 def check_num_params(num_params) -> int:
@@ -133,10 +135,10 @@ def simulate(num_workers: int, straggler=None, grid: Sequence[Candidate] | None 
   straggler = _straggler(straggler)
   grid = candidates(num_workers) if grid is None else list(grid)
   protos = [_build(c, int(num_workers)) for c in grid]
-  stops, senders = _simulate_all(protos, straggler, jax.random.key(seed), int(trials), timeout,
-                                 need_senders)
-  return [Simulated(c, np.asarray(t, np.float64), np.asarray(s, np.float64), p)
-          for c, p, t, s in zip(grid, protos, stops, senders)]
+  stops, senders, exact = _simulate_all(protos, straggler, jax.random.key(seed), int(trials),
+                                        timeout, need_senders)
+  return [Simulated(c, np.asarray(t, np.float64), np.asarray(s, np.float64), p, np.asarray(e))
+          for c, p, t, s, e in zip(grid, protos, stops, senders, exact)]
 
 
 def _straggler(straggler):
@@ -159,25 +161,28 @@ def _simulate_all(protos, straggler, key, trials, timeout, need_senders):
   def run(key):
     tau = {l: straggler.sample(key, assignments.cyclic(protos[0].assignment.num_workers, l),
                                (trials,)) for l in loads}
-    stops, senders = [], []
+    stops, senders, exact = [], [], []
     for p in protos:
       t = tau[p.assignment.max_load]
       stop = protocols.stop_time(p, t, "exact", timeout=timeout)
+      counts = timing.progress(t, stop)
       stops.append(stop)
+      exact.append(p.is_decodable(counts))
       if need_senders:
-        counts = timing.progress(t, stop)
         senders.append(jnp.sum(jax.vmap(p.solve)(counts).senders, axis=-1, dtype=jnp.float32))
       else:
         senders.append(jnp.zeros_like(stop))
-    return stops, senders
+    return stops, senders, exact
   return jax.device_get(run(key))
 
 
 def rank(simulated: Sequence[Simulated], num_params, network=None,
          dtype=jnp.float32) -> list[dict]:
   """Rows ``{protocol, load, ell, num_backup, mean_step_time, p95_step_time, compute_time,
-  comm_time, bytes_per_worker}`` for gradient length ``num_params``, best (lowest mean
-  step time) first. Times in seconds; ``bytes_per_worker``: one message, ``⌈d/ℓ⌉ · b``."""
+  comm_time, bytes_per_worker, exact_fraction}`` for gradient length ``num_params``, best
+  (lowest mean step time) first. Times in seconds; ``bytes_per_worker``: one message,
+  ``⌈d/ℓ⌉ · b``; ``exact_fraction``: the share of steps whose gradient is exact (0 for
+  backup workers, which drop chunks; below 1 where failures make a step undecodable)."""
   d = check_num_params(num_params)
   network = _network.NoNetwork() if network is None else network
   if not isinstance(network, _network.Network):
@@ -195,6 +200,7 @@ def rank(simulated: Sequence[Simulated], num_params, network=None,
         "p95_step_time": float(np.percentile(total, 95)),
         "compute_time": float(np.mean(s.stop)), "comm_time": float(np.mean(comm)),
         "bytes_per_worker": _network.message_bytes(s.protocol, d, dtype),
+        "exact_fraction": float(np.mean(s.exact)),
     })
   return sorted(rows, key=lambda r: (r["mean_step_time"], r["ell"], r["load"]))
 
