@@ -37,3 +37,7 @@ __all__ = [
     # runs on disk and plots
     "open_workdir", "read_metrics", "MetricsLog", "time_to_target", "plot_accuracy_vs_time",
 ]
+
+# Communication in simulated time (jaxgc.network): the --config.network.* block.
+from jaxgc.experiment.build import make_network  # noqa: E402
+__all__ += ["make_network"]

@@ -17,12 +17,13 @@ import numpy as np
 import optax
 
 from jaxgc import adaptive, assignments, data, models, parallel, protocols, timing
+from jaxgc import network as network_models
 from jaxgc.experiment.config import ConfigError
 
 __all__ = [
     "Experiment", "build", "setup_devices", "make_dataset", "make_assignment",
-    "make_protocol", "make_straggler_model", "make_model", "make_optimizer", "make_step",
-    "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length", "check_memory",
+    "make_protocol", "make_straggler_model", "make_network", "make_model", "make_optimizer",
+    "make_step", "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length", "check_memory",
 ]
 
 TIMEOUT_FACTOR = 3.0   # default timeout: this many times the median uncoded step time
@@ -253,6 +254,16 @@ def default_timeout(assignment, straggler, key, draws: int = TIMEOUT_DRAWS) -> f
   return float(TIMEOUT_FACTOR * np.median(t[np.isfinite(t)])) if np.isfinite(t).any() else None
 
 
+def make_network(config) -> network_models.Network:
+  """The step's network model (:func:`jaxgc.network.get_network`); ``none`` by default."""
+  n = config.get("network")
+  if n is None:
+    return network_models.NoNetwork()
+  with blame(config, "network", "network", ("network.bandwidth", "network.latency"),
+             "network.name"):
+    return network_models.get_network(n.name, n.bandwidth, n.latency)
+
+
 def _accepts(fn, name: str) -> bool:
   return name in inspect.signature(fn).parameters
 
@@ -264,6 +275,7 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
                 nan_message_prob=s.nan_message_prob)
   if not isinstance(config.adaptive, bool):
     raise ConfigError("--config.adaptive", f"must be True or False, got {config.adaptive!r}.")
+  net = make_network(config)
   if config.backend == "ray":
     if config.adaptive:
       raise ConfigError("--config.adaptive", "the adaptive PS runs in the spmd step only; use "
@@ -273,6 +285,11 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
     except ImportError:
       raise ConfigError("--config.backend=ray",
                         "--config.backend=ray needs Ray: pip install 'jaxgc[ray]'") from None
+    if _accepts(ray_backend.RayStep.__init__, "network"):
+      kwargs["network"] = net
+    elif not isinstance(net, network_models.NoNetwork):
+      raise ConfigError(_flag("network.name", config), "the Ray backend measures its own "
+                        "messages; use --config.backend=spmd for a network model.")
     with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
                "backend"):
       return ray_backend.RayStep(protocol, straggler, loss_fn, tx, timeout=timeout, **kwargs,
@@ -284,7 +301,8 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
   with blame(config, "step", "step", _fields(config, "step"), "step.mode"):
     return parallel.make_coded_step(
         protocol, straggler, loss_fn, tx, mesh, report_condition=s.report_condition,
-        adaptive=adaptive.AdaptivePS(protocol) if config.adaptive else None, **kwargs)
+        adaptive=adaptive.AdaptivePS(protocol) if config.adaptive else None, network=net,
+        **kwargs)
 
 
 def _check_batches(config, ds, num_chunks: int):

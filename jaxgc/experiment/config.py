@@ -13,6 +13,7 @@ block          built with
 ``protocol``   ``jaxgc.protocols.get_protocol(name, assignment, ell, **protocol.<name>)``
 ``straggler``  ``jaxgc.timing.get_model(name, failure_prob, **straggler.<name>)``
 ``step``       ``jaxgc.parallel.make_coded_step(..., **step)`` (or the Ray step)
+``network``    ``jaxgc.network.get_network(name, bandwidth, latency)``, to the step
 ``ray``        ``jaxgc.ray_backend.RayStep(..., **ray)`` when ``backend="ray"``
 =============  ==============================================================
 
@@ -150,6 +151,11 @@ def default_config() -> ml_collections.ConfigDict:
       nan_message_prob=0.0, report_condition=True))
   c.step.deadline = config_dict.placeholder(float)
   c.step.timeout = config_dict.placeholder(float)
+  # Communication in simulated time (jaxgc.network, PROTOCOL.md §11): a step costs
+  # stop + comm. name: none (free messages), ps (PS ingress) or ring (all-reduce);
+  # bandwidth in bytes per second, latency in seconds (the chunk durations' unit).
+  c.network = ml_collections.ConfigDict(dict(name="none", bandwidth=None, latency=0.0))
+  c.network.bandwidth = config_dict.placeholder(float)
   # The PS learns each worker's speed and re-places the chunk lists between steps
   # (jaxgc.adaptive.AdaptivePS of the protocol); the code and exactness are unchanged.
   c.adaptive = False

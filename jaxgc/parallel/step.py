@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxgc import adaptive as _adaptive
+from jaxgc import network as _network
 from jaxgc import protocols as _protocols
 from jaxgc import timing
 from jaxgc.parallel.devices import AXIS
@@ -310,8 +311,12 @@ class CodedStep:
                timeout: float | None = None, message_loss_prob: float = 0.0,
                nan_message_prob: float = 0.0, axis_name: str = AXIS,
                report_condition: bool = True, check_vma: bool = True,
-               adaptive: _adaptive.AdaptivePS | None = None):
+               adaptive: _adaptive.AdaptivePS | None = None,
+               network: _network.Network | None = None):
     a = protocol.assignment
+    if network is not None and not isinstance(network, _network.Network):
+      raise TypeError(f"network must be a jaxgc.network model (get_network('ps', bandwidth=B)),"
+                      f" got {type(network).__name__}.")
     if adaptive is not None and (adaptive.protocol.assignment.num_workers != a.num_workers
                                  or not np.array_equal(adaptive.protocol.assignment.order,
                                                        a.order)):
@@ -336,6 +341,9 @@ class CodedStep:
     self.message_loss_prob = float(message_loss_prob)
     self.nan_message_prob = float(nan_message_prob)
     self.adaptive = adaptive
+    # Messages cost stop + comm in simulated time; the deadline bounds the computation only
+    # (jaxgc.network's docstring says why).
+    self.network = _network.NoNetwork() if network is None else network
     self.axis_name = axis_name
     self.check_vma = check_vma
     self.report_condition = report_condition and protocol.reports_condition
@@ -486,8 +494,12 @@ class CodedStep:
       part, counts, solve, again = jax.lax.cond(num_erased > 0, redo, keep)
       g = part.reshape(-1)[:d]
       skipped = ~jnp.any(solve.senders) | ~jnp.isfinite(jnp.sum(g))
+      comm = _network.step_comm_time(self.network, self.protocol, d, g.dtype,
+                                     jnp.sum(plan.solve.senders), jnp.sum(solve.senders),
+                                     num_erased > 0)
       metrics = {
-          "loss": loss, "step_sim_time": plan.stop, "erasures": num_erased,
+          "loss": loss, "step_sim_time": plan.stop + comm, "step_comm_time": comm,
+          "erasures": num_erased,
           "skipped": skipped, "exact": solve.decodable & ~skipped,
           "decodable": solve.decodable, "min_coverage": solve.min_coverage,
           "chunks_below_ell": solve.chunks_below_ell,
@@ -515,7 +527,7 @@ class CodedStep:
     Returns:
       ``(grads, metrics)``: the estimate ``ĝ`` as a pytree like ``params`` (NaN
       possible only when ``metrics['skipped']``), and a dict of scalars
-      (``loss``, ``step_sim_time``, ``min_coverage``, ``chunks_below_ell``,
+      (``loss``, ``step_sim_time`` = stop + ``step_comm_time``, ``min_coverage``, ``chunks_below_ell``,
       ``decodable``, ``erasures``, ``skipped``, ``exact``, ``senders``,
       ``computed_fraction``, ``recomputed_fraction``, ``condition_number``
       when the protocol reports one) plus the final state ``counts`` ``[m]``.
@@ -579,7 +591,8 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
                     message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                     axis_name: str = AXIS, report_condition: bool = True,
                     check_vma: bool = True,
-                    adaptive: _adaptive.AdaptivePS | None = None) -> CodedStep:
+                    adaptive: _adaptive.AdaptivePS | None = None,
+                    network: _network.Network | None = None) -> CodedStep:
   """Builds a :class:`CodedStep`.
 
   Args:
@@ -600,11 +613,14 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
     adaptive: an adaptive PS (:class:`jaxgc.adaptive.AdaptivePS` of ``protocol``)
       that re-chooses the placement of chunk lists on workers between steps;
       ``None``: the static placement.
+    network: a :mod:`jaxgc.network` model; the step's simulated time is ``stop + comm``
+      (``step_comm_time``). ``None``: messages are free.
   """
   return CodedStep(protocol, straggler, loss_fn, tx, mesh, mode=mode, deadline=deadline,
                    timeout=timeout, message_loss_prob=message_loss_prob,
                    nan_message_prob=nan_message_prob, axis_name=axis_name,
-                   report_condition=report_condition, check_vma=check_vma, adaptive=adaptive)
+                   report_condition=report_condition, check_vma=check_vma, adaptive=adaptive,
+                   network=network)
 
 
 # -- uncoded reference with the same per-device work --------------------------------
