@@ -265,6 +265,10 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
     except ImportError:
       raise ConfigError("--config.backend=ray",
                         "--config.backend=ray needs Ray: pip install 'jaxgc[ray]'") from None
+    # The fault schedule, where the config has one, is a real kill on Ray.
+    if "fail_at" in s:
+      kwargs.setdefault("fail_at", s.fail_at)
+    kwargs.setdefault("report_condition", s.report_condition)
     with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
                "backend"):
       return ray_backend.RayStep(protocol, straggler, loss_fn, tx, timeout=timeout, **kwargs,
