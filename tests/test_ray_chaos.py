@@ -33,7 +33,7 @@ def problem():
   batches = [(ds.x_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M, -1),
               ds.y_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M)) for s in range(n)]
   proto = protocols.get_protocol("partial_straggler", assignments.cyclic(M, LOAD), 1)
-  accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply(p, ds.x_test), -1) == ds.y_test))
+  accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, ds.x_test), -1) == ds.y_test))
   return params, loss_fn, batches, proto, accuracy
 
 
@@ -133,7 +133,7 @@ def test_node_removed_mid_training(problem):
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
     with WorkerPool(2) as pool:
-      on = {n.unique_id: n for n in nodes}
+      on = {n.node_id: n for n in nodes}
       victim = next(h for h, host in enumerate(pool.hosts) if host[2] in on)
       step = RayStep(proto, timing.get_model("slowdown"), loss_fn, optax.sgd(LR), pool=pool,
                      time_scale=SCALE)
