@@ -616,12 +616,15 @@ class RayStep:
       self._warmup(params_ref, chunks)
       wall0 = time.perf_counter()
     injected = self._inject_faults(step)
+    a0 = time.perf_counter()
     alive = self._alive(step)
+    alive_wait = time.perf_counter() - a0
     t0, gens, workers_of = self._dispatch(step, tau, chunks, params_ref, alive)
     seen = self._watch(step, gens, workers_of, t0, alive)
     rounds = self._round(step, seen, workers_of, lost, corrupt, d)
     g, metrics = self._decode(seen, rounds, d)
-    metrics.update(step_sim_time=float(sim_stop), faults_injected=injected)
+    metrics.update(step_sim_time=float(sim_stop), faults_injected=injected,
+                   alive_wait_s=alive_wait)
     self.last_record = {
         "step": int(step), "time_scale": self.time_scale, "durations": tau,
         "finish_wall": seen.finish, "chunk_wall": seen.chunk_s, "compute_wall": seen.compute_s,
@@ -676,7 +679,7 @@ class RayStep:
       gens[gen] = h
     return t0, gens, workers_of
 
-  def _watch(self, step, gens, workers_of, t0, alive) -> "_Seen":
+  def _watch(self, step, gens, workers_of, t0, alive) -> _Seen:
     """Phase 2: reports as they come; stop at completion, the deadline or nothing left."""
     ray, a = self.ray, self.assignment
     seen = _Seen(a.num_workers, a.max_load, a.num_chunks)
@@ -728,7 +731,7 @@ class RayStep:
     seen.observed = seen.counts.copy()
     return seen
 
-  def _round(self, step, seen, workers_of, lost, corrupt, d) -> "_Rounds":
+  def _round(self, step, seen, workers_of, lost, corrupt, d) -> _Rounds:
     """Phases 3-4: solve for the observed state, collect messages, erase and redo once."""
     m, ell = self.assignment.num_workers, self.protocol.ell
     out = _Rounds(counts=seen.counts.copy(), nbytes=np.zeros(m, np.int64),
@@ -807,9 +810,19 @@ class RayStep:
     pending, until = list(refs), time.perf_counter() + self.message_timeout
     while pending:
       ready, pending = ray.wait(pending, num_returns=1,
-                                timeout=max(until - time.perf_counter(), 0.0))
+                                timeout=min(max(until - time.perf_counter(), 0.0), 0.05))
       if not ready:
-        break
+        # Ray holds a call to a restarting actor until it is back (seconds): its
+        # messages are erasures now, not a stall of the step.
+        down = [r for r in pending if ray_faults.actor_state(ray, self.pool.actors[refs[r]])[0]
+                not in ("ALIVE", "UNKNOWN")]
+        for r in down:
+          bad[asked[r]] = True
+          self.liveness.failed(refs[r], step)
+        pending = [r for r in pending if r not in down]
+        if time.perf_counter() >= until:
+          break
+        continue
       ref = ready[0]
       try:
         msgs, sent = ray.get(ref)

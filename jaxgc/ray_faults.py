@@ -176,7 +176,7 @@ class KillLoop:
         continue
       self.kills.append((time.perf_counter() - t0, h))
 
-  def start(self) -> "KillLoop":
+  def start(self) -> KillLoop:
     self._thread = threading.Thread(target=self._loop, daemon=True, name="jaxgc-kill-loop")
     self._thread.start()
     return self
