@@ -219,7 +219,9 @@ def _report_restarts(restarts, args):
 
 
 def _report(results, args):
-  med = lambda name, k: float(np.median([r[k] for r in results[name]]))
+  # A run that never reached the target counts as infinitely slow.
+  med = lambda name, k: float(np.median([np.inf if np.isnan(r[k]) else r[k]
+                                         for r in results[name]]))
   print(f"\nmedians over {args.repeats} repeats; kill loop MTBF {args.mtbf:g} s, "
         f"target accuracy {args.target}, {args.num_actors} actors, {args.workers} workers")
   print(f"{'run':14s} {'faults':>6s} {'steps':>6s} {'executed':>8s} {'degraded':>8s} "
@@ -229,7 +231,12 @@ def _report(results, args):
     ratio = med(name, "wall") / med(twin.get(name, name), "wall")
     print(f"{name:14s} {med(name, 'faults'):6.0f} {med(name, 'steps'):6.0f} "
           f"{med(name, 'executed'):8.0f} {med(name, 'degraded'):8.0f} {med(name, 'lost'):5.0f} "
-          f"{med(name, 'stalled'):7.2f} {med(name, 'wall'):7.2f} {ratio:7.2f}")
+          f"{med(name, 'stalled'):7.2f} {_secs(med(name, 'wall'), args)} {ratio:7.2f}")
+  print(f"(wall_s '>{args.max_wall:g}': the target was not reached within --max_wall)")
+
+
+def _secs(x, args):
+  return f"{x:7.2f}" if np.isfinite(x) else f"{'>' + format(args.max_wall, 'g'):>7s}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ and the driver plays the PS, in real time:
    assigned order: real JAX compute (one jitted ``value_and_grad`` per actor), then
    an injected sleep of ``τ · time_scale`` seconds; ``τ = inf`` (a failed worker)
    stops it. It keeps each finished chunk gradient and reports the chunk to the PS.
+   Only actors that Ray's control store calls alive get work
+   (:class:`jaxgc.ray_faults.ActorLiveness`): the workers of a dead or restarting
+   actor are the step's ``dead_workers``, and a restarted actor gets the current
+   parameters with its next dispatch. ``fail_at`` kills the actor hosting a
+   worker at the start of a step (:mod:`jaxgc.faults`).
 2. **Watch.** The PS reads the reports as they come (``ray.wait`` on streaming
    generators, never a blocking get on one worker) and stops as soon as the
    protocol's ``completion_time`` of the arrivals so far is finite, i.e. at the
@@ -32,6 +37,8 @@ and the driver plays the PS, in real time:
    (``exact`` is False). A failure in that second round, or no sender at all,
    skips the step; a skipped or non-finite update never touches the parameters.
 5. **Decode and update** on the PS (:func:`jaxgc.protocols.decode`, ``optax``).
+   The metrics add the final solve's ``condition_number``, each message's size
+   (``message_bytes``) and its measured transfer time (``message_transfer_s``).
 
 Times: ``step_sim_time`` is the simulator's stop time for the injected durations
 (the same number the SPMD backend reports for the same key), ``wall_time`` the

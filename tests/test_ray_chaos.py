@@ -103,7 +103,8 @@ class TestLocal:
     # ... until Ray restarted it; it gets the current parameters and reports again.
     assert log[ev.up_step]["dead_workers"] == 0 and ev.up_step < ev.first_report_step + 1
     assert 0 < ev.up_s <= ev.first_report_s
-    assert step.records[-1]["counts_observed"][[1, 3]].any() or ev.first_report_step < len(log)
+    arrived = step.records[ev.first_report_step]["finish_wall"][[1, 3]]
+    assert np.isfinite(arrived).any()          # a chunk of worker 1 or 3 reached the PS
     assert all(m["exact"] for m in log) and log[-1]["dead_workers"] == 0
     check_nothing_lost(problem, state, log)
 
@@ -117,7 +118,7 @@ class TestLocal:
     assert len(chaos.kills) >= 3
     # The degraded steps are visible, and the run went on through them.
     assert sum(m["dead_workers"] > 0 for m in log) >= 3
-    assert len(step.restarts) >= 3
+    assert len(step.restarts) >= 2    # two kills of one actor between two polls are one outage
     check_nothing_lost(problem, state, log)
 
 
