@@ -27,7 +27,7 @@ wall seconds to the target, with the ratio to the run's failure-free twin; then
 the restart measurement (kill -> actor alive -> its first chunk report at the
 PS, in seconds and steps). Evaluation time is not counted.
 
-  python benchmarks/chaos.py                        # ~4 minutes on 2 shared cores
+  python benchmarks/chaos.py                        # ~8 minutes on 2 shared cores
   python benchmarks/chaos.py --mtbf=2 --repeats=5
 """
 from __future__ import annotations
@@ -44,14 +44,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _wait_all_alive(ray, actors, timeout: float = 120.0):
+def _wait_all_alive(ray, actors, timeout: float = 120.0) -> bool:
+  """Whether every actor was alive within ``timeout`` seconds."""
   from jaxgc.ray_faults import actor_state  # pylint: disable=import-outside-toplevel
   until = time.perf_counter() + timeout
   while time.perf_counter() < until:
     if all(actor_state(ray, a)[0] in ("ALIVE", "UNKNOWN") for a in actors):
-      return
+      return True
     time.sleep(0.05)
-  raise RuntimeError("actors did not come back within the timeout")
+  return False
 
 
 def train_to_target(step, pool, problem, args, mtbf, seed, checkpoint_restart):
@@ -86,7 +87,10 @@ def train_to_target(step, pool, problem, args, mtbf, seed, checkpoint_restart):
       if checkpoint_restart and (hit or not m["exact"]):
         out["rollbacks"] += 1
         out["lost"] += s - int(ckpt.step) + 1
-        _wait_all_alive(ray, pool.actors)
+        # The kill loop goes on meanwhile: with a restart slower than the MTBF over
+        # all actors, this may never happen, and the run never reaches the target.
+        if not _wait_all_alive(ray, pool.actors, args.max_wall - (time.perf_counter() - t0)):
+          break
         state = _restore(ckpt, path)
         continue
       state = new
@@ -126,7 +130,7 @@ def main():
   ap.add_argument("--workers", type=int, default=8)
   ap.add_argument("--load", type=int, default=3)
   ap.add_argument("--num_actors", type=int, default=4)
-  ap.add_argument("--mtbf", type=float, default=2.0, help="mean seconds between kills")
+  ap.add_argument("--mtbf", type=float, default=5.0, help="mean seconds between kills")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
   ap.add_argument("--time_scale", type=float, default=0.01)
@@ -134,7 +138,7 @@ def main():
   ap.add_argument("--eval_every", type=int, default=5)
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--lr", type=float, default=0.5)
-  ap.add_argument("--max_wall", type=float, default=120.0, help="seconds per run at most")
+  ap.add_argument("--max_wall", type=float, default=90.0, help="seconds per run at most")
   ap.add_argument("--restart_trials", type=int, default=3)
   args = ap.parse_args()
 
