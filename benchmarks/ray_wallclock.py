@@ -157,6 +157,15 @@ def main():
   print("  lag = stop - sim: dispatch and report latency, real compute; solve/round: the PS's")
   print("  coefficient solve and message round(s); rest: dispatch, decode, update;")
   print("  ovh% = (wall - sim) / sim; tta: seconds to the target accuracy (wall, simulated).")
+  print("\nmessages as sent (a network model's inputs): bytes per message, transfer time "
+        "(actor send to PS receipt), median and max over steps")
+  for name, res in results.items():
+    rows = [r for r in res["rows"] if r.get("message_bytes", 0) > 0]
+    if rows:
+      get = lambda k, rows=rows: np.array([r[k] for r in rows])
+      print(f"{name:>18} {int(np.median(get('message_bytes'))):8d} B  "
+            f"{np.median(get('message_transfer_s')) * 1e3:6.2f} ms  "
+            f"max {np.max(get('message_transfer_max_s')) * 1e3:6.2f} ms")
   if "partial_straggler" in summary and "original" in summary:
     ray_ratio = summary["partial_straggler"]["wall"] / summary["original"]["wall"]
     sim_ratio = summary["partial_straggler"]["sim"] / summary["original"]["sim"]

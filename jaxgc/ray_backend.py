@@ -11,6 +11,11 @@ and the driver plays the PS, in real time:
    assigned order: real JAX compute (one jitted ``value_and_grad`` per actor), then
    an injected sleep of ``τ · time_scale`` seconds; ``τ = inf`` (a failed worker)
    stops it. It keeps each finished chunk gradient and reports the chunk to the PS.
+   Only actors that Ray's control store calls alive get work
+   (:class:`jaxgc.ray_faults.ActorLiveness`): the workers of a dead or restarting
+   actor are the step's ``dead_workers``, and a restarted actor gets the current
+   parameters with its next dispatch. ``fail_at`` kills the actor hosting a
+   worker at the start of a step (:mod:`jaxgc.faults`).
 2. **Watch.** The PS reads the reports as they come (``ray.wait`` on streaming
    generators, never a blocking get on one worker) and stops as soon as the
    protocol's ``completion_time`` of the arrivals so far is finite, i.e. at the
@@ -32,6 +37,8 @@ and the driver plays the PS, in real time:
    (``exact`` is False). A failure in that second round, or no sender at all,
    skips the step; a skipped or non-finite update never touches the parameters.
 5. **Decode and update** on the PS (:func:`jaxgc.protocols.decode`, ``optax``).
+   The metrics add the final solve's ``condition_number``, each message's size
+   (``message_bytes``) and its measured transfer time (``message_transfer_s``).
 
 Times: ``step_sim_time`` is the simulator's stop time for the injected durations
 (the same number the SPMD backend reports for the same key), ``wall_time`` the
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import os
 import socket
@@ -57,8 +65,9 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from jaxgc import faults as _faults
 from jaxgc import protocols as _protocols
-from jaxgc import timing
+from jaxgc import ray_faults, timing
 from jaxgc.parallel import MODES, TrainState
 
 __all__ = ["RayStep", "WorkerPool", "connect", "measured_durations", "work_slots"]
@@ -85,9 +94,9 @@ def _one_line(err: BaseException) -> str:
 # -- the protocol interface, in one place ------------------------------------------
 
 def _solve(protocol, counts):
-  """``(enc [m, max_load, ℓ], dec [ℓ, m])`` at ``counts``: the protocol's one solve."""
+  """``(enc [m, max_load, ℓ], dec [ℓ, m], condition [])`` at ``counts``: the protocol's one solve."""
   c = protocol.solve(counts)
-  return c.enc, c.dec
+  return c.enc, c.dec, c.condition
 
 
 def work_slots(protocol) -> list[np.ndarray]:
@@ -213,7 +222,9 @@ class _WorkerHost:
     self.runs: dict[str, _Run] = {}
 
   def ready(self):
-    return socket.gethostname(), os.getpid()
+    """``(hostname, pid, Ray node id)`` of this actor."""
+    import ray  # pylint: disable=import-outside-toplevel
+    return socket.gethostname(), os.getpid(), ray.get_runtime_context().get_node_id()
 
   async def _program(self, token, setup) -> _Program:
     if token not in self.programs:
@@ -279,7 +290,9 @@ class _WorkerHost:
     await asyncio.gather(*tasks)
 
   async def encode(self, key: str, step: int, rows, stop: bool = True):
-    """Messages ``{j: z_j}`` for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops the step.
+    """``({j: z_j}, sent)``: messages for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops the step.
+
+    ``sent`` is ``time.time()`` as the messages leave, for the PS's transfer time.
 
     ``fault`` injects what the network or the worker might do: ``"lost"`` (no
     message arrives) or ``"nan"`` (a corrupted one). ``None`` for a worker that
@@ -287,7 +300,7 @@ class _WorkerHost:
     """
     run = self.runs.get(key)
     if run is None or run.step != step:
-      return {j: None for j in rows}
+      return {j: None for j in rows}, time.time()
     if stop:
       run.stop.set()
     prog = run.program
@@ -298,7 +311,7 @@ class _WorkerHost:
         continue
       z = np.asarray(prog.encode(run.grads[j], enc))
       out[j] = np.full_like(z, np.nan) if fault == "nan" else z
-    return out
+    return out, time.time()
 
 
 class WorkerPool:
@@ -418,6 +431,36 @@ def measured_durations(record) -> np.ndarray:
   return np.where(np.isfinite(tau), tau, np.inf)
 
 
+class _Seen:
+  """What the PS saw in the watch phase, per worker and list slot (``[m, max_load]``)."""
+
+  def __init__(self, m: int, width: int, num_chunks: int):
+    self.counts = np.zeros(m, np.int32)
+    self.finish = np.full((m, width), np.nan)      # arrival at the PS, s since dispatch
+    self.chunk_s = np.full((m, width), np.nan)     # worker-measured chunk time (compute + sleep)
+    self.compute_s = np.full((m, width), np.nan)   # of which real compute
+    self.worker_t = np.full((m, width), np.nan)    # finish as the worker saw it, s since its start
+    self.losses = np.full(num_chunks, np.nan)
+    self.dead, self.erased = np.zeros(m, bool), np.zeros(m, bool)
+    self.stop_wall = 0.0
+    self.observed = self.counts
+
+
+@dataclasses.dataclass
+class _Rounds:
+  """The message rounds' outcome: final ``counts [m]``, messages, coefficients, sizes, timings."""
+  counts: np.ndarray
+  nbytes: np.ndarray           # [m] bytes of each worker's message as sent (0: none)
+  transfer_s: np.ndarray       # [m] its actor's send to the PS's receipt (nan: none)
+  msgs: np.ndarray
+  dec: np.ndarray | None = None
+  condition: float = 1.0
+  senders: np.ndarray | None = None
+  failed_again: bool = False
+  solve_s: float = 0.0
+  round_s: float = 0.0
+
+
 class RayStep:
   """A coded gradient step whose workers are Ray actors and whose PS is this process.
 
@@ -441,6 +484,15 @@ class RayStep:
     pool: a :class:`WorkerPool` to run on (shared, not closed by :meth:`close`).
     message_timeout: wall seconds to wait for messages; later ones are erased.
     keep_records: how many recent steps :attr:`records` keeps.
+    fail_at: ``[(worker, step), ...]`` (:func:`jaxgc.faults.fault_schedule`): at the
+      start of ``step`` the actor hosting ``worker`` is killed for real (so all of
+      that actor's workers fail, until Ray has restarted it).
+    report_condition: add ``condition_number`` (the final solve's) to the metrics
+      where the protocol reports one, as the SPMD step does.
+
+  Attributes:
+    liveness: the PS's :class:`jaxgc.ray_faults.ActorLiveness`; its ``restarts``
+      lists each actor outage and how many steps and seconds it cost.
   """
 
   def __init__(self, protocol, straggler, loss_fn: Callable, tx: optax.GradientTransformation, *,
@@ -448,7 +500,7 @@ class RayStep:
                num_actors: int = 4, time_scale: float = 0.01, address: str | None = None,
                message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                pool: WorkerPool | None = None, message_timeout: float = 60.0,
-               keep_records: int = 1000):
+               keep_records: int = 1000, fail_at=None, report_condition: bool = True):
     if mode not in MODES:
       raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}.")
     if mode == "deadline" and (deadline is None or not np.isfinite(deadline) or deadline <= 0):
@@ -476,6 +528,9 @@ class RayStep:
     self.nan_message_prob = float(nan_message_prob)
     self.message_timeout = float(message_timeout)
     self.slots = work_slots(protocol)
+    self.faults = _faults.fault_schedule(fail_at, protocol.assignment.num_workers)
+    self.report_condition = bool(report_condition) and protocol.reports_condition
+    self.closed = False
     self.owns_pool = pool is None
     self.pool = WorkerPool(num_actors, address=address) if pool is None else pool
     self.ray = self.pool.ray
@@ -486,6 +541,11 @@ class RayStep:
     self._warm = False
     self._straggler_state = None
     self._decodable, self._coefficients, self._coverage, self._complete = _ps_functions(protocol)
+    self.liveness = ray_faults.ActorLiveness(self.ray, self.pool.actors)
+
+  def _check_open(self):
+    if self.closed:
+      raise ValueError("this RayStep is closed (its actors are gone); make a new one.")
 
   # -- state ------------------------------------------------------------------------
   def init_state(self, params, key) -> TrainState:
@@ -505,6 +565,7 @@ class RayStep:
     The first :meth:`update` or :meth:`gradient` calls it; call it earlier to
     keep compilation out of a measurement. Waits for restarting actors.
     """
+    self._check_open()
     host = jax.device_get(params)
     self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)))
     _draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
@@ -528,6 +589,8 @@ class RayStep:
           if time.perf_counter() > until:
             raise
           pending.append(h)
+        except ray.exceptions.RayActorError:     # dead for good: the steps run without it
+          pass
       time.sleep(0.1 if pending else 0)
     counts = jnp.asarray(a.loads, jnp.int32)
     jax.block_until_ready((self._decodable(counts), self._coefficients(counts),
@@ -544,47 +607,91 @@ class RayStep:
     return _unravel(params, g), metrics
 
   def _gradient(self, params, chunks, key, step, straggler_state):
-    ray, a, proto = self.ray, self.assignment, self.protocol
-    m, width, num_actors = a.num_workers, a.max_load, len(self.pool.actors)
+    """One step in the phases of the module docstring: ``(g [d], metrics, straggler_state)``."""
+    self._check_open()
     wall0 = time.perf_counter()
-    if straggler_state is None:
-      straggler_state = ()
     tau, lost, corrupt, sim_stop, straggler_state = _draw(
-        proto, self.straggler, self.mode, self.deadline, self.timeout, self.message_loss_prob,
-        self.nan_message_prob, key, step, straggler_state)
+        self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
+        self.message_loss_prob, self.nan_message_prob, key, step,
+        () if straggler_state is None else straggler_state)
     tau, lost, corrupt = np.asarray(tau, np.float64), np.asarray(lost), np.asarray(corrupt)
-    sim_stop = float(sim_stop)
     host_params = jax.device_get(params)
     d = sum(int(np.size(x)) for x in jax.tree.leaves(host_params))
     chunks = jax.tree.map(np.asarray, jax.device_get(chunks))
-    params_ref = ray.put(host_params)
+    params_ref = self.ray.put(host_params)
     if not self._warm:
       self._warmup(params_ref, chunks)
       wall0 = time.perf_counter()
+    injected = self._inject_faults(step)
+    a0 = time.perf_counter()
+    alive = self._alive(step)
+    alive_wait = time.perf_counter() - a0
+    t0, gens, workers_of = self._dispatch(step, tau, chunks, params_ref, alive)
+    seen = self._watch(step, gens, workers_of, t0, alive)
+    rounds = self._round(step, seen, workers_of, lost, corrupt, d)
+    g, metrics = self._decode(seen, rounds, d)
+    metrics.update(step_sim_time=float(sim_stop), faults_injected=injected,
+                   alive_wait_s=alive_wait)
+    self.last_record = {
+        "step": int(step), "time_scale": self.time_scale, "durations": tau,
+        "finish_wall": seen.finish, "chunk_wall": seen.chunk_s, "compute_wall": seen.compute_s,
+        "worker_wall": seen.worker_t, "counts_observed": seen.observed, "counts": rounds.counts,
+        "stop_wall": seen.stop_wall, "sim_stop": float(sim_stop), "erased": seen.erased,
+        "dead": seen.dead, "dispatch_s": t0 - wall0, "message_bytes": rounds.nbytes,
+        "transfer_s": rounds.transfer_s,
+    }
+    self.records.append(self.last_record)
+    return g, metrics, straggler_state
 
-    # Dispatch: each actor gets its workers' lists, sleeps and chunks.
+  def _inject_faults(self, step) -> int:
+    """Kills the actors hosting the workers that ``fail_at`` names at ``step``; how many."""
+    hosts = sorted({j % len(self.pool.actors) for j in self.faults.workers_at(int(step))})
+    return sum(self.liveness.kill(h, step) for h in hosts)
+
+  def _alive(self, step) -> np.ndarray:
+    """``bool [num_actors]``: actors to dispatch to; with none, waits for one to come back.
+
+    A step with no live actor could only be skipped; a restart takes seconds, so
+    the PS waits up to ``message_timeout`` for one instead of skipping a burst of steps.
+    """
+    alive = self.liveness.poll(step)
+    until = time.perf_counter() + self.message_timeout
+    while not alive.any() and len(self.liveness.lost) < len(alive) and time.perf_counter() < until:
+      time.sleep(0.05)
+      alive = self.liveness.poll(step)
+    return alive
+
+  def _dispatch(self, step, tau, chunks, params_ref, alive):
+    """Phase 1: each live actor gets its workers' lists, sleeps, chunks and the parameters.
+
+    Returns ``(t0, {generator: actor}, workers_of)``; ``workers_of[h]`` lists actor
+    ``h``'s workers (worker ``j`` on actor ``j mod num_actors``).
+    """
+    a, m, num_actors = self.assignment, self.assignment.num_workers, len(self.pool.actors)
     chunk_of = [a.order[j, self.slots[j]] for j in range(m)]
-    gens, workers_of = [], []
+    workers_of = [list(range(h, m, num_actors)) for h in range(num_actors)]
+    gens = {}
     t0 = time.perf_counter()
     for h, actor in enumerate(self.pool.actors):
-      mine = list(range(h, m, num_actors))
+      if not alive[h]:
+        continue
+      mine = workers_of[h]
       ids = np.unique(np.concatenate([chunk_of[j] for j in mine] + [np.zeros(0, np.int32)]))
       row = {int(i): r for r, i in enumerate(ids)}
       work = [(j, np.array([row[int(i)] for i in chunk_of[j]], np.int32), self.slots[j],
                tau[j, :len(self.slots[j])] * self.time_scale) for j in mine]
       sub = jax.tree.map(lambda x, ids=ids: x[ids], chunks)
-      gens.append(actor.run.options(num_returns="streaming").remote(
-          self.token, self.setup, self.key, step, params_ref, sub, work, width))
-      workers_of.append(mine)
+      gen = actor.run.options(num_returns="streaming").remote(
+          self.token, self.setup, self.key, step, params_ref, sub, work, a.max_load)
+      gens[gen] = h
+    return t0, gens, workers_of
 
-    # Watch: reports as they come; stop at completion, the deadline or nothing left.
-    counts = np.zeros(m, np.int32)
-    finish = np.full((m, width), np.nan)       # arrival at the PS, s since dispatch
-    chunk_s = np.full((m, width), np.nan)      # worker-measured chunk time (compute + sleep)
-    compute_s = np.full((m, width), np.nan)    # of which real compute
-    worker_t = np.full((m, width), np.nan)     # finish as the worker saw it, s since its start
-    losses = np.full(a.num_chunks, np.nan)
-    dead, erased = np.zeros(m, bool), np.zeros(m, bool)
+  def _watch(self, step, gens, workers_of, t0, alive) -> _Seen:
+    """Phase 2: reports as they come; stop at completion, the deadline or nothing left."""
+    ray, a = self.ray, self.assignment
+    seen = _Seen(a.num_workers, a.max_load, a.num_chunks)
+    for h in np.flatnonzero(~alive):
+      seen.dead[workers_of[h]] = True
     if self.mode == "deadline":
       limit = self.deadline * self.time_scale
     else:
@@ -593,8 +700,8 @@ class RayStep:
       # message_timeout more wall seconds before giving up on a step.
       limit = np.inf if self.timeout is None else (self.timeout * self.time_scale
                                                    + self.message_timeout)
-    live = dict(zip(gens, range(num_actors)))
-    arrived = np.full((m, width), np.inf, np.float32)   # the stop test's view of `finish`
+    live = dict(gens)
+    arrived = np.full((a.num_workers, a.max_load), np.inf, np.float32)  # the stop test's view
     complete = bool(self._complete(arrived))
     while live and not complete:
       left = limit - (time.perf_counter() - t0)
@@ -610,76 +717,88 @@ class RayStep:
           continue
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
           del live[g]
+          self.liveness.failed(h, step)
           gone = np.asarray(workers_of[h])
-          erased[gone] |= counts[gone] > 0        # counted work that will never be sent
-          dead[gone] = True
-          counts[gone] = 0
+          seen.erased[gone] |= seen.counts[gone] > 0     # counted work never to be sent
+          seen.dead[gone] = True
+          seen.counts[gone] = 0
           arrived[gone] = np.inf
           continue
-        if dead[j]:
+        if seen.dead[j]:
           continue
-        counts[j] = n + 1
-        finish[j, n] = arrived[j, n] = time.perf_counter() - t0
-        chunk_s[j, n], compute_s[j, n], worker_t[j, n] = took, comp, at
+        self.liveness.reported(h, step)
+        seen.counts[j] = n + 1
+        seen.finish[j, n] = arrived[j, n] = time.perf_counter() - t0
+        seen.chunk_s[j, n], seen.compute_s[j, n], seen.worker_t[j, n] = took, comp, at
         chunk = a.order[j, self.slots[j][n]]
-        if np.isnan(losses[chunk]):
-          losses[chunk] = loss
+        if np.isnan(seen.losses[chunk]):
+          seen.losses[chunk] = loss
       complete = bool(self._complete(arrived))
-    stop_wall = time.perf_counter() - t0
-    observed = counts.copy()
+    seen.stop_wall = time.perf_counter() - t0
+    seen.observed = seen.counts.copy()
+    return seen
 
-    # Round(s): solve for the observed state, collect messages, erase and redo once.
-    solve_s = round_s = 0.0
-    msgs = np.zeros((m, _protocols.base.num_blocks(d, proto.ell)), np.float32)
-    dec = None
-    failed_again = False
+  def _round(self, step, seen, workers_of, lost, corrupt, d) -> _Rounds:
+    """Phases 3-4: solve for the observed state, collect messages, erase and redo once."""
+    m, ell = self.assignment.num_workers, self.protocol.ell
+    out = _Rounds(counts=seen.counts.copy(), nbytes=np.zeros(m, np.int64),
+                  transfer_s=np.full(m, np.nan),
+                  msgs=np.zeros((m, _protocols.base.num_blocks(d, ell)), np.float32))
     for attempt in range(2):
       s0 = time.perf_counter()
-      enc, dec = (np.asarray(x) for x in self._coefficients(jnp.asarray(counts)))
-      senders = np.any(enc != 0, axis=(1, 2)) & ~dead
-      solve_s += time.perf_counter() - s0
+      enc, out.dec, out.condition = (np.asarray(x) for x in
+                                     self._coefficients(jnp.asarray(out.counts)))
+      out.senders = np.any(enc != 0, axis=(1, 2)) & ~seen.dead
+      out.solve_s += time.perf_counter() - s0
       r0 = time.perf_counter()
-      got, bad = self._collect(step, enc, senders, workers_of, dead,
+      got, bad = self._collect(step, enc, out.senders, workers_of, seen.dead,
                                lost if attempt == 0 else None, corrupt if attempt == 0 else None,
-                               stop=attempt == 0)
-      round_s += time.perf_counter() - r0
+                               stop=attempt == 0, out=out)
+      out.round_s += time.perf_counter() - r0
       for j, z in got.items():
-        msgs[j] = z
+        out.msgs[j] = z
       if not bad.any():
         break
       if attempt == 1:
-        failed_again = True
+        out.failed_again = True
         break
-      erased |= bad
-      counts = np.where(bad, 0, counts)
-      msgs[:] = 0
-    final_senders = np.any(enc != 0, axis=(1, 2)) & ~dead
-    g = np.asarray(_decode(msgs, dec, d))
-    skipped = bool(failed_again or not final_senders.any() or not np.isfinite(g).all())
-    exact = bool(self._decodable(counts)) and not skipped
-    known = np.isfinite(losses)
-    loss = float(np.sum(losses[known]) * a.num_chunks / known.sum()) if known.any() else np.nan
-    coverage = np.asarray(self._coverage(counts))
-    metrics = {
-        "loss": loss, "step_sim_time": sim_stop, "skipped": skipped, "exact": exact,
-        "erasures": int(erased.sum()), "dead_workers": int(dead.sum()),
-        "senders": int(final_senders.sum()), "min_coverage": int(coverage.min()),
-        "chunks_below_ell": int(np.sum(coverage < proto.ell)),
-        "stop_wall": stop_wall, "solve_s": solve_s, "round_s": round_s,
-        "compute_s": float(np.nansum(compute_s)),
-    }
-    self.last_record = {
-        "step": int(step), "time_scale": self.time_scale, "durations": tau,
-        "finish_wall": finish, "chunk_wall": chunk_s, "compute_wall": compute_s,
-        "worker_wall": worker_t,
-        "counts_observed": observed, "counts": counts, "stop_wall": stop_wall,
-        "sim_stop": sim_stop, "erased": erased, "dead": dead, "dispatch_s": t0 - wall0,
-    }
-    self.records.append(self.last_record)
-    return g, metrics, straggler_state
+      seen.erased |= bad
+      out.counts = np.where(bad, 0, out.counts)
+      out.msgs[:] = 0
+    return out
 
-  def _collect(self, step, enc, senders, workers_of, dead, lost, corrupt, stop):
-    """Sends each sender its coefficients and gathers ``{j: z_j}`` and the erased ``[m]``."""
+  def _decode(self, seen, rounds, d):
+    """Phase 5 (the update is :meth:`update`'s): ``(g [d], metrics)`` from the messages."""
+    a, ell = self.assignment, self.protocol.ell
+    g = np.asarray(_decode(rounds.msgs, rounds.dec, d))
+    skipped = bool(rounds.failed_again or not rounds.senders.any() or not np.isfinite(g).all())
+    exact = bool(self._decodable(rounds.counts)) and not skipped
+    known = np.isfinite(seen.losses)
+    loss = (float(np.sum(seen.losses[known]) * a.num_chunks / known.sum()) if known.any()
+            else np.nan)
+    coverage = np.asarray(self._coverage(rounds.counts))
+    sent = rounds.nbytes > 0
+    metrics = {
+        "loss": loss, "skipped": skipped, "exact": exact,
+        "erasures": int(seen.erased.sum()), "dead_workers": int(seen.dead.sum()),
+        "senders": int(rounds.senders.sum()), "min_coverage": int(coverage.min()),
+        "chunks_below_ell": int(np.sum(coverage < ell)),
+        "stop_wall": seen.stop_wall, "solve_s": rounds.solve_s, "round_s": rounds.round_s,
+        "compute_s": float(np.nansum(seen.compute_s)),
+        "message_bytes": int(rounds.nbytes.max(initial=0)),
+        "message_transfer_s": float(np.median(rounds.transfer_s[sent])) if sent.any() else 0.0,
+        "message_transfer_max_s": float(rounds.transfer_s[sent].max(initial=0.0)),
+    }
+    if self.report_condition:
+      metrics["condition_number"] = float(rounds.condition)
+    return g, metrics
+
+  def _collect(self, step, enc, senders, workers_of, dead, lost, corrupt, stop, out):
+    """Sends each sender its coefficients and gathers ``{j: z_j}`` and the erased ``[m]``.
+
+    Writes each message's size and transfer time (its actor's send to its receipt
+    here, ``time.time()`` on both sides) into ``out.nbytes`` and ``out.transfer_s``.
+    """
     ray, m = self.ray, self.assignment.num_workers
     refs, asked = {}, {}
     for h, actor in enumerate(self.pool.actors):
@@ -695,20 +814,39 @@ class RayStep:
           refs[ref], asked[ref] = h, list(rows)
     bad = np.zeros(m, bool)
     got = {}
-    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=self.message_timeout)
-    for ref in late:
-      bad[asked[ref]] = True
-    for ref in ready:
+    pending, until = list(refs), time.perf_counter() + self.message_timeout
+    while pending:
+      ready, pending = ray.wait(pending, num_returns=1,
+                                timeout=min(max(until - time.perf_counter(), 0.0), 0.05))
+      if not ready:
+        # Ray holds a call to a restarting actor until it is back (seconds): its
+        # messages are erasures now, not a stall of the step.
+        down = [r for r in pending if ray_faults.actor_state(ray, self.pool.actors[refs[r]])[0]
+                not in ("ALIVE", "UNKNOWN")]
+        for r in down:
+          bad[asked[r]] = True
+          self.liveness.failed(refs[r], step)
+        pending = [r for r in pending if r not in down]
+        if time.perf_counter() >= until:
+          break
+        continue
+      ref = ready[0]
       try:
-        out = ray.get(ref)
+        msgs, sent = ray.get(ref)
       except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
         bad[asked[ref]] = True
+        self.liveness.failed(refs[ref], step)
         continue
-      for j, z in out.items():
+      received = time.time()
+      for j, z in msgs.items():
+        if z is not None:
+          out.nbytes[j], out.transfer_s[j] = z.nbytes, received - sent
         if z is None or not np.all(np.isfinite(z)):
           bad[j] = True
         else:
           got[j] = z
+    for ref in pending:
+      bad[asked[ref]] = True
     return got, bad
 
   def update(self, state: TrainState, chunks, key):
@@ -747,11 +885,19 @@ class RayStep:
     del donate
     return self.update
 
+  @property
+  def restarts(self) -> list:
+    """Every actor outage seen so far (:class:`jaxgc.ray_faults.Restart`)."""
+    return self.liveness.restarts
+
   def close(self):
-    """Stops the actors (unless the pool was passed in) and a Ray instance this step started."""
-    if self.owns_pool and self.pool is not None:
+    """Stops the actors (unless the pool was passed in) and a Ray instance this step started.
+
+    The step cannot run afterwards; :attr:`pool` stays, closed if this step owned it.
+    """
+    if self.owns_pool and not self.closed:
       self.pool.close()
-    self.pool = None
+    self.closed = True
 
   def __enter__(self):
     return self

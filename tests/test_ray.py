@@ -249,3 +249,46 @@ def test_killed_actor_is_an_erasure(pool, setup, ell):
     assert not metrics["exact"] and metrics["chunks_below_ell"] == 2
     np.testing.assert_allclose(flat(g), estimate_at(proto, loss_fn, params, chunks[0],
                                                     rec["counts"]), rtol=1e-5, atol=1e-6)
+
+
+def test_condition_number_and_message_sizes_are_reported(pool, setup, partial):
+  params, loss_fn, chunks = setup
+  proto = partial[2]
+  step = RayStep(proto, trace([[1, 1, 1], [1, 1, 1], [1, 1, 1], [3, 3, 3]]), loss_fn,
+                 optax.sgd(0.1), pool=pool, time_scale=0.01)
+  _, metrics = step.gradient(params, chunks[0], jax.random.key(0))
+  rec = step.last_record
+  # The final solve's condition number, as the protocol computes it at that state.
+  assert metrics["condition_number"] == pytest.approx(
+      float(proto.condition_number(jnp.asarray(rec["counts"]))), rel=1e-5)
+  # Each sender's message is d/ell float32 blocks, measured as it arrived.
+  d = flat(params).size
+  sent = rec["message_bytes"] > 0
+  assert sent.sum() == metrics["senders"] > 0
+  assert set(rec["message_bytes"][sent]) == {4 * protocols.base.num_blocks(d, 2)}
+  assert metrics["message_bytes"] == 4 * protocols.base.num_blocks(d, 2)
+  t = rec["transfer_s"][sent]
+  assert np.all((t >= 0) & (t < 60)) and np.isnan(rec["transfer_s"][~sent]).all()
+  assert metrics["message_transfer_s"] == pytest.approx(float(np.median(t)))
+  # No condition number where the protocol has none to report.
+  step = RayStep(protocols.get_protocol("uncoded", assignments.cyclic(M, LOAD)),
+                 trace([[1, 1, 1]] * M), loss_fn, optax.sgd(0.1), pool=pool, time_scale=0.01)
+  assert "condition_number" not in step.gradient(params, chunks[0], jax.random.key(0))[1]
+
+
+def test_closed_step_keeps_its_pool_and_refuses_to_run(pool, setup, partial):
+  params, loss_fn, chunks = setup
+  step = RayStep(partial[1], trace([[1, 1, 1]] * M), loss_fn, optax.sgd(0.1), pool=pool)
+  step.close()
+  assert step.pool is pool and pool.actors       # a shared pool is not the step's to close
+  with pytest.raises(ValueError, match="closed"):
+    step.gradient(params, chunks[0], jax.random.key(0))
+
+
+def test_fail_at_is_validated_like_the_spmd_schedule(pool, setup, partial):
+  _, loss_fn, _ = setup
+  for bad, match in [([(M, 0)], "worker 4 is not one of the 4 workers"),
+                     ([(0, -1)], "step -1 is negative"), ([3], r"\(worker, step\) pair")]:
+    with pytest.raises(ValueError, match=match):
+      RayStep(partial[1], trace([[1, 1, 1]] * M), loss_fn, optax.sgd(0.1), pool=pool,
+              fail_at=bad)

@@ -285,11 +285,13 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
     except ImportError:
       raise ConfigError("--config.backend=ray",
                         "--config.backend=ray needs Ray: pip install 'jaxgc[ray]'") from None
-    if _accepts(ray_backend.RayStep.__init__, "network"):
-      kwargs["network"] = net
-    elif not isinstance(net, network_models.NoNetwork):
+    if not isinstance(net, network_models.NoNetwork):
       raise ConfigError(_flag("network.name", config), "the Ray backend measures its own "
                         "messages; use --config.backend=spmd for a network model.")
+    # The fault schedule, where the config has one, is a real kill on Ray.
+    if "fail_at" in s:
+      kwargs.setdefault("fail_at", s.fail_at)
+    kwargs.setdefault("report_condition", s.report_condition)
     with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
                "backend"):
       return ray_backend.RayStep(protocol, straggler, loss_fn, tx, timeout=timeout, **kwargs,
