@@ -60,14 +60,14 @@ def fault_schedule(fail_at: Iterable | FaultSchedule | None, num_workers: int) -
   """
   if isinstance(fail_at, FaultSchedule):
     fail_at = fail_at.pairs
-  pairs = set()
+  pairs: set[tuple[int, int]] = set()
   for item in fail_at or ():
     try:
-      w, s = item
+      raw_w, raw_s = item
     except (TypeError, ValueError):
       raise ValueError(f"fail_at: each entry is a (worker, step) pair, got {item!r}; "
                        "write e.g. fail_at=[(3, 10), (7, 12)].") from None
-    w, s = _as_int(w, "worker"), _as_int(s, "step")
+    w, s = _as_int(raw_w, "worker"), _as_int(raw_s, "step")
     if not 0 <= w < num_workers:
       raise ValueError(f"fail_at: worker {w} is not one of the {num_workers} workers "
                        f"(0..{num_workers - 1}).")
