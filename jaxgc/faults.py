@@ -58,10 +58,9 @@ def fault_schedule(fail_at: Iterable | FaultSchedule | None, num_workers: int) -
     ValueError: a pair that is not two integers, a worker outside
       ``0..num_workers-1`` or a negative step, each named with the fix.
   """
-  if isinstance(fail_at, FaultSchedule):
-    fail_at = fail_at.pairs
+  items: Iterable = fail_at.pairs if isinstance(fail_at, FaultSchedule) else (fail_at or ())
   pairs: set[tuple[int, int]] = set()
-  for item in fail_at or ():
+  for item in items:
     try:
       raw_w, raw_s = item
     except (TypeError, ValueError):
