@@ -170,8 +170,8 @@ def _simulate_all(protos, straggler, key, trials, timeout, need_senders):
       exact.append(p.is_decodable(counts))
       if need_senders:
         senders.append(jnp.sum(jax.vmap(p.solve)(counts).senders, axis=-1, dtype=jnp.float32))
-      else:
-        senders.append(jnp.zeros_like(stop))
+      else:                       # NaN: not simulated (rank refuses a network that needs them)
+        senders.append(jnp.full_like(stop, jnp.nan))
     return stops, senders, exact
   return jax.device_get(run(key))
 
@@ -190,6 +190,9 @@ def rank(simulated: Sequence[Simulated], num_params, network=None,
                      "with jaxgc.network.get_network('ps', bandwidth=B, latency=L).")
   rows = []
   for s in simulated:
+    if network.depends_on_senders and np.isnan(s.senders).any():
+      raise ValueError(f"{network.name} network: its time depends on the senders, which were not "
+                       "simulated; call simulate(..., need_senders=True).")
     comm = np.asarray(_network.step_comm_time(network, s.protocol, d, dtype, s.senders),
                       np.float64)
     total = s.stop + comm

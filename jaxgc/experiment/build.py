@@ -23,7 +23,8 @@ from jaxgc.experiment.config import ConfigError
 __all__ = [
     "Experiment", "build", "setup_devices", "make_dataset", "make_assignment",
     "make_protocol", "make_straggler_model", "make_network", "make_model", "make_optimizer",
-    "make_step", "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length", "check_memory",
+    "make_step", "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length",
+    "check_memory",
 ]
 
 TIMEOUT_FACTOR = 3.0   # default timeout: this many times the median uncoded step time

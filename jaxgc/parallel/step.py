@@ -527,7 +527,8 @@ class CodedStep:
     Returns:
       ``(grads, metrics)``: the estimate ``ĝ`` as a pytree like ``params`` (NaN
       possible only when ``metrics['skipped']``), and a dict of scalars
-      (``loss``, ``step_sim_time`` = stop + ``step_comm_time``, ``min_coverage``, ``chunks_below_ell``,
+      (``loss``, ``step_sim_time`` = stop + ``step_comm_time``, ``min_coverage``,
+      ``chunks_below_ell``,
       ``decodable``, ``erasures``, ``skipped``, ``exact``, ``senders``,
       ``computed_fraction``, ``recomputed_fraction``, ``condition_number``
       when the protocol reports one) plus the final state ``counts`` ``[m]``.
