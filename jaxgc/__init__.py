@@ -16,6 +16,7 @@ from jaxgc import spectral
 from jaxgc import timing
 from jaxgc.assignments import Assignment
 from jaxgc.parallel import (CodedStep, PlainStep, TrainState, make_coded_step, make_plain_step)
+from jaxgc.parallel import chunk_keys, coded_value_and_grad
 # Device plumbing: kept at the top level for existing scripts, documented under jaxgc.parallel.
 from jaxgc.parallel import make_mesh, set_cpu_device_count  # noqa: F401
 from jaxgc.protocols import (BackupWorkers, Coefficients, GraphCode, IgnoreStragglers,
@@ -58,4 +59,7 @@ __all__ = [
     "TrainState",
     "make_coded_step",
     "make_plain_step",
+    # your own loop
+    "coded_value_and_grad",
+    "chunk_keys",
 ]
