@@ -49,8 +49,8 @@ def train_step(params, opt_state, key):
   return optax.apply_updates(params, updates), opt_state, loss, info["exact"]
 
 
-for step in range(40):
+for step in range(30):
   params, opt_state, loss, exact = train_step(params, opt_state, jax.random.key(step))
-  if step % 5 == 0 or step == 39:
+  if step % 5 == 0 or step == 29:
     print(f"step {step:2d}  loss {float(loss):.4f}  exact {bool(exact)}")
 model = nnx.merge(graphdef, params)   # the trained module

@@ -17,8 +17,8 @@ import numpy as np
 import optax
 
 __all__ = ["MLP", "CNN", "CNNBN", "TransformerLM", "MODELS", "get_model", "init_params",
-           "init_variables", "chunk_loss_fn", "stateful_chunk_loss_fn", "predict_metrics", "MemoryEstimate", "memory_estimate", "check_memory",
-           "device_memory_budget"]
+           "init_variables", "chunk_loss_fn", "stateful_chunk_loss_fn", "predict_metrics",
+           "MemoryEstimate", "memory_estimate", "check_memory", "device_memory_budget"]
 
 MODELS = ("mlp", "linear", "cnn", "cnn_bn", "transformer_lm")
 
@@ -119,7 +119,8 @@ class TransformerLM(nn.Module):
 
 
 def get_model(name: str, num_classes: int, hidden: Sequence[int] = (64, 64), **options) -> nn.Module:
-  """``"mlp"``, ``"linear"`` (logistic/linear regression), ``"cnn"``, ``"cnn_bn"`` or ``"transformer_lm"``.
+  """``"mlp"``, ``"linear"`` (logistic/linear regression), ``"cnn"``, ``"cnn_bn"`` (with batch
+  norm and dropout, option ``dropout``) or ``"transformer_lm"``.
 
   ``num_classes=0`` (regression) gives one output; for ``transformer_lm`` it is
   the vocabulary, and ``options`` are :class:`TransformerLM`'s fields
