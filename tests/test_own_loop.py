@@ -235,3 +235,16 @@ def test_example_runs_and_the_loss_falls(name):
   losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
   assert len(losses) >= 3, out
   assert losses[-1] < 0.8 * losses[0], out
+
+
+def test_train_py_model_with_batch_norm_and_dropout(tmp_path):
+  """cnn_bn through the experiment: running statistics in the state, moved by the steps."""
+  from jaxgc import experiment
+  from configs import default as default_config
+  flags = ("num_devices=2", "num_cpu_devices=8", "num_workers=4", "load=2", "ell=1",
+           "batch_size=64", "model=cnn_bn", "num_steps=2", "eval_every=2", "checkpoint_every=0")
+  config = experiment.apply_overrides(default_config.get_config(),
+                                      [f.split("=", 1) for f in flags])
+  state = experiment.train_and_evaluate(config, str(tmp_path))
+  mean = state.model_state["batch_stats"]["BatchNorm_0"]["mean"]
+  assert int(state.step) == 2 and float(jnp.max(jnp.abs(mean))) > 0
