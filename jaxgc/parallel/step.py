@@ -470,13 +470,19 @@ class CodedStep:
                        "use gradient() / jaxgc.coded_value_and_grad and your own update.")
 
   # -- gradient ---------------------------------------------------------------
+  def _chunk_inputs(self, wids, key, args):
+    """:func:`_stream`'s chunk arguments on this device: its slots' chunks, the chunk keys
+    (:func:`chunk_keys`, for a loss that takes ``rng``) and the loss's extra ``args``,
+    all the same on every copy of a chunk (PROTOCOL.md §12)."""
+    lay = self.layout
+    return dict(ids=jnp.asarray(lay.order)[wids], args=args, num_chunks=lay.num_chunks,
+                keys=None if key is None else chunk_keys(key, lay.num_chunks))
+
   def _sharded_gradient(self, params, worker_chunks: WorkerChunks, plan: Plan, next_draw,
                         key=None, args=()):
     """``(ĝ [d], metrics, next)``: the step's one code path.
 
-    ``key`` gives the chunks' keys (:func:`chunk_keys`) of a loss that takes
-    ``rng``; ``args`` go to the loss unchanged on every worker. With ``has_aux``,
-    ``metrics["aux"]`` holds the chunks' aux, leaves ``[N, ...]``.
+    ``key`` and ``args``: see :meth:`_chunk_inputs`; with ``has_aux``, ``metrics["aux"]``.
 
     ``next_draw`` (``(durations and faults of the next step, adaptive PS state)``,
     or ``None``) is turned into ``next = (next Plan, adaptive PS state after
@@ -494,9 +500,7 @@ class CodedStep:
       pv = pvary(params, ax)
       owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
       enc = plan.solve.enc[wids]
-      # The chunk, its key and the extra arguments: the same on every copy (§12).
-      chunk = dict(ids=jnp.asarray(lay.order)[wids], args=extra[1], num_chunks=lay.num_chunks,
-                   keys=None if extra[0] is None else chunk_keys(extra[0], lay.num_chunks))
+      chunk = self._chunk_inputs(wids, *extra)
       z, loss, computed, aux = _stream(self.chunk_loss, pv, local, enc, jnp.any(enc != 0, -1),
                                        owner, ell, d, ax, **chunk)
       sends = plan.solve.senders[wids]
