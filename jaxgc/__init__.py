@@ -19,6 +19,7 @@ from jaxgc import timing
 from jaxgc.assignments import Assignment
 from jaxgc.planner import plan
 from jaxgc.parallel import (CodedStep, PlainStep, TrainState, make_coded_step, make_plain_step)
+from jaxgc.parallel import chunk_keys, coded_value_and_grad
 # Device plumbing: kept at the top level for existing scripts, documented under jaxgc.parallel.
 from jaxgc.parallel import make_mesh, set_cpu_device_count  # noqa: F401
 from jaxgc.protocols import (BackupWorkers, Coefficients, GraphCode, IgnoreStragglers,
@@ -65,4 +66,7 @@ __all__ = [
     "make_plain_step",
     # planning a deployment (jaxgc.planner; `python -m jaxgc.plan` on the command line)
     "plan",
+    # your own loop
+    "coded_value_and_grad",
+    "chunk_keys",
 ]

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["MLP", "CNN", "TransformerLM", "MODELS", "get_model", "init_params", "chunk_loss_fn",
-           "predict_metrics", "MemoryEstimate", "memory_estimate", "check_memory",
-           "device_memory_budget"]
+__all__ = ["MLP", "CNN", "CNNBN", "TransformerLM", "MODELS", "get_model", "init_params",
+           "init_variables", "chunk_loss_fn", "stateful_chunk_loss_fn", "predict_metrics",
+           "MemoryEstimate", "memory_estimate", "check_memory", "device_memory_budget"]
 
-MODELS = ("mlp", "linear", "cnn", "transformer_lm")
+MODELS = ("mlp", "linear", "cnn", "cnn_bn", "transformer_lm")
 
 
 class MLP(nn.Module):
@@ -50,6 +50,30 @@ class CNN(nn.Module):
       x = nn.relu(nn.Conv(c, (3, 3))(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.num_outputs)(x)
+
+
+class CNNBN(nn.Module):
+  """:class:`CNN` with batch norm after each convolution and dropout before the output.
+
+  ``train=True`` normalises with the batch's (a chunk's: ghost batch norm) statistics
+  and updates ``batch_stats``, and drops units with the ``"dropout"`` key;
+  ``train=False`` (evaluation) uses the running statistics and no dropout.
+  """
+  channels: Sequence[int] = (32, 64)
+  hidden: int = 128
+  num_outputs: int = 10
+  dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    side = int(round(x.shape[-1] ** 0.5))
+    x = x.reshape(x.shape[0], side, side, 1)
+    for c in self.channels:
+      x = nn.Conv(c, (3, 3), use_bias=False)(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    x = nn.relu(nn.Dense(self.hidden)(x.reshape(x.shape[0], -1)))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_outputs)(x)
 
 
@@ -95,7 +119,8 @@ class TransformerLM(nn.Module):
 
 
 def get_model(name: str, num_classes: int, hidden: Sequence[int] = (64, 64), **options) -> nn.Module:
-  """``"mlp"``, ``"linear"`` (logistic/linear regression), ``"cnn"`` or ``"transformer_lm"``.
+  """``"mlp"``, ``"linear"`` (logistic/linear regression), ``"cnn"``, ``"cnn_bn"`` (with batch
+  norm and dropout, option ``dropout``) or ``"transformer_lm"``.
 
   ``num_classes=0`` (regression) gives one output; for ``transformer_lm`` it is
   the vocabulary, and ``options`` are :class:`TransformerLM`'s fields
@@ -112,6 +137,14 @@ def get_model(name: str, num_classes: int, hidden: Sequence[int] = (64, 64), **o
       raise ValueError(f"d_model={lm.d_model} is not a multiple of num_heads={lm.num_heads}; "
                        "pick num_heads dividing d_model.")
     return lm
+  if name == "cnn_bn":
+    unknown = set(options) - {"dropout"}
+    if unknown:
+      raise ValueError(f"unknown cnn_bn option(s) {sorted(unknown)}; it takes dropout.")
+    rate = float(options.get("dropout", CNNBN.dropout))
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f"dropout={rate} must be in [0, 1).")
+    return CNNBN(num_outputs=out, dropout=rate)
   if options:
     raise ValueError(f"model {name!r} takes no options, got {sorted(options)}.")
   if name == "mlp":
@@ -145,13 +178,33 @@ def chunk_loss_fn(apply_fn: Callable, batch_size: int, regression: bool = False)
   return loss
 
 
-def predict_metrics(apply_fn: Callable, params, x, y, regression: bool = False):
+def stateful_chunk_loss_fn(apply_fn: Callable, batch_size: int, regression: bool = False):
+  """:func:`chunk_loss_fn` of a model with state (batch norm) and dropout.
+
+  ``loss(params, chunk, model_state, *, rng) -> (loss, new_model_state)``:
+  ``model_state`` is the model's non-``params`` collections (``{"batch_stats": ...}``),
+  normalised with the chunk's statistics (ghost batch norm); ``rng`` is the chunk's
+  dropout key (:func:`jaxgc.chunk_keys`), the same on every worker that computes it.
+  """
+  def loss(params, chunk, model_state, *, rng):
+    x, y = chunk
+    scale = 1.0 / (float(batch_size) * math.prod(y.shape[1:]))
+    logits, new = apply_fn({"params": params, **model_state}, x, train=True,
+                           rngs={"dropout": rng}, mutable=list(model_state))
+    return jnp.sum(_example_losses(logits, y, regression)) * scale, dict(new)
+
+  return loss
+
+
+def predict_metrics(apply_fn: Callable, params, x, y, regression: bool = False,
+                    model_state=None):
   """Mean loss and accuracy (or MSE for regression) on ``x [n, ...]``, ``y [n]``.
 
   For a language model (``y [n, T]``): mean token loss, next-token accuracy and
-  perplexity ``exp(loss)``.
+  perplexity ``exp(loss)``. ``model_state``: the model's other collections
+  (batch-norm running statistics).
   """
-  logits = apply_fn({"params": params}, x)
+  logits = apply_fn({"params": params, **(model_state or {})}, x)
   loss = jnp.mean(_example_losses(logits, y, regression))
   if regression:
     return {"test_loss": loss, "test_mse": jnp.mean(jnp.square(logits[:, 0] - y))}
@@ -164,6 +217,12 @@ def predict_metrics(apply_fn: Callable, params, x, y, regression: bool = False):
 def init_params(model: nn.Module, key, example_x):
   """Initial parameters from one example batch ``[b, ...]``."""
   return model.init(key, jnp.asarray(example_x))["params"]
+
+
+def init_variables(model: nn.Module, key, example_x):
+  """``(params, model_state)``: model_state is every other collection (``{}`` for none)."""
+  variables = dict(model.init(key, jnp.asarray(example_x)))
+  return variables.pop("params"), variables
 
 
 class MemoryEstimate(NamedTuple):

@@ -24,7 +24,7 @@ __all__ = [
     "Experiment", "build", "setup_devices", "make_dataset", "make_assignment",
     "make_protocol", "make_straggler_model", "make_network", "make_model", "make_optimizer",
     "make_step", "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length",
-    "check_memory",
+    "check_memory", "has_model_state",
 ]
 
 TIMEOUT_FACTOR = 3.0   # default timeout: this many times the median uncoded step time
@@ -269,8 +269,11 @@ def _accepts(fn, name: str) -> bool:
   return name in inspect.signature(fn).parameters
 
 
-def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
-  """The coded step: :func:`jaxgc.parallel.make_coded_step`, or the Ray step."""
+def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_aux=False):
+  """The coded step: :func:`jaxgc.parallel.make_coded_step`, or the Ray step.
+
+  ``has_aux``: the loss returns ``(loss, new model state)`` (batch norm).
+  """
   s = config.step
   kwargs = dict(mode=s.mode, deadline=s.deadline, message_loss_prob=s.message_loss_prob,
                 nan_message_prob=s.nan_message_prob)
@@ -281,6 +284,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
     if config.adaptive:
       raise ConfigError("--config.adaptive", "the adaptive PS runs in the spmd step only; use "
                         "--config.backend=spmd or --config.adaptive=False.")
+    if has_aux:
+      raise ConfigError(_flag("model.name", config), "a model with state (batch norm) runs in "
+                        "the spmd step only; use --config.backend=spmd.")
     try:
       from jaxgc import ray_backend  # pylint: disable=import-outside-toplevel
     except ImportError:
@@ -305,7 +311,7 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
     return parallel.make_coded_step(
         protocol, straggler, loss_fn, tx, mesh, report_condition=s.report_condition,
         adaptive=adaptive.AdaptivePS(protocol) if config.adaptive else None, network=net,
-        **kwargs)
+        **kwargs, **({"has_aux": True} if has_aux else {}))
 
 
 def _check_batches(config, ds, num_chunks: int):
@@ -325,8 +331,12 @@ def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -
   budget = models.device_memory_budget() if budget is None else budget * 2**30
   if budget is None:
     return
-  params = jax.eval_shape(lambda k: models.init_params(model, k, ds.x_train[:1]),
-                          jax.random.key(0))
+  params, model_state = jax.eval_shape(
+      lambda k: models.init_variables(model, k, ds.x_train[:1]), jax.random.key(0))
+  if model_state:   # the memory of the gradient: the state and the key are inputs
+    held = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_state)
+    stateful_loss = loss_fn
+    loss_fn = lambda p, c: stateful_loss(p, c, held, rng=jax.random.key(0))[0]
   per_chunk = config.batch_size // assignment.num_chunks
   chunk = tuple(jax.ShapeDtypeStruct((per_chunk,) + a.shape[1:], a.dtype)
                 for a in (ds.x_train, ds.y_train))
@@ -344,6 +354,12 @@ def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -
     models.check_memory(est, budget, assignment.max_load)
 
 
+def has_model_state(model, example_x) -> bool:
+  """Whether the model has collections besides ``params`` (batch-norm statistics)."""
+  shapes = jax.eval_shape(lambda k: models.init_variables(model, k, example_x), jax.random.key(0))
+  return bool(shapes[1])
+
+
 def build(config, mesh=None) -> Experiment:
   """Builds every part of a run from ``config`` (devices first, unless ``mesh`` is given).
 
@@ -358,7 +374,9 @@ def build(config, mesh=None) -> Experiment:
   straggler = make_straggler_model(config)
   model = make_model(config, ds.num_classes, sequence_length(ds))
   tx = make_optimizer(config)
-  loss_fn = models.chunk_loss_fn(model.apply, config.batch_size, ds.is_regression)
+  stateful = has_model_state(model, ds.x_train[:1])
+  loss_fn = (models.stateful_chunk_loss_fn if stateful else models.chunk_loss_fn)(
+      model.apply, config.batch_size, ds.is_regression)
   check_memory(config, model, loss_fn, tx, ds, assignment, mesh.devices.size)
   timeout = config.step.timeout
   if config.step.mode == "exact" and timeout is None:
@@ -366,6 +384,6 @@ def build(config, mesh=None) -> Experiment:
                               jax.random.fold_in(jax.random.key(config.seed), 0x7173))
   elif config.step.mode != "exact":
     timeout = None
-  step = make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout)
+  step = make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout, has_aux=stateful)
   return Experiment(config, ds, assignment, protocol, straggler, model, tx, loss_fn, step,
                     mesh, timeout)

@@ -115,7 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
       pystdlib=dict(seq_len=64, max_bytes=2_000_000)))
   # A model option `seq_len` left unset takes the data's sequence length (one source).
   c.model = ml_collections.ConfigDict(dict(
-      name="mlp", mlp=dict(hidden=(64, 64)), linear={}, cnn={},
+      name="mlp", mlp=dict(hidden=(64, 64)), linear={}, cnn={}, cnn_bn=dict(dropout=0.1),
       transformer_lm=dict(d_model=64, num_heads=4, num_layers=2, mlp_ratio=4, seq_len=None)))
   c.model.transformer_lm.seq_len = config_dict.placeholder(int)
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -151,15 +151,16 @@ class StepInput:
 
 
 def evaluate(apply_fn, params, test_data, regression: bool = False,
-             batch_size: int | None = None) -> dict[str, float]:
+             batch_size: int | None = None, model_state=()) -> dict[str, float]:
   """Test-set loss and accuracy (or MSE for regression; perplexity for a language model).
 
   ``batch_size``: examples per forward pass (``None``: all at once); a language
   model's logits ``[n, T, vocab]`` for a whole validation split need not fit a device.
+  ``model_state``: the model's other collections (batch-norm running statistics).
   """
   n = int(test_data[0].shape[0])
   size = n if batch_size is None else max(1, min(int(batch_size), n))
-  metrics = _eval_fn(apply_fn, regression, size)(params, *test_data)
+  metrics = _eval_fn(apply_fn, regression, size)(params, *test_data, model_state or {})
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
@@ -167,14 +168,15 @@ def evaluate(apply_fn, params, test_data, regression: bool = False,
 def _eval_fn(apply_fn, regression, size: int):
   metrics = functools.partial(models.predict_metrics, apply_fn, regression=regression)
 
-  def run(params, x, y):
+  def run(params, x, y, model_state):
+    metrics_of = functools.partial(metrics, model_state=model_state)
     k = x.shape[0] // size
     split = lambda a: a[:k * size].reshape((k, size) + a.shape[1:])
-    parts = jax.lax.map(lambda b: metrics(params, *b), (split(x), split(y)))
+    parts = jax.lax.map(lambda b: metrics_of(params, *b), (split(x), split(y)))
     total = jax.tree.map(lambda v: jnp.sum(v) * size, parts)
     if x.shape[0] > k * size:
       total = jax.tree.map(lambda t, v: t + v * (x.shape[0] - k * size), total,
-                           metrics(params, x[k * size:], y[k * size:]))
+                           metrics_of(params, x[k * size:], y[k * size:]))
     out = jax.tree.map(lambda t: t / x.shape[0], total)   # example-weighted means
     if "test_perplexity" in out:                          # exp of the mean loss, not a mean
       out["test_perplexity"] = jnp.exp(out["test_loss"])
@@ -248,8 +250,12 @@ def _init_state(exp: Experiment, sharding):
   spmd = exp.config.backend == "spmd"
 
   def init():   # keys built in the program from the static seed (see keys())
-    params = models.init_params(model, keys(seed)[0], example)   # (example: shapes only)
-    return exp.step.init_state(params, keys(seed)[2]) if spmd else params
+    params, model_state = models.init_variables(model, keys(seed)[0], example)  # (shapes only)
+    if not spmd:
+      return params
+    # A model with state (batch norm) keeps it in the TrainState, so it is checkpointed.
+    extra = {"model_state": model_state} if model_state else {}
+    return exp.step.init_state(params, keys(seed)[2], **extra)
 
   out = _per_step(exp.step, ("init", spmd, model, seed, example.shape, example.dtype, sharding),
                   lambda: jax.jit(init, out_shardings=sharding))()
@@ -342,7 +348,8 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   step_wall = log.last.get("wall_time", 0.0)   # Ray: real seconds the steps took
 
   def run_eval(step, sim_time):
-    ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size)
+    ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size,
+                  getattr(state, "model_state", ()))
     log.write({"step": step, "sim_time": sim_time, **ev})
     return ev
 
@@ -384,7 +391,8 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
       ckpt.save(int(state.step), state, {"wall_time": wall}, force=True)
     ckpt.close()
   if not ev:                 # nothing trained in this invocation: the restored state's
-    ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size)
+    ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size,
+                  getattr(state, "model_state", ()))
 
   if lead:
     summary = {"protocol": name, "mode": mode, "steps": int(state.step),

@@ -89,11 +89,10 @@ def make_mesh(num_devices: int | None = None, platform: str | None = None,
     raise ValueError(f"num_devices must be >= 1, got {n}.")
   if n > len(devices):
     kind = platform or jax.default_backend()
-    hint = (" For CPU, ask for more devices with set_cpu_device_count() before JAX "
-            "starts (train.py does this from config.num_cpu_devices)."
-            if kind == "cpu" else "")
+    hint = (" For CPU, ask for more devices with jaxgc.parallel.set_cpu_device_count(n) "
+            "before JAX starts." if kind == "cpu" else "")
     raise RuntimeError(
-        f"config asks for {n} devices but only {len(devices)} {kind} device(s) "
+        f"asked for {n} devices but only {len(devices)} {kind} device(s) "
         f"exist across {jax.process_count()} process(es).{hint}")
   return Mesh(np.asarray(devices[:n]), (axis_name,))
 

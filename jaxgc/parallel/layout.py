@@ -57,7 +57,9 @@ class WorkerLayout:
   def __init__(self, assignment, mesh: Mesh, slots: int | None = None,
                axis_name: str = AXIS):
     if axis_name not in mesh.axis_names:
-      raise ValueError(f"mesh has axes {mesh.axis_names}; expected one named {axis_name!r}.")
+      raise ValueError(f"mesh has axes {mesh.axis_names}, none named {axis_name!r}; pass "
+                       f"axis_name=<the workers' axis> to the step, or build the mesh with "
+                       f"jaxgc.parallel.make_mesh().")
     m, width = assignment.num_workers, assignment.max_load
     self.mesh, self.axis_name = mesh, axis_name
     self.num_chunks = assignment.num_chunks

@@ -39,6 +39,7 @@ from jaxgc import adaptive as _adaptive
 from jaxgc import network as _network
 from jaxgc import protocols as _protocols
 from jaxgc import timing
+from jaxgc.parallel.chunk_fn import ChunkLoss, chunk_keys
 from jaxgc.parallel.devices import AXIS
 from jaxgc.parallel.layout import WorkerChunks, WorkerLayout
 from jaxgc.protocols import base as _base
@@ -139,6 +140,10 @@ class TrainState:
     adaptive_state: the adaptive PS's :class:`jaxgc.adaptive.AdaptiveState`
       after observing the latest planned step (``()`` without one): its
       placement is that of the step after ``plan``'s.
+    model_state: the model's variables that are not trained (batch-norm running
+      statistics), ``()`` for none; the loss receives it as its first extra
+      argument, and :meth:`CodedStep.update` replaces it by the chunk mean of
+      the loss's ``aux`` (ghost batch norm, PROTOCOL.md §12).
   """
   step: jax.Array
   params: Any
@@ -149,14 +154,16 @@ class TrainState:
   plan: Any = None
   straggler_state: Any = ()
   adaptive_state: Any = ()
+  model_state: Any = ()
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, plan=None,
-             straggler_state=(), adaptive_state=()) -> "TrainState":
+             straggler_state=(), adaptive_state=(), model_state=()) -> "TrainState":
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                sim_time=jnp.zeros((), jnp.float32), num_skipped=jnp.zeros((), jnp.int32),
                num_erasures=jnp.zeros((), jnp.int32), plan=plan,
-               straggler_state=straggler_state, adaptive_state=adaptive_state)
+               straggler_state=straggler_state, adaptive_state=adaptive_state,
+               model_state=model_state)
 
 
 # -- collectives -------------------------------------------------------------------
@@ -221,7 +228,7 @@ def _compute_once(fn, axis_name, device: int, broadcast: bool = True):
 # -- streaming over a device's chunk slots ------------------------------------------
 
 def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int,
-            axis_name: str):
+            axis_name: str, ids=None, keys=None, args=(), num_chunks: int = 0):
   """Streams over this device's ``w × slots`` chunk slots, one chunk gradient at a time.
 
   Slot ``(j, t)`` adds ``Σ_k coef[j,t,k] · g^{(k)}`` to message ``j`` (``ℓ = 1``
@@ -230,44 +237,58 @@ def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int
   loss, where ``loss_weight[j, t] != 0``.
 
   Args:
+    loss_fn: a :class:`~jaxgc.parallel.chunk_fn.ChunkLoss`, ``(params, chunk, key, args)
+      -> (loss, aux)``.
     params: device-varying parameters.
     local: this device's chunks, leaves ``[w, slots, ...]``.
     coef: ``[w, slots, ℓ]``; compute: bool ``[w, slots]``; loss_weight: ``[w, slots]``.
+    ids: int ``[w, slots]``, the chunk of each slot (``-1``: none); keys: ``[N]``
+      chunk keys (:func:`~jaxgc.parallel.chunk_fn.chunk_keys`) or ``None``.
   Returns:
-    ``(z [w, ⌈d/ℓ⌉], Σ loss_weight · loss [], chunk gradients computed [] int32)``.
+    ``(z [w, ⌈d/ℓ⌉], Σ loss_weight · loss [], chunk gradients computed [] int32, aux)``:
+    ``aux`` leaves ``[N, ...]``, chunk ``i``'s row from its slot with
+    ``loss_weight != 0`` on this device, zeros elsewhere (``()`` without aux).
   """
   w, slots = compute.shape
   b = _base.num_blocks(d, ell)
-  chunk_of = lambda j, t: jax.tree.map(lambda a: a[j, t], local)
-  loss_shape = jax.eval_shape(lambda: loss_fn(params, chunk_of(0, 0)))
+  ids = jnp.zeros((w, slots), jnp.int32) if ids is None else jnp.maximum(ids, 0)
+  call = lambda p, j, t: loss_fn(p, jax.tree.map(lambda a: a[j, t], local),
+                                 None if keys is None else keys[ids[j, t]], args)
+  loss_shape, aux_shape = jax.eval_shape(lambda: call(params, 0, 0))
   dtype = jnp.result_type(*jax.tree.leaves(params))
   vary = lambda x: pvary(x, axis_name)
 
   def gradient(j, t):
-    loss, g = jax.value_and_grad(loss_fn)(params, chunk_of(j, t))
+    (loss, aux), g = jax.value_and_grad(lambda p: call(p, j, t), has_aux=True)(params)
     blocks = _base.split_blocks(ravel_pytree(g)[0], ell)          # [ℓ, b]
     c = coef[j, t].astype(blocks.dtype)
-    return vary((loss, _base.weighted_sum(c, blocks, c != 0)))
+    return vary((loss, aux, _base.weighted_sum(c, blocks, c != 0)))
 
   def forward(j, t):
-    return vary((loss_fn(params, chunk_of(j, t)), jnp.zeros(b, dtype)))
+    loss, aux = call(params, j, t)
+    return vary((loss, aux, jnp.zeros(b, dtype)))
 
   def nothing(j, t):
     del j, t
-    return vary((jnp.zeros(loss_shape.shape, loss_shape.dtype), jnp.zeros(b, dtype)))
+    return vary((jnp.zeros(loss_shape.shape, loss_shape.dtype), _zeros(aux_shape),
+                 jnp.zeros(b, dtype)))
 
   def body(carry, idx):
-    z, loss, n = carry
+    z, loss, n, aux = carry
     j, t = idx // slots, idx % slots
     branch = jnp.where(compute[j, t], 2, jnp.where(loss_weight[j, t] != 0, 1, 0))
-    l, contrib = jax.lax.switch(branch, (nothing, forward, gradient), j, t)
+    l, a, contrib = jax.lax.switch(branch, (nothing, forward, gradient), j, t)
+    # Each chunk's aux from one copy: the slot that counts its loss.
+    i, own = ids[j, t], loss_weight[j, t] != 0
+    aux = jax.tree.map(lambda buf, x: buf.at[i].set(jnp.where(own, x, buf[i])), aux, a)
     return (z.at[j].add(contrib), loss + loss_weight[j, t] * l,
-            n + compute[j, t].astype(jnp.int32)), None
+            n + compute[j, t].astype(jnp.int32), aux), None
 
+  aux0 = jax.tree.map(lambda s: jnp.zeros((max(num_chunks, 1),) + s.shape, s.dtype), aux_shape)
   init = vary((jnp.zeros((w, b), dtype), jnp.zeros((), loss_shape.dtype),
-               jnp.zeros((), jnp.int32)))
-  (z, loss, n), _ = jax.lax.scan(body, init, jnp.arange(w * slots))
-  return z, loss, n
+               jnp.zeros((), jnp.int32), aux0))
+  (z, loss, n, aux), _ = jax.lax.scan(body, init, jnp.arange(w * slots))
+  return z, loss, n, aux
 
 
 def _used_slots(protocol) -> int:
@@ -306,13 +327,19 @@ class CodedStep:
   exactness are those of the static PS.
   """
 
-  def __init__(self, protocol, straggler, loss_fn: Callable, tx: optax.GradientTransformation,
-               mesh: Mesh, *, mode: str = "exact", deadline: float | None = None,
-               timeout: float | None = None, message_loss_prob: float = 0.0,
-               nan_message_prob: float = 0.0, axis_name: str = AXIS,
-               report_condition: bool = True, check_vma: bool = True,
-               adaptive: _adaptive.AdaptivePS | None = None,
+  def __init__(self, protocol, straggler, loss_fn: Callable,
+               tx: optax.GradientTransformation | None, mesh: Mesh, *, mode: str = "exact",
+               deadline: float | None = None, timeout: float | None = None,
+               message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
+               axis_name: str = AXIS, report_condition: bool = True, check_vma: bool = True,
+               adaptive: _adaptive.AdaptivePS | None = None, has_aux: bool = False,
                network: _network.Network | None = None):
+    _check_straggler(straggler)
+    if tx is not None and not isinstance(tx, optax.GradientTransformation):
+      raise ValueError(f"tx must be an optax.GradientTransformation (or None for gradients "
+                       f"only), got {type(tx).__name__}.")
+    self.chunk_loss = ChunkLoss(loss_fn, has_aux)
+    self.has_aux = has_aux
     a = protocol.assignment
     if network is not None and not isinstance(network, _network.Network):
       raise TypeError(f"network must be a jaxgc.network model (get_network('ps', bandwidth=B)),"
@@ -434,15 +461,36 @@ class CodedStep:
     plan, adaptive_state = self._plan_observed(draw, adaptive_state)
     return plan, straggler_state, adaptive_state
 
-  def init_state(self, params, key) -> TrainState:
-    """A fresh :class:`TrainState` whose first step is already planned."""
+  def init_state(self, params, key, model_state=()) -> TrainState:
+    """A fresh :class:`TrainState` whose first step is already planned.
+
+    ``model_state``: the model's untrained variables (e.g. ``{"batch_stats": ...}``).
+    """
+    self._need_tx("init_state")
     plan, straggler_state, adaptive_state = self.plan_step(key)
     return TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state,
-                             adaptive_state=adaptive_state)
+                             adaptive_state=adaptive_state, model_state=model_state)
+
+  def _need_tx(self, what: str):
+    if self.tx is None:
+      raise ValueError(f"{what} applies an optimizer, but this step was built with tx=None; "
+                       "pass tx (any optax.GradientTransformation) to make_coded_step, or "
+                       "use gradient() / jaxgc.coded_value_and_grad and your own update.")
 
   # -- gradient ---------------------------------------------------------------
-  def _sharded_gradient(self, params, worker_chunks: WorkerChunks, plan: Plan, next_draw):
+  def _chunk_inputs(self, wids, key, args):
+    """:func:`_stream`'s chunk arguments on this device: its slots' chunks, the chunk keys
+    (:func:`chunk_keys`, for a loss that takes ``rng``) and the loss's extra ``args``,
+    all the same on every copy of a chunk (PROTOCOL.md §12)."""
+    lay = self.layout
+    return dict(ids=jnp.asarray(lay.order)[wids], args=args, num_chunks=lay.num_chunks,
+                keys=None if key is None else chunk_keys(key, lay.num_chunks))
+
+  def _sharded_gradient(self, params, worker_chunks: WorkerChunks, plan: Plan, next_draw,
+                        key=None, args=()):
     """``(ĝ [d], metrics, next)``: the step's one code path.
+
+    ``key`` and ``args``: see :meth:`_chunk_inputs`; with ``has_aux``, ``metrics["aux"]``.
 
     ``next_draw`` (``(durations and faults of the next step, adaptive PS state)``,
     or ``None``) is turned into ``next = (next Plan, adaptive PS state after
@@ -455,13 +503,14 @@ class CodedStep:
     # gradient work: it plays the PS, and runs the PS-side work once for all.
     ps_device = self.mesh.shape[ax] - 1
 
-    def body(params, local, plan, next_draw):
+    def body(params, local, plan, next_draw, extra):
       wids = jax.lax.axis_index(ax) * lay.per_device + jnp.arange(lay.per_device)
       pv = pvary(params, ax)
       owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
       enc = plan.solve.enc[wids]
-      z, loss, computed = _stream(self.loss_fn, pv, local, enc, jnp.any(enc != 0, -1),
-                                  owner, ell, d, ax)
+      chunk = self._chunk_inputs(wids, *extra)
+      z, loss, computed, aux = _stream(self.chunk_loss, pv, local, enc, jnp.any(enc != 0, -1),
+                                       owner, ell, d, ax, **chunk)
       sends = plan.solve.senders[wids]
       # A corrupted message is one the PS finds non-finite: erased like a lost one.
       # One sum per message instead of an elementwise mask: NaN/Inf anywhere makes it non-finite.
@@ -473,7 +522,9 @@ class CodedStep:
       # Optimistic: decode, erasure flags, loss and the next plan share one
       # all-reduce; a round with an erasure is redone below.
       part = _base.decode_blocks(jnp.where(bad[:, None], 0.0, z), plan.solve.dec[:, wids])
-      part, flags, loss, computed, nxt = _psum_packed((part, flags, loss, computed, nxt), ax)
+      # Each chunk's aux is nonzero on one device only: the psum gathers it exactly.
+      part, flags, loss, computed, nxt, aux = _psum_packed(
+          (part, flags, loss, computed, nxt, aux), ax)
       erased = flags[: lay.m] > 0
       num_erased = jnp.sum(erased, dtype=jnp.int32)
 
@@ -485,8 +536,8 @@ class CodedStep:
         counts = jnp.where(erased, 0, plan.counts)
         s2 = _compute_once(lambda: self._solve(counts), ax, ps_device)
         enc2 = s2.enc[wids]
-        z2, _, again = _stream(self.loss_fn, pv, local, enc2, jnp.any(enc2 != 0, -1),
-                               jnp.zeros_like(owner), ell, d, ax)
+        z2, _, again, _ = _stream(self.chunk_loss, pv, local, enc2, jnp.any(enc2 != 0, -1),
+                                  jnp.zeros_like(owner), ell, d, ax, **chunk)
         part2, again = _psum_packed((_base.decode_blocks(z2, s2.dec[:, wids]), again), ax)
         return part2, counts, s2, again
 
@@ -510,20 +561,25 @@ class CodedStep:
       }
       if self.report_condition:
         metrics["condition_number"] = solve.condition
+      if self.has_aux:
+        metrics["aux"] = aux
       return g, metrics, nxt
 
-    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P()),
+    fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P(), P()),
                        out_specs=P(), check_vma=self.check_vma)
-    return fn(params, worker_chunks.data, plan, next_draw)
+    key = key if self.chunk_loss.uses_rng else None
+    return fn(params, worker_chunks.data, plan, next_draw, (key, tuple(args)))
 
-  def gradient(self, params, chunks, key):
+  def gradient(self, params, chunks, key, *args):
     """The decoded gradient and step metrics of one step drawn from ``key``.
 
     Args:
       params: replicated parameter pytree.
       chunks: pytree with leaves ``[N, chunk_batch, ...]``, or :class:`WorkerChunks`.
       key: the step's PRNG key (durations, message losses, corruptions); the
-        straggler model starts from its initial state.
+        straggler model starts from its initial state. A loss that takes ``rng``
+        gets ``chunk_keys(key, N)[i]`` for chunk ``i``.
+      *args: passed to the loss after the chunk, the same on every worker.
     Returns:
       ``(grads, metrics)``: the estimate ``ĝ`` as a pytree like ``params`` (NaN
       possible only when ``metrics['skipped']``), and a dict of scalars
@@ -531,17 +587,24 @@ class CodedStep:
       ``chunks_below_ell``,
       ``decodable``, ``erasures``, ``skipped``, ``exact``, ``senders``,
       ``computed_fraction``, ``recomputed_fraction``, ``condition_number``
-      when the protocol reports one) plus the final state ``counts`` ``[m]``.
+      when the protocol reports one) plus the final state ``counts`` ``[m]``,
+      and with ``has_aux`` the chunks' ``aux`` (leaves ``[N, ...]``).
     """
     _, unravel = ravel_pytree(params)
     draw, _ = self._draw(key, self.init_straggler_state(key), self.init_adaptive_state())
     g, metrics, _ = self._sharded_gradient(params, _as_worker_chunks(self.layout, chunks),
-                                           self._plan(*draw), None)
+                                           self._plan(*draw), None, key, args)
     return unravel(g), metrics
 
   # -- full update --------------------------------------------------------------
-  def update(self, state: TrainState, chunks, key):
+  def update(self, state: TrainState, chunks, key, *args):
     """One optimizer step. Returns ``(new_state, metrics)``; never writes NaN into params.
+
+    The loss gets ``state.model_state`` (when it has one) and then ``args`` after
+    the chunk, and ``rng=chunk_keys(fold_in(key, step), N)[i]`` when it takes
+    ``rng``. With a model state the loss must have ``has_aux`` and return its
+    chunk's new model state as ``aux``; the new ``state.model_state`` is the
+    mean over the chunks (ghost batch norm, PROTOCOL.md §12).
 
     Args:
       state: replicated state (:meth:`init_state`); a state without a plan
@@ -551,7 +614,13 @@ class CodedStep:
       key: the *base* key; step ``s`` draws from ``fold_in(key, s)``, so a run is
         a function of ``(key, data)`` and resumes exactly from a checkpoint.
     """
+    self._need_tx("update")
     worker_chunks = _as_worker_chunks(self.layout, chunks)
+    has_model_state = bool(jax.tree.leaves(state.model_state))
+    if has_model_state and not self.has_aux:
+      raise ValueError("the state has a model_state, so the loss must return (loss, "
+                       "new_model_state) and the step be built with has_aux=True.")
+    args = ((state.model_state,) if has_model_state else ()) + tuple(args)
     plan, straggler_state, adaptive_state = state.plan, state.straggler_state, state.adaptive_state
     if plan is None:
       # A fresh state: the model's and the PS's initial states.
@@ -562,7 +631,10 @@ class CodedStep:
                                             straggler_state, adaptive_state)
     _, unravel = ravel_pytree(state.params)
     g, metrics, (next_plan, adaptive_state) = self._sharded_gradient(
-        state.params, worker_chunks, plan, (next_draw, adaptive_state))
+        state.params, worker_chunks, plan, (next_draw, adaptive_state),
+        jax.random.fold_in(key, state.step), args)
+    aux = metrics.pop("aux", ())
+    model_state = _chunk_mean(state.model_state, aux) if has_model_state else state.model_state
     updates, opt_state = self.tx.update(unravel(g), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # One scalar instead of a reduction per leaf: any NaN/Inf makes the sum non-finite.
@@ -570,14 +642,15 @@ class CodedStep:
     skip = metrics.pop("skipped") | ~finite
     # One conditional rather than a select per leaf: fewer kernels, each of which
     # runs on every device of the mesh.
-    params, opt_state = jax.lax.cond(skip, lambda: (state.params, state.opt_state),
-                                     lambda: (params, opt_state))
+    params, opt_state, model_state = jax.lax.cond(
+        skip, lambda: (state.params, state.opt_state, state.model_state),
+        lambda: (params, opt_state, model_state))
     sim_time = state.sim_time + metrics["step_sim_time"]
     new = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, sim_time=sim_time,
         num_skipped=state.num_skipped + skip.astype(jnp.int32),
         num_erasures=state.num_erasures + metrics["erasures"], plan=next_plan,
-        straggler_state=straggler_state, adaptive_state=adaptive_state)
+        straggler_state=straggler_state, adaptive_state=adaptive_state, model_state=model_state)
     metrics.pop("counts")
     metrics.update(skipped=skip, exact=metrics["exact"] & ~skip, sim_time=sim_time)
     return new, metrics
@@ -587,22 +660,27 @@ class CodedStep:
     return jax.jit(self.update, donate_argnums=(0,) if donate else ())
 
 
-def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exact",
+def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: str = "exact",
                     deadline: float | None = None, timeout: float | None = None,
                     message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                     axis_name: str = AXIS, report_condition: bool = True,
                     check_vma: bool = True,
                     adaptive: _adaptive.AdaptivePS | None = None,
+                    has_aux: bool = False,
                     network: _network.Network | None = None) -> CodedStep:
   """Builds a :class:`CodedStep`.
 
   Args:
     protocol: a :mod:`jaxgc.protocols` protocol (its assignment fixes ``m`` and ``N``).
     straggler: a :mod:`jaxgc.timing` model (i.i.d., or with memory across steps).
-    loss_fn: ``loss(params, chunk) -> scalar``; the chunk losses must sum to the
-      step's loss (see :func:`jaxgc.models.chunk_loss_fn`).
-    tx: any ``optax.GradientTransformation``.
+    loss_fn: ``loss(params, chunk, *args) -> scalar`` (``-> (loss, aux)`` with
+      ``has_aux``); the chunk losses must sum to the step's loss (see
+      :func:`jaxgc.models.chunk_loss_fn`). A keyword parameter ``rng`` receives
+      the chunk's key (:func:`jaxgc.chunk_keys`), the same on every copy.
+    tx: any ``optax.GradientTransformation``; ``None`` where only :meth:`CodedStep.gradient`
+      is used (a mesh given in its place is taken as the mesh).
     mesh: a mesh with an axis ``"workers"`` (:func:`jaxgc.parallel.make_mesh`).
+    has_aux: the loss returns ``(loss, aux)``; aux comes back per chunk, ``[N, ...]``.
     mode: ``"exact"`` or ``"deadline"`` (:func:`jaxgc.protocols.stop_time`).
     deadline: simulated seconds, deadline mode.
     timeout: exact mode: when the PS gives up on a never-decodable step (its
@@ -617,11 +695,40 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
     network: a :mod:`jaxgc.network` model; the step's simulated time is ``stop + comm``
       (``step_comm_time``). ``None``: messages are free.
   """
+  if mesh is None and isinstance(tx, Mesh):
+    tx, mesh = None, tx
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh (jaxgc.parallel.make_mesh()), got "
+                     f"{type(mesh).__name__}.")
   return CodedStep(protocol, straggler, loss_fn, tx, mesh, mode=mode, deadline=deadline,
                    timeout=timeout, message_loss_prob=message_loss_prob,
                    nan_message_prob=nan_message_prob, axis_name=axis_name,
                    report_condition=report_condition, check_vma=check_vma, adaptive=adaptive,
-                   network=network)
+                   has_aux=has_aux, network=network)
+
+
+def _check_straggler(straggler) -> None:
+  """Refuses, when the step is built, a straggler model that cannot draw durations."""
+  if getattr(straggler, "stateful", False):
+    ok = callable(getattr(straggler, "sample_step", None))
+  else:
+    ok = callable(getattr(straggler, "sample", None))
+  if not ok:
+    raise ValueError(
+        f"straggler must be a straggler model with sample(key, assignment) (or, with memory, "
+        f"sample_step), got {type(straggler).__name__} {straggler!r}; build one with "
+        "jaxgc.timing.get_straggler_model(name) or e.g. jaxgc.timing.Slowdown(...).")
+
+
+def _chunk_mean(model_state, aux):
+  """The new model state: the mean over chunks of each chunk's (ghost batch norm)."""
+  if jax.tree.structure(aux) != jax.tree.structure(model_state):
+    raise ValueError(f"the loss's aux must be the chunk's new model state, with the structure "
+                     f"of state.model_state {jax.tree.structure(model_state)}, got "
+                     f"{jax.tree.structure(aux)}.")
+  mean = lambda a, old: (jnp.mean(a, 0).astype(old.dtype)
+                         if jnp.issubdtype(a.dtype, jnp.floating) else a[0])
+  return jax.tree.map(mean, aux, model_state)
 
 
 # -- uncoded reference with the same per-device work --------------------------------
@@ -638,6 +745,7 @@ class PlainStep:
                axis_name: str = AXIS, check_vma: bool = True):
     self.assignment = assignment
     self.loss_fn, self.tx, self.mesh, self.axis_name = loss_fn, tx, mesh, axis_name
+    self.chunk_loss = ChunkLoss(loss_fn)
     self.check_vma = check_vma
     self.layout = WorkerLayout(assignment, mesh, compute_slots, axis_name)
     # Weight 1/(#computed copies) per slot: every chunk counted exactly once.
@@ -660,8 +768,8 @@ class PlainStep:
       weight = jnp.asarray(self.weight)[wids]
       # The loss as the coded step counts it: each chunk once, at its loss-owning slot.
       owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
-      z, loss, _ = _stream(self.loss_fn, pvary(params, ax), local, weight[..., None],
-                           weight != 0, owner, 1, d, ax)
+      z, loss, _, _ = _stream(self.chunk_loss, pvary(params, ax), local, weight[..., None],
+                              weight != 0, owner, 1, d, ax)
       return _psum_packed((jnp.sum(z, 0), loss), ax)
 
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax)), out_specs=(P(), P()),
