@@ -27,7 +27,7 @@ wall seconds to the target, with the ratio to the run's failure-free twin; then
 the restart measurement (kill -> actor alive -> its first chunk report at the
 PS, in seconds and steps). Evaluation time is not counted.
 
-  python benchmarks/chaos.py                        # ~8 minutes on 2 shared cores
+  python benchmarks/chaos.py                        # ~12 minutes on 2 shared cores
   python benchmarks/chaos.py --mtbf=2 --repeats=5
 """
 from __future__ import annotations
@@ -133,7 +133,8 @@ def main():
   ap.add_argument("--mtbf", type=float, default=5.0, help="mean seconds between kills")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
-  ap.add_argument("--time_scale", type=float, default=0.01)
+  ap.add_argument("--time_scale", type=float, default=0.05,
+                  help="wall seconds per simulated second of injected delay")
   ap.add_argument("--ckpt_every", type=int, default=10, help="baseline's checkpoint interval")
   ap.add_argument("--eval_every", type=int, default=5)
   ap.add_argument("--batch", type=int, default=64)
