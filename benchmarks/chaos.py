@@ -1,4 +1,4 @@
-"""Ray under a kill loop: coded training against checkpoint-restart, wall-clock to a target accuracy.
+"""Ray under a kill loop: coded training against checkpoint-restart, wall-clock to a target.
 
 An MLP on digits, ``--workers`` workers on the cyclic assignment (load
 ``--load``) over ``--num_actors`` Ray actors of a local Ray instance. A
@@ -178,7 +178,8 @@ def main():
         results[name].append(r)
         print(f"  rep {rep} {name:13s} wall {r['wall']:6.2f} s  faults {r['faults']:2d}  "
               f"steps {r['steps']:3d}  executed {r['executed']:3d}  degraded {r['degraded']:3d}"
-              f"  lost {r['lost']:3d}  stalled {r['stalled']:5.2f} s  acc {r['acc']:.3f}", flush=True)
+              f"  lost {r['lost']:3d}  stalled {r['stalled']:5.2f} s  acc {r['acc']:.3f}",
+              flush=True)
     restarts = [measure_restart(pool, problem, args, steps["partial_straggler"], trial)
                 for trial in range(args.restart_trials)]
   _report(results, args)

@@ -94,7 +94,7 @@ def _one_line(err: BaseException) -> str:
 # -- the protocol interface, in one place ------------------------------------------
 
 def _solve(protocol, counts):
-  """``(enc [m, max_load, ℓ], dec [ℓ, m], condition [])`` at ``counts``: the protocol's one solve."""
+  """``(enc [m, max_load, ℓ], dec [ℓ, m], condition [])`` at ``counts``: the one solve."""
   c = protocol.solve(counts)
   return c.enc, c.dec, c.condition
 
@@ -290,7 +290,7 @@ class _WorkerHost:
     await asyncio.gather(*tasks)
 
   async def encode(self, key: str, step: int, rows, stop: bool = True):
-    """``({j: z_j}, sent)``: messages for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops the step.
+    """``({j: z_j}, sent)``: messages for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops.
 
     ``sent`` is ``time.time()`` as the messages leave, for the PS's transfer time.
 

@@ -33,7 +33,8 @@ def problem():
   batches = [(ds.x_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M, -1),
               ds.y_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M)) for s in range(n)]
   proto = protocols.get_protocol("partial_straggler", assignments.cyclic(M, LOAD), 1)
-  accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, ds.x_test), -1) == ds.y_test))
+  accuracy = jax.jit(lambda p: jnp.mean(
+      jnp.argmax(model.apply({"params": p}, ds.x_test), -1) == ds.y_test))
   return params, loss_fn, batches, proto, accuracy
 
 
