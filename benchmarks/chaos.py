@@ -1,4 +1,4 @@
-"""Ray under a kill loop: coded training against checkpoint-restart, wall-clock to a target accuracy.
+"""Ray under a kill loop: coded training against checkpoint-restart, wall-clock to a target.
 
 An MLP on digits, ``--workers`` workers on the cyclic assignment (load
 ``--load``) over ``--num_actors`` Ray actors of a local Ray instance. A
@@ -27,7 +27,7 @@ wall seconds to the target, with the ratio to the run's failure-free twin; then
 the restart measurement (kill -> actor alive -> its first chunk report at the
 PS, in seconds and steps). Evaluation time is not counted.
 
-  python benchmarks/chaos.py                        # ~8 minutes on 2 shared cores
+  python benchmarks/chaos.py                        # ~12 minutes on 2 shared cores
   python benchmarks/chaos.py --mtbf=2 --repeats=5
 """
 from __future__ import annotations
@@ -133,7 +133,8 @@ def main():
   ap.add_argument("--mtbf", type=float, default=5.0, help="mean seconds between kills")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
-  ap.add_argument("--time_scale", type=float, default=0.01)
+  ap.add_argument("--time_scale", type=float, default=0.05,
+                  help="wall seconds per simulated second of injected delay")
   ap.add_argument("--ckpt_every", type=int, default=10, help="baseline's checkpoint interval")
   ap.add_argument("--eval_every", type=int, default=5)
   ap.add_argument("--batch", type=int, default=64)
@@ -177,7 +178,8 @@ def main():
         results[name].append(r)
         print(f"  rep {rep} {name:13s} wall {r['wall']:6.2f} s  faults {r['faults']:2d}  "
               f"steps {r['steps']:3d}  executed {r['executed']:3d}  degraded {r['degraded']:3d}"
-              f"  lost {r['lost']:3d}  stalled {r['stalled']:5.2f} s  acc {r['acc']:.3f}", flush=True)
+              f"  lost {r['lost']:3d}  stalled {r['stalled']:5.2f} s  acc {r['acc']:.3f}",
+              flush=True)
     restarts = [measure_restart(pool, problem, args, steps["partial_straggler"], trial)
                 for trial in range(args.restart_trials)]
   _report(results, args)

@@ -94,7 +94,7 @@ def _one_line(err: BaseException) -> str:
 # -- the protocol interface, in one place ------------------------------------------
 
 def _solve(protocol, counts):
-  """``(enc [m, max_load, ℓ], dec [ℓ, m], condition [])`` at ``counts``: the protocol's one solve."""
+  """``(enc [m, max_load, ℓ], dec [ℓ, m], condition [])`` at ``counts``: the one solve."""
   c = protocol.solve(counts)
   return c.enc, c.dec, c.condition
 
@@ -290,7 +290,7 @@ class _WorkerHost:
     await asyncio.gather(*tasks)
 
   async def encode(self, key: str, step: int, rows, stop: bool = True):
-    """``({j: z_j}, sent)``: messages for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops the step.
+    """``({j: z_j}, sent)``: messages for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops.
 
     ``sent`` is ``time.time()`` as the messages leave, for the PS's transfer time.
 
@@ -707,7 +707,13 @@ class RayStep:
       left = limit - (time.perf_counter() - t0)
       if left <= 0:
         break
-      ready, _ = ray.wait(list(live), num_returns=1, timeout=min(left, 1.0))
+      ready, _ = ray.wait(list(live), num_returns=1, timeout=min(left, 0.1))
+      if not ready:
+        # Ray tells a generator of its actor's death a second or more late; the GCS
+        # knows within milliseconds.
+        for g in [g for g, h in live.items() if ray_faults.actor_state(
+            ray, self.pool.actors[h])[0] in ("RESTARTING", "DEAD")]:
+          self._lose(step, live.pop(g), seen, arrived, workers_of)
       for g in ready:
         h = live[g]
         try:
@@ -716,13 +722,7 @@ class RayStep:
           del live[g]
           continue
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-          del live[g]
-          self.liveness.failed(h, step)
-          gone = np.asarray(workers_of[h])
-          seen.erased[gone] |= seen.counts[gone] > 0     # counted work never to be sent
-          seen.dead[gone] = True
-          seen.counts[gone] = 0
-          arrived[gone] = np.inf
+          self._lose(step, live.pop(g), seen, arrived, workers_of)
           continue
         if seen.dead[j]:
           continue
@@ -737,6 +737,15 @@ class RayStep:
     seen.stop_wall = time.perf_counter() - t0
     seen.observed = seen.counts.copy()
     return seen
+
+  def _lose(self, step, h, seen, arrived, workers_of):
+    """Actor ``h`` died in the watch: its workers are dead, counted work is erased."""
+    self.liveness.failed(h, step)
+    gone = np.asarray(workers_of[h])
+    seen.erased[gone] |= seen.counts[gone] > 0     # counted work never to be sent
+    seen.dead[gone] = True
+    seen.counts[gone] = 0
+    arrived[gone] = np.inf
 
   def _round(self, step, seen, workers_of, lost, corrupt, d) -> _Rounds:
     """Phases 3-4: solve for the observed state, collect messages, erase and redo once."""

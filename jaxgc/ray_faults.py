@@ -45,7 +45,7 @@ def actor_state(ray, actor) -> tuple[str, int]:
 
 @dataclasses.dataclass
 class Restart:
-  """One outage of actor ``actor``: down at step ``down_step``, useful again ``first_report_*`` later.
+  """One outage of actor ``actor``: down at ``down_step``, useful again at ``first_report_step``.
 
   ``cause``: ``"fail_at"`` (killed by the fault schedule), ``"error"`` (a call
   to it failed) or ``"gcs"`` (the GCS called it not alive). ``up_s`` and

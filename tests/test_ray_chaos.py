@@ -33,7 +33,8 @@ def problem():
   batches = [(ds.x_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M, -1),
               ds.y_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M)) for s in range(n)]
   proto = protocols.get_protocol("partial_straggler", assignments.cyclic(M, LOAD), 1)
-  accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, ds.x_test), -1) == ds.y_test))
+  accuracy = jax.jit(lambda p: jnp.mean(
+      jnp.argmax(model.apply({"params": p}, ds.x_test), -1) == ds.y_test))
   return params, loss_fn, batches, proto, accuracy
 
 
@@ -69,7 +70,8 @@ def check_nothing_lost(problem, state, log):
   assert int(state.num_skipped) == sum(m["skipped"] for m in log)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
   ref = failure_free(problem, len(log))
-  assert abs(float(accuracy(state.params)) - float(accuracy(ref))) <= 0.02
+  got, want = float(accuracy(state.params)), float(accuracy(ref))
+  assert abs(got - want) <= 0.02, (got, want, [(m["exact"], m["skipped"]) for m in log])
   if all(m["exact"] for m in log):       # exact steps are SGD on the full batch
     for p, r in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref)):
       np.testing.assert_allclose(p, r, rtol=1e-3, atol=1e-4)
@@ -114,11 +116,15 @@ class TestLocal:
                    time_scale=SCALE)
     step.warmup(problem[0], problem[2][0])
     with KillLoop(ray, pool.actors, mtbf=1.0, min_gap=0.5, seed=0) as chaos:
-      state, log = train(step, problem, 40, until=lambda: len(chaos.kills) >= 3, max_steps=600)
-    assert len(chaos.kills) >= 3
+      # 80 steps: past the steep part of the learning curve, where an inexact step
+      # or two would move the accuracy by more than the 0.02 the check allows.
+      state, log = train(step, problem, 80, until=lambda: len(chaos.kills) >= 3, max_steps=600)
+    assert len(chaos.kills) >= 3, (chaos.kills, len(log))
     # The degraded steps are visible, and the run went on through them.
-    assert sum(m["dead_workers"] > 0 for m in log) >= 3
-    assert len(step.restarts) >= 2    # two kills of one actor between two polls are one outage
+    degraded = [m["dead_workers"] for m in log]
+    assert sum(d > 0 for d in degraded) >= 3, (chaos.kills, degraded)
+    # (two kills of one actor between two polls are one outage)
+    assert len(step.restarts) >= 2, (chaos.kills, step.restarts)
     check_nothing_lost(problem, state, log)
 
 
@@ -141,12 +147,12 @@ def test_node_removed_mid_training(problem):
       params, _, batches, _, _ = problem
       state = step.init_state(params, jax.random.key(1))
       log = []
-      for s in range(60):
+      for s in range(200):
         if s == 5:
           cluster.remove_node(on[pool.hosts[victim][2]], allow_graceful=False)
         state, metrics = step.update(state, batches[s % len(batches)], jax.random.key(1))
         log.append(metrics)
-        if s > 5 and step.restarts and step.restarts[0].first_report_step is not None:
+        if s >= 40 and step.restarts and step.restarts[0].first_report_step is not None:
           break
       assert sum(m["dead_workers"] > 0 for m in log) >= 1
       ev = step.restarts[0]
