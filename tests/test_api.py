@@ -18,8 +18,8 @@ DOCUMENTED = re.findall(r"^::: (jaxgc[\w.]*)\s*$", API_PAGE, flags=re.M)
 # Public modules: those in jaxgc.__all__, plus the ones users import by path.
 PUBLIC = sorted({f"jaxgc.{n}" for n in jaxgc.__all__
                  if isinstance(getattr(jaxgc, n), types.ModuleType)}
-                | {"jaxgc", "jaxgc.experiment", "jaxgc.ray_backend", "jaxgc.registry",
-                   "jaxgc.errors"})
+                | {"jaxgc", "jaxgc.experiment", "jaxgc.ray_backend", "jaxgc.ray_faults",
+                   "jaxgc.registry", "jaxgc.errors", "jaxgc.faults"})
 
 
 def test_the_api_page_documents_every_public_module():
@@ -30,7 +30,7 @@ def test_the_api_page_documents_every_public_module():
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_all_lists_only_real_names(name):
-  if name == "jaxgc.ray_backend":
+  if name in ("jaxgc.ray_backend", "jaxgc.ray_faults"):
     pytest.importorskip("ray")
   module = importlib.import_module(name)
   assert module.__all__, f"{name} has an empty __all__"
