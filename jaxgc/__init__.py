@@ -5,26 +5,50 @@ Girimaji, NeurIPS 2024) with its baselines, straggler timing models, chunk
 ordering, and a ``shard_map`` training step. Device plumbing (meshes, simulated
 CPU devices) lives in :mod:`jaxgc.parallel`.
 """
-from jaxgc import adaptive
-from jaxgc import assignments
-from jaxgc import data
-from jaxgc import models
-from jaxgc import network
-from jaxgc import ordering
-from jaxgc import parallel
-from jaxgc import planner
-from jaxgc import protocols
-from jaxgc import spectral
-from jaxgc import timing
+from jaxgc import (
+                             adaptive,
+                             assignments,
+                             data,
+                             models,
+                             network,
+                             ordering,
+                             parallel,
+                             planner,
+                             protocols,
+                             spectral,
+                             timing,
+)
 from jaxgc.assignments import Assignment
-from jaxgc.planner import plan
-from jaxgc.parallel import (CodedStep, PlainStep, TrainState, make_coded_step, make_plain_step)
-from jaxgc.parallel import chunk_keys, coded_value_and_grad
+
 # Device plumbing: kept at the top level for existing scripts, documented under jaxgc.parallel.
-from jaxgc.parallel import make_mesh, set_cpu_device_count  # noqa: F401
-from jaxgc.protocols import (BackupWorkers, Coefficients, GraphCode, IgnoreStragglers,
-                             Original, PartialStraggler, Protocol, Uncoded, decode, encode,
-                             estimate, expected_mse, get_protocol, stop_time)
+from jaxgc.parallel import (  # noqa: F401
+                             CodedStep,
+                             PlainStep,
+                             TrainState,
+                             chunk_keys,
+                             coded_value_and_grad,
+                             make_coded_step,
+                             make_mesh,
+                             make_plain_step,
+                             set_cpu_device_count,
+)
+from jaxgc.planner import plan
+from jaxgc.protocols import (
+                             BackupWorkers,
+                             Coefficients,
+                             GraphCode,
+                             IgnoreStragglers,
+                             Original,
+                             PartialStraggler,
+                             Protocol,
+                             Uncoded,
+                             decode,
+                             encode,
+                             estimate,
+                             expected_mse,
+                             get_protocol,
+                             stop_time,
+)
 
 __version__ = "0.1.0"
 

@@ -95,9 +95,9 @@ class PSIngress(Network):
   name = "ps"
 
   def __post_init__(self):
-    b, l = _check_link(self.bandwidth, self.latency)
+    b, lat = _check_link(self.bandwidth, self.latency)
     object.__setattr__(self, "bandwidth", b)
-    object.__setattr__(self, "latency", l)
+    object.__setattr__(self, "latency", lat)
 
   def time(self, senders, numbers, bytes_per_number, num_workers):
     del num_workers
@@ -120,9 +120,9 @@ class RingAllReduce(Network):
   depends_on_senders = False
 
   def __post_init__(self):
-    b, l = _check_link(self.bandwidth, self.latency)
+    b, lat = _check_link(self.bandwidth, self.latency)
     object.__setattr__(self, "bandwidth", b)
-    object.__setattr__(self, "latency", l)
+    object.__setattr__(self, "latency", lat)
 
   def time(self, senders, numbers, bytes_per_number, num_workers):
     m = int(num_workers)

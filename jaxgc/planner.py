@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ def candidates(num_workers: int, names=DEFAULT_PROTOCOLS, loads=DEFAULT_LOADS,
   at least 1).
   """
   m = num_workers
-  loads = [l for l in _check_grid("loads", loads) if l <= m]
+  loads = [n for n in _check_grid("loads", loads) if n <= m]
   ells = _check_grid("ells", ells)
   if backups is None:
     backups = sorted({max(1, round(f * m)) for f in (0.1, 0.2)})
@@ -101,9 +102,9 @@ def candidates(num_workers: int, names=DEFAULT_PROTOCOLS, loads=DEFAULT_LOADS,
     elif name == "backup_workers":
       out += [Candidate(name, 1, 1, b) for b in backups]
     elif name == "graph_code":
-      out += [Candidate(name, l, 1) for l in loads]
+      out += [Candidate(name, n, 1) for n in loads]
     else:
-      out += [Candidate(name, l, e) for l in loads for e in ells if e <= l]
+      out += [Candidate(name, n, e) for n in loads for e in ells if e <= n]
   if not out:
     raise ValueError(f"no candidate fits num_workers={m} (loads {loads}, ells {ells}).")
   return out
@@ -138,7 +139,7 @@ def simulate(num_workers: int, straggler=None, grid: Sequence[Candidate] | None 
   stops, senders, exact = _simulate_all(protos, straggler, jax.random.key(seed), int(trials),
                                         timeout, need_senders)
   return [Simulated(c, np.asarray(t, np.float64), np.asarray(s, np.float64), p, np.asarray(e))
-          for c, p, t, s, e in zip(grid, protos, stops, senders, exact)]
+          for c, p, t, s, e in zip(grid, protos, stops, senders, exact, strict=True)]
 
 
 def _straggler(straggler):
@@ -159,8 +160,8 @@ def _simulate_all(protos, straggler, key, trials, timeout, need_senders):
 
   @jax.jit
   def run(key):
-    tau = {l: straggler.sample(key, assignments.cyclic(protos[0].assignment.num_workers, l),
-                               (trials,)) for l in loads}
+    tau = {n: straggler.sample(key, assignments.cyclic(protos[0].assignment.num_workers, n),
+                               (trials,)) for n in loads}
     stops, senders, exact = [], [], []
     for p in protos:
       t = tau[p.assignment.max_load]

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -57,7 +58,7 @@ import socket
 import time
 import uuid
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,7 @@ def _check_reachable(address: str, timeout: float) -> None:
     socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
   except OSError as err:
     raise ValueError(f"cannot reach the Ray cluster at {address!r} ({_one_line(err)}); fix "
-                     "--config.ray.address, or leave it unset to start a local Ray instance.") from None
+                     "the address, or leave it unset to start a local Ray instance.") from None
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None,
@@ -241,7 +242,7 @@ class _WorkerHost:
     return True
 
   async def run(self, token, setup, key: str, step: int, params, chunks, work, max_load: int):
-    """Step ``step`` of run ``key``'s workers: yields ``(j, n, loss, compute_s, chunk_s, t)`` per chunk.
+    """Step ``step`` of run ``key``'s workers: yields ``(j, n, loss, compute_s, chunk_s, t)``.
 
     ``work``: ``[(j, rows, slots, sleeps)]``: worker ``j`` computes ``chunks[rows[n]]``
     into list slot ``slots[n]``, then sleeps ``sleeps[n]`` seconds (``inf``: it fails).
@@ -259,7 +260,7 @@ class _WorkerHost:
 
     async def worker(j, rows, slots, sleeps):
       grads = run.grads[j] = np.zeros((max_load, d), np.float32)
-      for n, (row, slot, pause) in enumerate(zip(rows, slots, sleeps)):
+      for n, (row, slot, pause) in enumerate(zip(rows, slots, sleeps, strict=True)):
         if run.stop.is_set() or not np.isfinite(pause):
           break
         c0 = time.perf_counter()
@@ -267,10 +268,9 @@ class _WorkerHost:
         g = np.asarray(g)
         compute = time.perf_counter() - c0
         if pause > 0:
-          try:       # an interruptible sleep: the PS may stop the step meanwhile
+          # An interruptible sleep: the PS may stop the step meanwhile.
+          with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(run.stop.wait(), pause)
-          except asyncio.TimeoutError:
-            pass
         if run.stop.is_set():
           break
         grads[slot] = g        # kept before the report, so a counted chunk can be encoded
@@ -364,10 +364,8 @@ class WorkerPool:
   def close(self):
     """Kills the actors, and shuts Ray down if this pool started it."""
     for a in getattr(self, "actors", []):
-      try:
+      with contextlib.suppress(Exception):   # already dead: nothing to kill
         self.ray.kill(a, no_restart=True)
-      except Exception:  # pylint: disable=broad-except
-        pass
     self.actors = []
     if self.owns_ray and self.ray.is_initialized():
       self.ray.shutdown()
@@ -414,7 +412,7 @@ def _unravel(like, flat):
   sizes = np.cumsum([np.size(x) for x in leaves])[:-1]
   parts = np.split(np.asarray(flat), sizes)
   return jax.tree.unflatten(treedef, [p.reshape(np.shape(x)).astype(np.asarray(x).dtype)
-                                      for p, x in zip(parts, leaves)])
+                                      for p, x in zip(parts, leaves, strict=True)])
 
 
 def measured_durations(record) -> np.ndarray:
@@ -593,8 +591,9 @@ class RayStep:
           pass
       time.sleep(0.1 if pending else 0)
     counts = jnp.asarray(a.loads, jnp.int32)
+    never = np.full((a.num_workers, a.max_load), np.inf, np.float32)
     jax.block_until_ready((self._decodable(counts), self._coefficients(counts),
-                           self._complete(np.full((a.num_workers, a.max_load), np.inf, np.float32))))
+                           self._complete(never)))
     self._warm = True
 
   def gradient(self, params, chunks, key, step: int = 0, straggler_state=None):

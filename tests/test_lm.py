@@ -17,7 +17,7 @@ from jaxgc import assignments, data, experiment, models, parallel, protocols, ti
 M, LOAD, ELL, BATCH, SEQ = 8, 3, 2, 16, 16     # 2 sequences of 16 bytes per chunk
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup():
   ds = data.load("pystdlib", seq_len=SEQ, max_bytes=60_000, test_fraction=0.1)
   model = models.get_model("transformer_lm", ds.num_classes, d_model=32, num_heads=2,

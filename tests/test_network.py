@@ -13,7 +13,6 @@ from jax.flatten_util import ravel_pytree
 from configs import default as default_config
 from jaxgc import assignments, data, experiment, models, network, parallel, protocols, timing
 
-
 # -- the formulas -------------------------------------------------------------------------
 
 def test_formulas_against_a_hand_computation():

@@ -239,8 +239,8 @@ def test_example_runs_and_the_loss_falls(name):
 
 def test_train_py_model_with_batch_norm_and_dropout(tmp_path):
   """cnn_bn through the experiment: running statistics in the state, moved by the steps."""
-  from jaxgc import experiment
   from configs import default as default_config
+  from jaxgc import experiment
   flags = ("num_devices=2", "num_cpu_devices=8", "num_workers=4", "load=2", "ell=1",
            "batch_size=64", "model=cnn_bn", "num_steps=2", "eval_every=2", "checkpoint_every=0")
   config = experiment.apply_overrides(default_config.get_config(),

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 
-import jaxgc
 from jaxgc import assignments, network, planner, timing
 
 plan_cli = importlib.import_module("jaxgc.plan")   # the module (``jaxgc.plan`` may be the function)

@@ -73,7 +73,7 @@ def check_nothing_lost(problem, state, log):
   got, want = float(accuracy(state.params)), float(accuracy(ref))
   assert abs(got - want) <= 0.02, (got, want, [(m["exact"], m["skipped"]) for m in log])
   if all(m["exact"] for m in log):       # exact steps are SGD on the full batch
-    for p, r in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref)):
+    for p, r in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref), strict=True):
       np.testing.assert_allclose(p, r, rtol=1e-3, atol=1e-4)
 
 

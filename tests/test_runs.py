@@ -279,7 +279,7 @@ def test_plot_marks_time_to_target_in_the_legend(tmp_path):
   fig = experiment.plot_accuracy_vs_time({"ps": str(tmp_path)}, str(tmp_path / "p.png"), 0.95)
   ax = fig.axes[0]
   labels = [t.get_text() for t in ax.get_legend().get_texts()]
-  assert any("reaches 95%" in l and "20" in l for l in labels), labels
+  assert any("reaches 95%" in s and "20" in s for s in labels), labels
   assert ax.get_title()
   assert experiment.time_to_target(read(tmp_path), 0.95) == 20.0
 

@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import digits_mlp
 from jax.sharding import PartitionSpec as P
 
-from jaxgc import assignments, data, models, protocols, timing
-from jaxgc import parallel
+from jaxgc import assignments, data, models, parallel, protocols, timing
 from jaxgc.parallel import step as step_lib
-from helpers import digits_mlp
 
 M, LOAD, BATCH = 20, 4, 160
 
@@ -114,7 +113,7 @@ def test_pipelined_plan_changes_nothing(setup):
   a, ma = run(coded.init_state(params, key))
   b, mb = run(fresh)
   assert isinstance(b.plan, parallel.Plan)
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert float(a.sim_time) == float(b.sim_time) and int(a.num_erasures) == int(b.num_erasures)
   assert float(ma["loss"]) == float(mb["loss"])
@@ -158,8 +157,8 @@ def test_nan_chunk_gradient_is_erased_not_applied(setup):
   assert not bool(metrics["decodable"]) and int(metrics["min_coverage"]) == 0
   assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(new.params))
   assert not bool(metrics["skipped"])
-  changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new.params),
-                                                         jax.tree.leaves(state.params)))
+  pairs = zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True)
+  changed = any(not np.array_equal(a, b) for a, b in pairs)
   assert changed
 
 
@@ -172,7 +171,7 @@ def test_step_without_any_sender_is_skipped(setup):
   state = coded.init_state(params, jax.random.key(0))
   new, metrics = jax.jit(coded.update)(state, chunks, jax.random.key(0))
   assert bool(metrics["skipped"]) and int(new.num_skipped) == 1 and int(new.step) == 1
-  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(new.sim_time) == pytest.approx(1.0)
 
@@ -323,7 +322,7 @@ def test_sharded_layout_equals_replicated_path(small, lossy):
   lay = coded.layout
   local = jax.tree.map(lambda x: x[np.maximum(lay.process_chunk_ids(), 0)], host)
   from_local = lay.from_process_chunks(local)
-  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(from_local)):
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(from_local), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   x = jax.tree.leaves(sharded.data)[0]
   assert x.shape[:2] == (SM, SLOAD) and x.sharding.spec == P("workers")
@@ -331,7 +330,7 @@ def test_sharded_layout_equals_replicated_path(small, lossy):
   assert lay.device_bytes(sharded) * SM == global_bytes * SLOAD
   for key in (jax.random.key(0), jax.random.key(3)):
     (ga, ma), (gb, mb) = (grad_fn(params, c, key) for c in (chunks, sharded))
-    for a, b in zip(jax.tree.leaves((ga, ma)), jax.tree.leaves((gb, mb))):
+    for a, b in zip(jax.tree.leaves((ga, ma)), jax.tree.leaves((gb, mb)), strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -423,7 +422,7 @@ def test_stateful_straggler_advances_and_survives_checkpoint(small):
   blob = flax.serialization.to_bytes(state)
   restored = flax.serialization.from_bytes(coded.init_state(params, jax.random.key(1)), blob)
   (sa, ma), (sb, mb) = (update(st, chunks, jax.random.key(0)) for st in (state, restored))
-  for x, y in zip(jax.tree.leaves((sa, ma)), jax.tree.leaves((sb, mb))):
+  for x, y in zip(jax.tree.leaves((sa, ma)), jax.tree.leaves((sb, mb)), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert int(sb.straggler_state["steps"]) == 5 and float(mb["step_sim_time"]) == 4.0
 

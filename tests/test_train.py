@@ -20,7 +20,7 @@ def small_config(*flags):
 
 def read(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(l) for l in f]
+    return [json.loads(line) for line in f]
 
 
 def final_params(workdir):
@@ -76,7 +76,7 @@ def test_metrics_and_outputs(tmp_path):
   assert [r["step"] for r in steps] == list(range(1, 13))
   assert [r["step"] for r in evals] == [0, 6, 12]
   times = [r["sim_time"] for r in steps]
-  assert all(b > a for a, b in zip(times, times[1:]))          # cumulative
+  assert all(b > a for a, b in zip(times, times[1:], strict=True))          # cumulative
   assert times[-1] == pytest.approx(float(state.sim_time))
   assert all(r["exact"] and r["decodable"] and not r["skipped"] for r in steps)
   for key in ("min_coverage", "chunks_below_ell", "erasures", "condition_number",
@@ -177,7 +177,8 @@ def test_pod_config_validates():
 
 def test_command_line_defaults_from_any_directory(tmp_path):
   """`python train.py` needs no flags: configs/default.py is found beside train.py."""
-  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  import subprocess
+  import sys  # pylint: disable=import-outside-toplevel,multiple-imports
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root)
   run = lambda *flags: subprocess.run(
@@ -223,9 +224,9 @@ def test_step_input_equals_in_graph_batches(built):
   for step in (0, 1, 2, 5):
     perm = experiment.epoch_permutation(seed, step // 2, ds.num_train)
     want = data.step_chunks(replicated, experiment.keys(seed)[1], step, 640, n, perm=perm)
-    for a, b in zip(inputs.host_chunks(step), want):
+    for a, b in zip(inputs.host_chunks(step), want, strict=True):
       np.testing.assert_array_equal(a, np.asarray(b))
-    for a, b in zip(inputs(step).data, exp.step.shard_chunks(want).data):
+    for a, b in zip(inputs(step).data, exp.step.shard_chunks(want).data, strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
       assert a.sharding == b.sharding
   with pytest.raises(ValueError, match="--config.batch_size=640"):

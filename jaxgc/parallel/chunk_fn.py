@@ -13,7 +13,7 @@ Dropout drawn from a worker's own key would give each copy another ``g_i``.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

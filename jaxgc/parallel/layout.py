@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxgc.parallel.devices import AXIS, workers_per_device
 
@@ -183,4 +184,4 @@ class WorkerLayout:
 
 def _same_devices(a: Mesh, b: Mesh) -> bool:
   return a.devices.shape == b.devices.shape and all(
-      x == y for x, y in zip(a.devices.flat, b.devices.flat))
+      x == y for x, y in zip(a.devices.flat, b.devices.flat, strict=True))

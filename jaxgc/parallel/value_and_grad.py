@@ -11,9 +11,8 @@ when ``info["exact"]``). It is :meth:`jaxgc.parallel.CodedStep.gradient`: one co
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
