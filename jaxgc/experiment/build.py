@@ -130,8 +130,9 @@ def setup_devices(config):
                       num_processes=config.num_processes, process_id=config.process_id)
       jax.distributed.initialize(initialization_timeout=int(config.distributed_timeout),
                                  **kwargs)
-  with blame(config, "devices", "mesh", ("num_devices", "platform"), "num_devices"):
-    return parallel.make_mesh(config.num_devices, platform)
+  with blame(config, "devices", "mesh", ("mesh.model", "num_devices", "platform"),
+             "num_devices"):
+    return parallel.make_mesh(config.num_devices, platform, model=config.mesh.model)
 
 
 # -- building blocks -----------------------------------------------------------------------
@@ -289,9 +290,13 @@ def _check_batches(config, ds, num_chunks: int):
                                               num_chunks), (x, y))
 
 
-def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -> None:
+def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int,
+                 mesh=None) -> None:
   """The model's per-device memory estimate against ``config.memory_budget_gb``
-  (unset: :func:`jaxgc.models.device_memory_budget`; no budget, no check)."""
+  (unset: :func:`jaxgc.models.device_memory_budget`; no budget, no check).
+
+  On a ``workers × model`` ``mesh`` a device holds its share of the parameters,
+  optimizer state and messages (the FSDP placement, :func:`jaxgc.parallel.place_params`)."""
   budget = config.memory_budget_gb
   budget = models.device_memory_budget() if budget is None else budget * 2**30
   if budget is None:
@@ -304,12 +309,17 @@ def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -
   nbytes = lambda tree: sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                            for a in jax.tree.leaves(tree))
   p, opt = nbytes(params), nbytes(jax.eval_shape(tx.init, params))
+  positions, held = num_devices, None
+  if mesh is not None:
+    positions = mesh.shape[parallel.AXIS]
+    held = parallel.place_params(params, mesh).bytes_per_device()
   # The step streams over a device's chunk slots: one chunk gradient at a time, plus a
   # message of d/ell per worker on the device and the decoded gradient.
-  workers = -(-assignment.num_workers // num_devices)
+  workers = -(-assignment.num_workers // positions)
   buffers = 2 + -(-workers // config.protocol.ell)
   est = models.memory_estimate(loss_fn, params, chunk, assignment.max_load,
-                               optimizer_slots=round(opt / max(p, 1)), gradient_buffers=buffers)
+                               optimizer_slots=round(opt / max(p, 1)), gradient_buffers=buffers,
+                               param_bytes=held)
   with blame(config, "memory", "memory", ("assignment.load", "memory_budget_gb"),
              "memory_budget_gb"):
     models.check_memory(est, budget, assignment.max_load)
@@ -330,7 +340,7 @@ def build(config, mesh=None) -> Experiment:
   model = make_model(config, ds.num_classes, sequence_length(ds))
   tx = make_optimizer(config)
   loss_fn = models.chunk_loss_fn(model.apply, config.batch_size, ds.is_regression)
-  check_memory(config, model, loss_fn, tx, ds, assignment, mesh.devices.size)
+  check_memory(config, model, loss_fn, tx, ds, assignment, mesh.devices.size, mesh)
   timeout = config.step.timeout
   if config.step.mode == "exact" and timeout is None:
     timeout = default_timeout(assignment, make_straggler_model(config, failure_prob=0.0),

@@ -21,7 +21,12 @@ One step, one jitted graph, one code path:
    decoded at all, or whose update is non-finite, is skipped.
 
 The data arrives per worker (:mod:`jaxgc.parallel.layout`): a device holds only
-its workers' chunks. Parameters and optimizer state stay replicated (``P()``).
+its workers' chunks. On a 1-D mesh parameters and optimizer state are replicated
+(``P()``). On a ``workers × model`` mesh (PROTOCOL.md §13) a worker is a group of
+devices: ``shard_map`` is manual over ``workers`` only, the per-worker computation
+is partitioned automatically over ``model``, parameters and optimizer state are
+sharded over ``model`` (:mod:`jaxgc.parallel.sharding`), and messages are held
+and decoded shard by shard (:class:`jaxgc.parallel.sharding.MessageLayout`).
 """
 from __future__ import annotations
 
@@ -32,14 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgc import adaptive as _adaptive
 from jaxgc import protocols as _protocols
 from jaxgc import timing
 from jaxgc.parallel.devices import AXIS
 from jaxgc.parallel.layout import WorkerChunks, WorkerLayout
+from jaxgc.parallel.sharding import MessageLayout, Placement, place_params
 from jaxgc.protocols import base as _base
 
 __all__ = [
@@ -163,8 +168,11 @@ class TrainState:
 PACK_LIMIT = 1 << 16   # leaves up to this many elements travel packed in one vector
 
 
-def _psum_packed(tree, axis_name):
+def _psum_packed(tree, axis_name, whole=()):
   """``psum`` of a pytree as one all-reduce: small leaves packed, one vector per dtype.
+
+  ``whole``: a pytree summed in the same all-reduce but never packed (message parts
+  sharded over a group: packing would gather them); then returns ``(tree, whole)``.
 
   On CPU meshes every all-reduce is a rendezvous of all device threads and costs
   far more than the bytes it moves, so small leaves travel packed in one vector.
@@ -181,7 +189,7 @@ def _psum_packed(tree, axis_name):
       groups.setdefault(jnp.dtype(dt), []).append(i)
   packed = [jnp.concatenate([jnp.ravel(leaves[i]).astype(dt) for i in idx])
             for dt, idx in groups.items()]
-  summed = jax.lax.psum(([leaves[i] for i in big], packed), axis_name)
+  summed = jax.lax.psum(([leaves[i] for i in big], packed, whole), axis_name)
   out = [None] * len(leaves)
   for i, x in zip(big, summed[0]):
     out[i] = x
@@ -194,7 +202,17 @@ def _psum_packed(tree, axis_name):
         part = part > 0
       out[i] = part.astype(leaves[i].dtype)
       start += size
-  return jax.tree.unflatten(treedef, out)
+  out = jax.tree.unflatten(treedef, out)
+  return (out, summed[2]) if jax.tree.leaves(whole) else out
+
+
+def _psum_decode(msg: MessageLayout, part, rest, axis_name):
+  """``(part, *rest)`` psummed in one all-reduce; a part sharded over a group travels whole."""
+  s = msg.num_sharded_parts
+  if not s:
+    return _psum_packed((part,) + tuple(rest), axis_name)
+  out, sharded = _psum_packed((part[s:],) + tuple(rest), axis_name, whole=part[:s])
+  return (tuple(sharded) + tuple(out[0]),) + tuple(out[1:])
 
 
 def _zeros(shapes):
@@ -219,7 +237,7 @@ def _compute_once(fn, axis_name, device: int, broadcast: bool = True):
 
 # -- streaming over a device's chunk slots ------------------------------------------
 
-def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int,
+def _stream(loss_fn, params, local, coef, compute, loss_weight, msg: MessageLayout,
             axis_name: str):
   """Streams over this device's ``w × slots`` chunk slots, one chunk gradient at a time.
 
@@ -232,39 +250,36 @@ def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int
     params: device-varying parameters.
     local: this device's chunks, leaves ``[w, slots, ...]``.
     coef: ``[w, slots, ℓ]``; compute: bool ``[w, slots]``; loss_weight: ``[w, slots]``.
+    msg: the message layout (messages ``[w, ...]`` held shard by shard).
   Returns:
-    ``(z [w, ⌈d/ℓ⌉], Σ loss_weight · loss [], chunk gradients computed [] int32)``.
+    ``(z, Σ loss_weight · loss [], chunk gradients computed [] int32)``, ``z`` the
+    ``w`` messages (``msg``'s parts with a leading ``[w]``, ``≈ ⌈d/ℓ⌉`` numbers each).
   """
   w, slots = compute.shape
-  b = _base.num_blocks(d, ell)
   chunk_of = lambda j, t: jax.tree.map(lambda a: a[j, t], local)
   loss_shape = jax.eval_shape(lambda: loss_fn(params, chunk_of(0, 0)))
-  dtype = jnp.result_type(*jax.tree.leaves(params))
   vary = lambda x: pvary(x, axis_name)
 
   def gradient(j, t):
     loss, g = jax.value_and_grad(loss_fn)(params, chunk_of(j, t))
-    blocks = _base.split_blocks(ravel_pytree(g)[0], ell)          # [ℓ, b]
-    c = coef[j, t].astype(blocks.dtype)
-    return vary((loss, _base.weighted_sum(c, blocks, c != 0)))
+    return vary((loss, msg.encode(g, coef[j, t])))
 
   def forward(j, t):
-    return vary((loss_fn(params, chunk_of(j, t)), jnp.zeros(b, dtype)))
+    return vary((loss_fn(params, chunk_of(j, t)), msg.zeros()))
 
   def nothing(j, t):
     del j, t
-    return vary((jnp.zeros(loss_shape.shape, loss_shape.dtype), jnp.zeros(b, dtype)))
+    return vary((jnp.zeros(loss_shape.shape, loss_shape.dtype), msg.zeros()))
 
   def body(carry, idx):
     z, loss, n = carry
     j, t = idx // slots, idx % slots
     branch = jnp.where(compute[j, t], 2, jnp.where(loss_weight[j, t] != 0, 1, 0))
     l, contrib = jax.lax.switch(branch, (nothing, forward, gradient), j, t)
-    return (z.at[j].add(contrib), loss + loss_weight[j, t] * l,
-            n + compute[j, t].astype(jnp.int32)), None
+    z = tuple(zp.at[j].add(cp) for zp, cp in zip(z, contrib))
+    return (z, loss + loss_weight[j, t] * l, n + compute[j, t].astype(jnp.int32)), None
 
-  init = vary((jnp.zeros((w, b), dtype), jnp.zeros((), loss_shape.dtype),
-               jnp.zeros((), jnp.int32)))
+  init = vary((msg.zeros(w), jnp.zeros((), loss_shape.dtype), jnp.zeros((), jnp.int32)))
   (z, loss, n), _ = jax.lax.scan(body, init, jnp.arange(w * slots))
   return z, loss, n
 
@@ -282,6 +297,47 @@ def _as_worker_chunks(layout: WorkerLayout, chunks) -> WorkerChunks:
     layout.check(chunks)
     return chunks
   return layout.shard_chunks(chunks)
+
+
+# -- placement on a workers × model mesh ---------------------------------------------
+
+def _check_mesh(mesh: Mesh, axis_name: str) -> None:
+  if len(mesh.axis_names) > 2:
+    raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected ({axis_name!r},) or "
+                     f"({axis_name!r}, 'model'); build it with jaxgc.parallel.make_mesh(n, model=k).")
+
+
+def _placement(step, params) -> Placement:
+  """``place_params`` of the step's mesh and rule, cached per parameter structure."""
+  leaves, treedef = jax.tree.flatten(params)
+  key = (treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves))
+  held = step.__dict__.setdefault("_placements", {})
+  if key not in held:
+    held[key] = place_params(params, step.mesh, step.param_sharding,
+                             workers_axis=step.axis_name)
+  return held[key]
+
+
+def _state_sharding(step, state):
+  rep = NamedSharding(step.mesh, P())
+  place = _placement(step, state.params)
+  out = jax.tree.map(lambda _: rep, state)
+  return out.replace(params=place.shardings,
+                     opt_state=place.opt_shardings(step.tx, state.opt_state))
+
+
+def _keep_placed(step, state):
+  """The state's parameters and optimizer state constrained to their placement (a no-op on a
+  1-D mesh): XLA would otherwise be free to lay out the updated state as it likes."""
+  place = _placement(step, state.params)
+  if not place.sharded:
+    return state
+  shard = _state_sharding(step, state)
+  put = lambda tree, sh: jax.tree.map(
+      lambda x, s: (jax.lax.with_sharding_constraint(x, s) if isinstance(x, jax.core.Tracer)
+                    else jax.device_put(x, s)), tree, sh)
+  return state.replace(params=put(state.params, shard.params),
+                       opt_state=put(state.opt_state, shard.opt_state))
 
 
 # -- the coded step --------------------------------------------------------------
@@ -310,7 +366,7 @@ class CodedStep:
                timeout: float | None = None, message_loss_prob: float = 0.0,
                nan_message_prob: float = 0.0, axis_name: str = AXIS,
                report_condition: bool = True, check_vma: bool = True,
-               adaptive: _adaptive.AdaptivePS | None = None):
+               adaptive: _adaptive.AdaptivePS | None = None, param_sharding=None):
     a = protocol.assignment
     if adaptive is not None and (adaptive.protocol.assignment.num_workers != a.num_workers
                                  or not np.array_equal(adaptive.protocol.assignment.order,
@@ -340,6 +396,8 @@ class CodedStep:
     self.check_vma = check_vma
     self.report_condition = report_condition and protocol.reports_condition
     self.layout = WorkerLayout(a, mesh, _used_slots(protocol), axis_name)
+    self.param_sharding = param_sharding
+    _check_mesh(mesh, axis_name)
     # Σ_j load_j: the chunk gradients of a step that computes every slot.
     self._all_slots = float(np.sum(a.loads))
 
@@ -347,6 +405,17 @@ class CodedStep:
   def shard_chunks(self, chunks) -> WorkerChunks:
     """The step's chunks ``[N, ...]`` laid out per worker (:meth:`WorkerLayout.shard_chunks`)."""
     return self.layout.shard_chunks(chunks)
+
+  # -- where parameters live ---------------------------------------------------
+  def placement(self, params) -> Placement:
+    """The :class:`~jaxgc.parallel.sharding.Placement` of ``params`` (arrays or shapes) on
+    the mesh: the FSDP rule, or ``param_sharding``. ``placement(p).summary()`` lists it."""
+    return _placement(self, params)
+
+  def state_sharding(self, state: TrainState):
+    """A :class:`TrainState` of ``NamedSharding``s: parameters and optimizer state as
+    :meth:`placement` puts them, everything else replicated (``P()``)."""
+    return _state_sharding(self, state)
 
   # -- PS side: plan and solve ------------------------------------------------
   def _solve(self, counts) -> Solve:
@@ -427,10 +496,14 @@ class CodedStep:
     return plan, straggler_state, adaptive_state
 
   def init_state(self, params, key) -> TrainState:
-    """A fresh :class:`TrainState` whose first step is already planned."""
+    """A fresh :class:`TrainState` whose first step is already planned, its parameters
+    and optimizer state placed (:meth:`placement`; sharded over ``model`` on a 2-D mesh)."""
     plan, straggler_state, adaptive_state = self.plan_step(key)
-    return TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state,
-                             adaptive_state=adaptive_state)
+    place = self.placement(params)
+    params = place.place(params) if place.sharded else params
+    state = TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state,
+                              adaptive_state=adaptive_state)
+    return _keep_placed(self, state)
 
   # -- gradient ---------------------------------------------------------------
   def _sharded_gradient(self, params, worker_chunks: WorkerChunks, plan: Plan, next_draw):
@@ -441,8 +514,8 @@ class CodedStep:
     observing it)`` on the PS device while the others compute gradients, and
     rides in the decode all-reduce: one synchronisation per step.
     """
-    lay, ax, ell = self.layout, self.axis_name, self.protocol.ell
-    d = ravel_pytree(params)[0].shape[0]
+    lay, ax = self.layout, self.axis_name
+    msg = MessageLayout(self.placement(params), self.protocol.ell)
     # The last device holds the phantom workers, so it has the least (often no)
     # gradient work: it plays the PS, and runs the PS-side work once for all.
     ps_device = self.mesh.shape[ax] - 1
@@ -453,19 +526,20 @@ class CodedStep:
       owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
       enc = plan.solve.enc[wids]
       z, loss, computed = _stream(self.loss_fn, pv, local, enc, jnp.any(enc != 0, -1),
-                                  owner, ell, d, ax)
+                                  owner, msg, ax)
       sends = plan.solve.senders[wids]
       # A corrupted message is one the PS finds non-finite: erased like a lost one.
       # One sum per message instead of an elementwise mask: NaN/Inf anywhere makes it non-finite.
-      bad = sends & (plan.lost[wids] | plan.corrupt[wids] | ~jnp.isfinite(jnp.sum(z, -1)))
+      bad = sends & (plan.lost[wids] | plan.corrupt[wids] | ~jnp.isfinite(msg.row_sums(z)))
       flags = jnp.zeros(lay.m_pad, jnp.int32).at[wids].set(bad.astype(jnp.int32))
       nxt = (None if next_draw is None else
              _compute_once(lambda: self._plan_observed(*next_draw), ax, ps_device,
                            broadcast=False))
       # Optimistic: decode, erasure flags, loss and the next plan share one
       # all-reduce; a round with an erasure is redone below.
-      part = _base.decode_blocks(jnp.where(bad[:, None], 0.0, z), plan.solve.dec[:, wids])
-      part, flags, loss, computed, nxt = _psum_packed((part, flags, loss, computed, nxt), ax)
+      part = msg.decode(tuple(jnp.where(bad.reshape((-1,) + (1,) * (x.ndim - 1)), 0.0, x)
+                              for x in z), plan.solve.dec[:, wids])
+      part, flags, loss, computed, nxt = _psum_decode(msg, part, (flags, loss, computed, nxt), ax)
       erased = flags[: lay.m] > 0
       num_erased = jnp.sum(erased, dtype=jnp.int32)
 
@@ -478,14 +552,14 @@ class CodedStep:
         s2 = _compute_once(lambda: self._solve(counts), ax, ps_device)
         enc2 = s2.enc[wids]
         z2, _, again = _stream(self.loss_fn, pv, local, enc2, jnp.any(enc2 != 0, -1),
-                               jnp.zeros_like(owner), ell, d, ax)
-        part2, again = _psum_packed((_base.decode_blocks(z2, s2.dec[:, wids]), again), ax)
+                               jnp.zeros_like(owner), msg, ax)
+        part2, again = _psum_decode(msg, msg.decode(z2, s2.dec[:, wids]), (again,), ax)
         return part2, counts, s2, again
 
       keep = lambda: (part, plan.counts, plan.solve, jnp.zeros((), jnp.int32))
       part, counts, solve, again = jax.lax.cond(num_erased > 0, redo, keep)
-      g = part.reshape(-1)[:d]
-      skipped = ~jnp.any(solve.senders) | ~jnp.isfinite(jnp.sum(g))
+      g = msg.join(part)
+      skipped = ~jnp.any(solve.senders) | ~jnp.isfinite(sum(jnp.sum(x) for x in part))
       metrics = {
           "loss": loss, "step_sim_time": plan.stop, "erasures": num_erased,
           "skipped": skipped, "exact": solve.decodable & ~skipped,
@@ -501,7 +575,7 @@ class CodedStep:
       return g, metrics, nxt
 
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P()),
-                       out_specs=P(), check_vma=self.check_vma)
+                       out_specs=P(), axis_names={ax}, check_vma=self.check_vma)
     return fn(params, worker_chunks.data, plan, next_draw)
 
   def gradient(self, params, chunks, key):
@@ -520,11 +594,10 @@ class CodedStep:
       ``computed_fraction``, ``recomputed_fraction``, ``condition_number``
       when the protocol reports one) plus the final state ``counts`` ``[m]``.
     """
-    _, unravel = ravel_pytree(params)
     draw, _ = self._draw(key, self.init_straggler_state(key), self.init_adaptive_state())
     g, metrics, _ = self._sharded_gradient(params, _as_worker_chunks(self.layout, chunks),
                                            self._plan(*draw), None)
-    return unravel(g), metrics
+    return g, metrics
 
   # -- full update --------------------------------------------------------------
   def update(self, state: TrainState, chunks, key):
@@ -547,10 +620,9 @@ class CodedStep:
           key, state.step, fresh(straggler_state), fresh(adaptive_state))
     next_draw, straggler_state = self._draw(jax.random.fold_in(key, state.step + 1),
                                             straggler_state, adaptive_state)
-    _, unravel = ravel_pytree(state.params)
     g, metrics, (next_plan, adaptive_state) = self._sharded_gradient(
         state.params, worker_chunks, plan, (next_draw, adaptive_state))
-    updates, opt_state = self.tx.update(unravel(g), state.opt_state, state.params)
+    updates, opt_state = self.tx.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # One scalar instead of a reduction per leaf: any NaN/Inf makes the sum non-finite.
     finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
@@ -565,6 +637,7 @@ class CodedStep:
         num_skipped=state.num_skipped + skip.astype(jnp.int32),
         num_erasures=state.num_erasures + metrics["erasures"], plan=next_plan,
         straggler_state=straggler_state, adaptive_state=adaptive_state)
+    new = _keep_placed(self, new)
     metrics.pop("counts")
     metrics.update(skipped=skip, exact=metrics["exact"] & ~skip, sim_time=sim_time)
     return new, metrics
@@ -579,7 +652,8 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
                     message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                     axis_name: str = AXIS, report_condition: bool = True,
                     check_vma: bool = True,
-                    adaptive: _adaptive.AdaptivePS | None = None) -> CodedStep:
+                    adaptive: _adaptive.AdaptivePS | None = None,
+                    param_sharding=None) -> CodedStep:
   """Builds a :class:`CodedStep`.
 
   Args:
@@ -588,7 +662,8 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
     loss_fn: ``loss(params, chunk) -> scalar``; the chunk losses must sum to the
       step's loss (see :func:`jaxgc.models.chunk_loss_fn`).
     tx: any ``optax.GradientTransformation``.
-    mesh: a mesh with an axis ``"workers"`` (:func:`jaxgc.parallel.make_mesh`).
+    mesh: a mesh with an axis ``"workers"``, and optionally ``"model"`` (a worker is a
+      group of devices): :func:`jaxgc.parallel.make_mesh`.
     mode: ``"exact"`` or ``"deadline"`` (:func:`jaxgc.protocols.stop_time`).
     deadline: simulated seconds, deadline mode.
     timeout: exact mode: when the PS gives up on a never-decodable step (its
@@ -600,11 +675,16 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
     adaptive: an adaptive PS (:class:`jaxgc.adaptive.AdaptivePS` of ``protocol``)
       that re-chooses the placement of chunk lists on workers between steps;
       ``None``: the static placement.
+    param_sharding: on a ``workers × model`` mesh, where parameters (and the
+      optimizer state) live: ``None`` for the FSDP rule
+      (:func:`jaxgc.parallel.sharding.fsdp_rule`), a rule function
+      ``(path, shape, k) -> PartitionSpec``, or a pytree of ``PartitionSpec``.
   """
   return CodedStep(protocol, straggler, loss_fn, tx, mesh, mode=mode, deadline=deadline,
                    timeout=timeout, message_loss_prob=message_loss_prob,
                    nan_message_prob=nan_message_prob, axis_name=axis_name,
-                   report_condition=report_condition, check_vma=check_vma, adaptive=adaptive)
+                   report_condition=report_condition, check_vma=check_vma, adaptive=adaptive,
+                   param_sharding=param_sharding)
 
 
 # -- uncoded reference with the same per-device work --------------------------------
@@ -618,8 +698,9 @@ class PlainStep:
   """
 
   def __init__(self, assignment, loss_fn, tx, mesh, *, compute_slots: int | None = None,
-               axis_name: str = AXIS, check_vma: bool = True):
-    self.assignment = assignment
+               axis_name: str = AXIS, check_vma: bool = True, param_sharding=None):
+    _check_mesh(mesh, axis_name)
+    self.assignment, self.param_sharding = assignment, param_sharding
     self.loss_fn, self.tx, self.mesh, self.axis_name = loss_fn, tx, mesh, axis_name
     self.check_vma = check_vma
     self.layout = WorkerLayout(assignment, mesh, compute_slots, axis_name)
@@ -635,8 +716,8 @@ class PlainStep:
 
   def gradient(self, params, chunks):
     """``(Σ_i g_i as a pytree, loss)``."""
-    flat, unravel = ravel_pytree(params)
-    lay, ax, d = self.layout, self.axis_name, flat.shape[0]
+    lay, ax = self.layout, self.axis_name
+    msg = MessageLayout(_placement(self, params), 1)
 
     def body(params, local):
       wids = jax.lax.axis_index(ax) * lay.per_device + jnp.arange(lay.per_device)
@@ -644,13 +725,13 @@ class PlainStep:
       # The loss as the coded step counts it: each chunk once, at its loss-owning slot.
       owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
       z, loss, _ = _stream(self.loss_fn, pvary(params, ax), local, weight[..., None],
-                           weight != 0, owner, 1, d, ax)
-      return _psum_packed((jnp.sum(z, 0), loss), ax)
+                           weight != 0, owner, msg, ax)
+      g, loss = _psum_packed((tuple(jnp.sum(x, 0) for x in z), loss), ax)
+      return msg.join(tuple(x[None] for x in g)), loss
 
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax)), out_specs=(P(), P()),
-                       check_vma=self.check_vma)
-    g, loss = fn(params, _as_worker_chunks(lay, chunks).data)
-    return unravel(g), loss
+                       axis_names={ax}, check_vma=self.check_vma)
+    return fn(params, _as_worker_chunks(lay, chunks).data)
 
   def update(self, state: TrainState, chunks, key=None):
     del key
@@ -664,7 +745,8 @@ class PlainStep:
 
 
 def make_plain_step(assignment, loss_fn, tx, mesh, *, compute_slots: int | None = None,
-                    axis_name: str = AXIS, check_vma: bool = True) -> PlainStep:
+                    axis_name: str = AXIS, check_vma: bool = True,
+                    param_sharding=None) -> PlainStep:
   """Builds a :class:`PlainStep` (uncoded, same per-device work)."""
   return PlainStep(assignment, loss_fn, tx, mesh, compute_slots=compute_slots,
-                   axis_name=axis_name, check_vma=check_vma)
+                   axis_name=axis_name, check_vma=check_vma, param_sharding=param_sharding)
