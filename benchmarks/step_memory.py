@@ -139,7 +139,8 @@ def by_group_size(args):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  from jaxgc import assignments, models, parallel, protocols, timing  # pylint: disable=import-outside-toplevel
+  from jaxgc import (assignments, models, parallel, protocols,  # pylint: disable=import-outside-toplevel
+                     timing)
 
   m, key, tx = args.workers, jax.random.key(0), optax.adam(1e-3)
   ks = [int(k) for k in args.ks.split(",")]

@@ -142,7 +142,7 @@ def test_placement_rule_overrides_and_errors():
   specs = {"a": P(None, "model"), "b": P(), "odd": P(), "small": P()}
   assert parallel.place_params(shapes, mesh, specs).specs == specs
   rule = lambda path, shape, k: P("model") if path == "['b']" else P()
-  assert parallel.place_params(shapes, mesh, rule).specs["b"] == P("model")
+  assert parallel.place_params(shapes, mesh, rule).specs["b"] == P("model", None)
   # On a 1-D mesh nothing is sharded.
   assert not parallel.place_params(shapes, parallel.make_mesh(8)).sharded
   bad = [({**specs, "a": P(None, "tensor")}, "names axis 'tensor', which the mesh"),

@@ -261,6 +261,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
     if config.adaptive:
       raise ConfigError("--config.adaptive", "the adaptive PS runs in the spmd step only; use "
                         "--config.backend=spmd or --config.adaptive=False.")
+    if config.mesh.model != 1:
+      raise ConfigError("--config.mesh.model", "workers that are groups of devices run in the "
+                        "spmd step only; use --config.backend=spmd or --config.mesh.model=1.")
     try:
       from jaxgc import ray_backend  # pylint: disable=import-outside-toplevel
     except ImportError:

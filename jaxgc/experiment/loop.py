@@ -329,6 +329,10 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
   state, ckpt, meta = _restore(exp, workdir, _init_state(exp, rep), rep, lead)
   start = int(state.step)
+  if lead and hasattr(exp.step, "placement") and cfg.backend == "spmd":
+    for line in exp.step.placement(state.params).summary().splitlines():
+      if "replicated:" in line:      # a large leaf the group cannot share
+        runs.note(f"parameter {line.strip()}")
   if lead and start:
     runs.note(f"resuming {workdir} from step {start}.")
   log = runs.MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, lead)

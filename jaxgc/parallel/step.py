@@ -304,7 +304,8 @@ def _as_worker_chunks(layout: WorkerLayout, chunks) -> WorkerChunks:
 def _check_mesh(mesh: Mesh, axis_name: str) -> None:
   if len(mesh.axis_names) > 2:
     raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected ({axis_name!r},) or "
-                     f"({axis_name!r}, 'model'); build it with jaxgc.parallel.make_mesh(n, model=k).")
+                     f"({axis_name!r}, 'model'); build it with "
+                     "jaxgc.parallel.make_mesh(n, model=k).")
 
 
 def _placement(step, params) -> Placement:
