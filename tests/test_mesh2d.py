@@ -7,7 +7,7 @@ and its checkpoint restores on the same mesh.
 """
 import functools
 import json
-import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +109,8 @@ def test_update_keeps_state_sharded_and_adaptive_ps_works():
   place = step.placement(params)
   specs = [s.spec for s in jax.tree.leaves(place.shardings)]
   assert P("model", None) in specs and P() in specs      # large leaves sharded, small not
-  new, metrics = jax.jit(step.update)(state, chunks, jax.random.key(0))
+  compiled = jax.jit(step.update).lower(state, chunks, jax.random.key(0)).compile()
+  new, metrics = compiled(state, chunks, jax.random.key(0))
   assert bool(metrics["exact"]) and not bool(metrics["skipped"])
   same = lambda tree: all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in
                           zip(jax.tree.leaves(tree), jax.tree.leaves(place.shardings)))
@@ -119,6 +120,14 @@ def test_update_keeps_state_sharded_and_adaptive_ps_works():
   ref_updates, _ = tx.update(want, tx.init(params), params)
   np.testing.assert_allclose(flat(new.params), flat(optax.apply_updates(params, ref_updates)),
                              rtol=1e-5, atol=1e-6)
+  # Messages stay sharded: no all-gather in the step is near a gradient's size (only
+  # activations and small replicated leaves move), and no collective-permute (every
+  # device would have to join it, inside branches that groups take differently).
+  hlo = compiled.as_text()
+  gathered = [int(np.prod([int(n) for n in m[1].split(",") if n]))
+              for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? all-gather\(", hlo)]
+  assert max(gathered, default=0) < flat(params).size // 8
+  assert "collective-permute(" not in hlo
   # Per-device parameter + optimizer bytes: close to 1/k of a replica's.
   whole = sum(x.nbytes for x in jax.tree.leaves((params, tx.init(params))))
   assert parallel.device_bytes((new.params, new.opt_state)) <= 1.1 * whole / 4
