@@ -1,7 +1,9 @@
 """Accelerator check of the LM config: step-time ratio, memory, exactness (< 5 min on one GPU).
 
 Builds configs/lm.py's transformer LM on all local devices (one mesh axis of
-``workers``), then prints
+``workers``; with ``--model K`` a ``workers × model`` mesh whose workers are groups of
+``K`` devices holding the parameters and Adam state sharded, PROTOCOL.md §13), then
+prints
 
 1. exactness: the exact-mode partial_straggler gradient against the full-batch
    gradient (``jax.grad`` of the whole batch's loss), relative error, 3 steps;
@@ -16,6 +18,8 @@ Builds configs/lm.py's transformer LM on all local devices (one mesh axis of
   python benchmarks/device_check.py                  # GPU/TPU, LM sized for one card
   python benchmarks/device_check.py --small          # CPU, a minute: checks the script
   python benchmarks/device_check.py --cpu --size=lm --train_steps=40   # configs/lm.py's LM
+  python benchmarks/device_check.py --model 2        # several GPUs: workers of 2 devices each
+  python benchmarks/device_check.py --small --model 4  # the k > 1 path on 8 CPU devices
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def main():
   ap.add_argument("--ell", type=int, default=2)
   ap.add_argument("--iters", type=int, default=30)
   ap.add_argument("--max_seconds", type=float, default=120.0, help="cap on the timing loop")
+  ap.add_argument("--model", type=int, default=1,
+                  help="devices per worker k (a workers x model mesh; k must divide the devices)")
   args = ap.parse_args()
   size = args.size or ("small" if args.small else "card")
   if args.small or args.cpu:
@@ -66,10 +72,11 @@ def main():
   t_start = time.perf_counter()
   d_model, heads, layers, seq, batch, corpus = SIZES[size]
   devices = jax.devices()
-  mesh = parallel.make_mesh(len(devices))
+  mesh = parallel.make_mesh(len(devices), model=args.model)
   print(f"device: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); LM d_model="
         f"{d_model}, heads={heads}, layers={layers}, seq_len={seq}, batch={batch} sequences; "
-        f"m={args.workers}, load={args.load}, ell={args.ell}, protocol={args.protocol}", flush=True)
+        f"m={args.workers}, load={args.load}, ell={args.ell}, protocol={args.protocol}; mesh "
+        f"{dict(mesh.shape)}", flush=True)
   ds = data.load("pystdlib", seq_len=seq, max_bytes=corpus, test_fraction=0.05)
   data.check_chunking(batch, args.workers, seq)
   model = models.get_model("transformer_lm", ds.num_classes, d_model=d_model, num_heads=heads,
@@ -105,6 +112,11 @@ def main():
   # 2. Memory.
   states = {"coded": jax.jit(coded.init_state)(params, key),
             "uncoded": jax.jit(lambda p: parallel.TrainState.create(p, tx))(params)}
+  whole = sum(x.nbytes for x in jax.tree.leaves((states["uncoded"].params,
+                                                  states["uncoded"].opt_state)))
+  held = parallel.device_bytes((states["coded"].params, states["coded"].opt_state))
+  print(f"parameters + optimizer state per device: {held / 2**20:.1f} MiB of a replica's "
+        f"{whole / 2**20:.1f} MiB (x k = {held * args.model / whole:.3f}; target <= 1.1)")
   fns = {"coded": coded.jit(), "uncoded": plain.jit()}
   compiled = {k: fns[k].lower(states[k], chunks[0], key).compile() for k in fns}
   for k, c in compiled.items():

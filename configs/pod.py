@@ -7,7 +7,9 @@ Run the same command on every host, with that host's process id:
       --config.process_id=$RANK --config.num_devices=32
 
 ``--config.assignment.num_workers`` follows ``--config.num_devices`` and the batch
-grows with it (16 sequences per worker). On Cloud TPU / SLURM,
+grows with it (16 sequences per device). A model too large for one device: make each
+worker a group of k devices holding it sharded (``--config.mesh.model=k``, PROTOCOL.md
+§13, docs/guides/pods.md); there is then one worker per group. On Cloud TPU / SLURM,
 jax.distributed.initialize() finds the cluster by itself; leave
 coordinator_address unset and set num_processes > 1.
 """
@@ -18,7 +20,9 @@ def get_config():
   config = lm_lib.get_config()
   config.platform = ""                          # JAX's default backend (GPU/TPU)
   config.num_devices = 8
-  config.assignment.num_workers = config.get_ref("num_devices")   # one worker per device
+  config.mesh.model = 1                         # devices per worker (a group, sharded model)
+  # One worker per group of mesh.model devices.
+  config.assignment.num_workers = config.get_ref("num_devices") // config.mesh.get_ref("model")
   config.batch_size = config.get_ref("num_devices") * 16
   config.assignment.load = 3
   config.protocol.ell = 2

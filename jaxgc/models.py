@@ -248,19 +248,24 @@ def _tree_bytes(tree) -> int:
 
 
 def memory_estimate(loss_fn: Callable, params, chunk, load: int, *, optimizer_slots: int = 2,
-                    gradient_buffers: int | None = None) -> MemoryEstimate:
+                    gradient_buffers: int | None = None,
+                    param_bytes: int | None = None) -> MemoryEstimate:
   """Per-device bytes of one worker's chunk work at ``load``, without running it.
 
   ``params`` and ``chunk`` may be arrays or ``jax.ShapeDtypeStruct``s (nothing is
   allocated): one chunk's gradient is compiled and its temp memory read from
   XLA's memory analysis. ``gradient_buffers`` (default ``load``): chunk gradients
   held at once, ``load`` when a worker materialises all of them before encoding.
+  ``param_bytes`` (default: all of ``params``): the parameter bytes one device
+  holds, less when a group of devices shards them
+  (:meth:`jaxgc.parallel.Placement.bytes_per_device`); the optimizer state and
+  gradients scale with it.
   """
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (params, chunk))
   compiled = jax.jit(jax.grad(loss_fn)).lower(*shapes).compile()
   analysis = compiled.memory_analysis()
   temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
-  p = _tree_bytes(shapes[0])
+  p = _tree_bytes(shapes[0]) if param_bytes is None else int(param_bytes)
   buffers = load if gradient_buffers is None else gradient_buffers
   return MemoryEstimate(params=p, optimizer=optimizer_slots * p, chunk_gradients=buffers * p,
                         activations=temp, inputs=load * _tree_bytes(shapes[1]))
@@ -276,7 +281,8 @@ def check_memory(estimate: MemoryEstimate, budget_bytes: float | None, load: int
       f"the model is too large for load={load}: estimated {gib(estimate.total)} per device "
       f"({parts}) exceeds the memory budget of {gib(budget_bytes)}. Lower --config.load or "
       "--config.batch_size, shrink the model (e.g. --config.d_model, --config.num_layers), or "
-      "raise --config.memory_budget_gb.")
+      "raise --config.memory_budget_gb, or shard it over groups of devices "
+      "(--config.mesh.model).")
 
 
 def device_memory_budget(device=None) -> int | None:

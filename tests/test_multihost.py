@@ -122,3 +122,59 @@ def test_process_local_layout_matches_replicated_batch():
   outs = run_all([[sys.executable, "-c", LAYOUT_WORKER, f"localhost:{port}", str(i)]
                   for i in range(2)])
   assert all("OK" in out for out in outs), outs
+
+
+# A 2-D mesh over two processes: 4 workers positions x groups of 2 devices, each group
+# within one process. Each process places only its devices' parameter shards and its
+# workers' chunks; the coded gradient and two SGD updates match the full-batch ones.
+MESH2D_WORKER = """
+import sys
+import jax
+from jaxgc import parallel
+parallel.set_cpu_device_count(4)
+parallel.use_gloo()
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), initialization_timeout=60)
+import numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxgc import assignments, models, protocols, timing
+mesh = parallel.make_mesh(8, model=2)
+assert mesh.devices.shape == (4, 2)
+model = models.get_model("mlp", 3, (64,))
+params = models.init_params(model, jax.random.key(0), np.zeros((1, 16), np.float32))
+loss_fn = models.chunk_loss_fn(model.apply, 40)
+proto = protocols.PartialStraggler(assignments.cyclic(10, 3), 2)
+tx = optax.sgd(0.5)
+coded = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn, tx, mesh,
+                                 message_loss_prob=0.1, param_sharding=parallel.fsdp_rule(512))
+def chunk(i):
+  r = np.random.default_rng(int(i) + 1)
+  return r.normal(size=(4, 16)).astype(np.float32), r.integers(0, 3, 4).astype(np.int32)
+ids = coded.layout.process_chunk_ids()
+rows = [[chunk(max(i, 0)) for i in row] for row in ids]
+local = (np.asarray([[c[0] for c in r] for r in rows]), np.asarray([[c[1] for c in r] for r in rows]))
+per_worker = coded.layout.from_process_chunks(local)
+state = jax.jit(coded.init_state)(params, jax.random.key(1))
+kernel = state.params["Dense_0"]["kernel"]              # [16, 64]: sharded along 64
+assert len(kernel.addressable_shards) == 4             # this process's devices only
+assert all(s.data.shape == (16, 32) for s in kernel.addressable_shards)
+update = jax.jit(coded.update)
+full = [chunk(i) for i in range(10)]
+grad = jax.jit(jax.grad(lambda p: sum(loss_fn(p, c) for c in full)))
+rep = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))
+want = params
+for s in range(2):
+  state, metrics = update(state, per_worker, jax.random.key(1))
+  assert bool(metrics["exact"]), s
+  want = optax.apply_updates(want, tx.update(grad(want), tx.init(want))[0])
+got = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), rep(state.params))
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-6)
+print("OK", int(state.num_erasures))
+"""
+
+
+def test_two_processes_2d_mesh_place_only_their_shards():
+  port = free_port()
+  outs = run_all([[sys.executable, "-c", MESH2D_WORKER, f"localhost:{port}", str(i)]
+                  for i in range(2)])
+  assert all("OK" in out for out in outs), outs

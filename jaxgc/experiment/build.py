@@ -140,8 +140,9 @@ def setup_devices(config):
                       num_processes=config.num_processes, process_id=config.process_id)
       jax.distributed.initialize(initialization_timeout=int(config.distributed_timeout),
                                  **kwargs)
-  with blame(config, "devices", "mesh", ("num_devices", "platform"), "num_devices"):
-    return parallel.make_mesh(config.num_devices, platform)
+  with blame(config, "devices", "mesh", ("mesh.model", "num_devices", "platform"),
+             "num_devices"):
+    return parallel.make_mesh(config.num_devices, platform, model=config.mesh.model)
 
 
 # -- building blocks -----------------------------------------------------------------------
@@ -287,6 +288,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
     if has_aux:
       raise ConfigError(_flag("model.name", config), "a model with state (batch norm) runs in "
                         "the spmd step only; use --config.backend=spmd.")
+    if config.mesh.model != 1:
+      raise ConfigError("--config.mesh.model", "workers that are groups of devices run in the "
+                        "spmd step only; use --config.backend=spmd or --config.mesh.model=1.")
     try:
       from jaxgc import ray_backend  # pylint: disable=import-outside-toplevel
     except ImportError:
@@ -324,9 +328,13 @@ def _check_batches(config, ds, num_chunks: int):
                                               num_chunks), (x, y))
 
 
-def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -> None:
+def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int,
+                 mesh=None) -> None:
   """The model's per-device memory estimate against ``config.memory_budget_gb``
-  (unset: :func:`jaxgc.models.device_memory_budget`; no budget, no check)."""
+  (unset: :func:`jaxgc.models.device_memory_budget`; no budget, no check).
+
+  On a ``workers × model`` ``mesh`` a device holds its share of the parameters,
+  optimizer state and messages (the FSDP placement, :func:`jaxgc.parallel.place_params`)."""
   budget = config.memory_budget_gb
   budget = models.device_memory_budget() if budget is None else budget * 2**30
   if budget is None:
@@ -334,21 +342,26 @@ def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int) -
   params, model_state = jax.eval_shape(
       lambda k: models.init_variables(model, k, ds.x_train[:1]), jax.random.key(0))
   if model_state:   # the memory of the gradient: the state and the key are inputs
-    held = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_state)
+    held_state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_state)
     stateful_loss = loss_fn
-    loss_fn = lambda p, c: stateful_loss(p, c, held, rng=jax.random.key(0))[0]
+    loss_fn = lambda p, c: stateful_loss(p, c, held_state, rng=jax.random.key(0))[0]
   per_chunk = config.batch_size // assignment.num_chunks
   chunk = tuple(jax.ShapeDtypeStruct((per_chunk,) + a.shape[1:], a.dtype)
                 for a in (ds.x_train, ds.y_train))
   nbytes = lambda tree: sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
                            for a in jax.tree.leaves(tree))
   p, opt = nbytes(params), nbytes(jax.eval_shape(tx.init, params))
+  positions, held = num_devices, None
+  if mesh is not None:
+    positions = mesh.shape[parallel.AXIS]
+    held = parallel.place_params(params, mesh).bytes_per_device()
   # The step streams over a device's chunk slots: one chunk gradient at a time, plus a
   # message of d/ell per worker on the device and the decoded gradient.
-  workers = -(-assignment.num_workers // num_devices)
+  workers = -(-assignment.num_workers // positions)
   buffers = 2 + -(-workers // config.protocol.ell)
   est = models.memory_estimate(loss_fn, params, chunk, assignment.max_load,
-                               optimizer_slots=round(opt / max(p, 1)), gradient_buffers=buffers)
+                               optimizer_slots=round(opt / max(p, 1)), gradient_buffers=buffers,
+                               param_bytes=held)
   with blame(config, "memory", "memory", ("assignment.load", "memory_budget_gb"),
              "memory_budget_gb"):
     models.check_memory(est, budget, assignment.max_load)
@@ -377,7 +390,7 @@ def build(config, mesh=None) -> Experiment:
   stateful = has_model_state(model, ds.x_train[:1])
   loss_fn = (models.stateful_chunk_loss_fn if stateful else models.chunk_loss_fn)(
       model.apply, config.batch_size, ds.is_regression)
-  check_memory(config, model, loss_fn, tx, ds, assignment, mesh.devices.size)
+  check_memory(config, model, loss_fn, tx, ds, assignment, mesh.devices.size, mesh)
   timeout = config.step.timeout
   if config.step.mode == "exact" and timeout is None:
     timeout = default_timeout(assignment, make_straggler_model(config, failure_prob=0.0),

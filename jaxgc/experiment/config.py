@@ -53,7 +53,7 @@ CHOICE_BLOCKS = ("data", "model", "optimizer", "assignment", "protocol", "stragg
 NON_RESULT_FIELDS = (
     "num_steps", "eval_every", "checkpoint_every", "max_checkpoints", "target_accuracy",
     "platform", "num_devices", "num_cpu_devices", "coordinator_address", "num_processes",
-    "process_id", "distributed_timeout", "ray.address", "memory_budget_gb",
+    "process_id", "distributed_timeout", "ray.address", "memory_budget_gb", "mesh.model",
 )
 
 # Old flat field -> its place now. "<name>" is the block's chosen name, resolved
@@ -168,7 +168,10 @@ def default_config() -> ml_collections.ConfigDict:
   # CPU: no check). The model's estimate (jaxgc.models.memory_estimate) must fit.
   c.memory_budget_gb = config_dict.placeholder(float)
 
-  # Devices: num_devices in the mesh (all processes together).
+  # Devices: num_devices in the mesh (all processes together). mesh.model: devices per
+  # worker (PROTOCOL.md §13): a workers x model mesh, parameters and optimizer state
+  # sharded over each worker's group (jaxgc.parallel.make_mesh(n, model=k)).
+  c.mesh = ml_collections.ConfigDict(dict(model=1))
   c.platform = "cpu"                # cpu, or "" for JAX's default backend (GPU/TPU)
   c.num_devices = 8
   # Per process; unset: num_devices // num_processes.
@@ -359,6 +362,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
     raise ConfigError("--config.process_id", f"need num_processes >= 1 and 0 <= process_id < "
                       f"num_processes, got {config.num_processes}, {config.process_id}.")
+  model = config.mesh.model
+  if not isinstance(model, int) or model < 1 or config.num_devices % model:
+    raise ConfigError("--config.mesh.model", f"must be a positive integer dividing "
+                      f"num_devices={config.num_devices} (devices per worker), got {model!r}.")
   if config.num_devices % config.num_processes:
     raise ConfigError("--config.num_devices", f"num_devices={config.num_devices} must split "
                       f"evenly over num_processes={config.num_processes}.")

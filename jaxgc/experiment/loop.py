@@ -257,7 +257,9 @@ def _init_state(exp: Experiment, sharding):
     extra = {"model_state": model_state} if model_state else {}
     return exp.step.init_state(params, keys(seed)[2], **extra)
 
-  out = _per_step(exp.step, ("init", spmd, model, seed, example.shape, example.dtype, sharding),
+  if spmd and hasattr(exp.step, "state_sharding"):   # sharded over a group of devices
+    sharding = exp.step.state_sharding(jax.eval_shape(init))
+  out = _per_step(exp.step, ("init", spmd, model, seed, example.shape, example.dtype),
                   lambda: jax.jit(init, out_shardings=sharding))()
   return out if spmd else exp.step.init_state(out, keys(seed)[2])
 
@@ -269,8 +271,8 @@ def _restore(exp: Experiment, workdir: str, state, sharding, lead: bool):
     return state, None, {}
   ckpt = runs.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
                           cfg.max_checkpoints)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          state)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=getattr(x, "sharding", sharding)), state)
   restored, meta, skipped = ckpt.restore(abstract)
   for step, reason in skipped:
     if lead:
@@ -333,6 +335,10 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
   state, ckpt, meta = _restore(exp, workdir, _init_state(exp, rep), rep, lead)
   start = int(state.step)
+  if lead and hasattr(exp.step, "placement") and cfg.backend == "spmd":
+    for line in exp.step.placement(state.params).summary().splitlines():
+      if "replicated:" in line:      # a large leaf the group cannot share
+        runs.note(f"parameter {line.strip()}")
   if lead and start:
     runs.note(f"resuming {workdir} from step {start}.")
   log = runs.MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, lead)
@@ -393,6 +399,10 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   if not ev:                 # nothing trained in this invocation: the restored state's
     ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size,
                   getattr(state, "model_state", ()))
+  param_bytes = parallel.device_bytes((state.params, state.opt_state))
+  if not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)):
+    # Sharded over a group: every process needs whole parameters to write them out.
+    state = state.replace(params=jax.jit(lambda p: p, out_shardings=rep)(state.params))
 
   if lead:
     summary = {"protocol": name, "mode": mode, "steps": int(state.step),
@@ -403,6 +413,7 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
     if step_wall:
       summary["step_wall_time_s"] = step_wall
     summary["global_batch_bytes"] = inputs.global_batch_bytes()
+    summary["param_bytes_per_device"] = param_bytes
     if input_bytes is not None:
       summary["input_bytes_per_device"] = input_bytes
     _write_outputs(exp, workdir, state, summary)

@@ -14,12 +14,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 __all__ = [
-    "AXIS", "backend_started", "set_cpu_device_count", "use_gloo", "make_mesh",
+    "AXIS", "MODEL_AXIS", "backend_started", "set_cpu_device_count", "use_gloo", "make_mesh",
     "workers_per_device",
 ]
 
 AXIS = "workers"
 """Name of the mesh axis along which simulated workers are laid out."""
+
+MODEL_AXIS = "model"
+"""Name of the mesh axis along which a worker's group of devices is laid out."""
 
 
 def _set_num_cpu_devices(n: int) -> bool:
@@ -77,8 +80,18 @@ def use_gloo() -> None:
 
 
 def make_mesh(num_devices: int | None = None, platform: str | None = None,
-              axis_name: str = AXIS) -> Mesh:
-  """A 1-D mesh over the first ``num_devices`` global devices of ``platform``.
+              axis_name: str = AXIS, *, model: int = 1) -> Mesh:
+  """The mesh of the coded step over the first ``num_devices`` global devices of ``platform``.
+
+  ``model=1``: a 1-D mesh ``(axis_name,)``, one worker position per device.
+  ``model=k``: a 2-D mesh ``(axis_name, "model")`` of shape ``(n // k, k)``; a
+  worker is a group of ``k`` devices holding one sharded model replica
+  (PROTOCOL.md §13). A group's devices are adjacent in the device order, which
+  is how JAX lists the devices of one host (and, on GPU/TPU, of one fast
+  interconnect domain: NVLink, a TPU slice's ICI): the ``model`` axis carries
+  the per-layer collectives of every chunk gradient, the ``workers`` axis only
+  one all-reduce of the messages per step, so the group must sit on the fast
+  links. With several processes a group must lie within one process.
 
   With several processes the global device list spans all of them, so the
   same call on every process builds the same mesh.
@@ -94,7 +107,17 @@ def make_mesh(num_devices: int | None = None, platform: str | None = None,
     raise RuntimeError(
         f"asked for {n} devices but only {len(devices)} {kind} device(s) "
         f"exist across {jax.process_count()} process(es).{hint}")
-  return Mesh(np.asarray(devices[:n]), (axis_name,))
+  if not isinstance(model, (int, np.integer)) or model < 1 or n % model:
+    raise ValueError(f"model={model!r} must be a positive integer dividing the {n} devices "
+                     "(a worker is a group of model devices).")
+  if model == 1:
+    return Mesh(np.asarray(devices[:n]), (axis_name,))
+  grid = np.asarray(devices[:n]).reshape(n // model, model)
+  for group in grid:
+    if len({d.process_index for d in group}) > 1:
+      raise ValueError(f"model={model}: a group of devices would span several processes; "
+                       "choose model dividing the devices per process.")
+  return Mesh(grid, (axis_name, MODEL_AXIS))
 
 
 def workers_per_device(num_workers: int, num_devices: int) -> int:

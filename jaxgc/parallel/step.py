@@ -21,7 +21,12 @@ One step, one jitted graph, one code path:
    decoded at all, or whose update is non-finite, is skipped.
 
 The data arrives per worker (:mod:`jaxgc.parallel.layout`): a device holds only
-its workers' chunks. Parameters and optimizer state stay replicated (``P()``).
+its workers' chunks. On a 1-D mesh parameters and optimizer state are replicated
+(``P()``). On a ``workers × model`` mesh (PROTOCOL.md §13) a worker is a group of
+devices: ``shard_map`` is manual over ``workers`` only, the per-worker computation
+is partitioned automatically over ``model``, parameters and optimizer state are
+sharded over ``model`` (:mod:`jaxgc.parallel.sharding`), and messages are held
+and decoded shard by shard (:class:`jaxgc.parallel.sharding.MessageLayout`).
 """
 from __future__ import annotations
 
@@ -32,8 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgc import adaptive as _adaptive
 from jaxgc import network as _network
@@ -42,6 +46,7 @@ from jaxgc import timing
 from jaxgc.parallel.chunk_fn import ChunkLoss, chunk_keys
 from jaxgc.parallel.devices import AXIS
 from jaxgc.parallel.layout import WorkerChunks, WorkerLayout
+from jaxgc.parallel.sharding import MessageLayout, Placement, place_params
 from jaxgc.protocols import base as _base
 
 __all__ = [
@@ -171,8 +176,11 @@ class TrainState:
 PACK_LIMIT = 1 << 16   # leaves up to this many elements travel packed in one vector
 
 
-def _psum_packed(tree, axis_name):
+def _psum_packed(tree, axis_name, whole=()):
   """``psum`` of a pytree as one all-reduce: small leaves packed, one vector per dtype.
+
+  ``whole``: a pytree summed in the same all-reduce but never packed (message parts
+  sharded over a group: packing would gather them); then returns ``(tree, whole)``.
 
   On CPU meshes every all-reduce is a rendezvous of all device threads and costs
   far more than the bytes it moves, so small leaves travel packed in one vector.
@@ -189,7 +197,7 @@ def _psum_packed(tree, axis_name):
       groups.setdefault(jnp.dtype(dt), []).append(i)
   packed = [jnp.concatenate([jnp.ravel(leaves[i]).astype(dt) for i in idx])
             for dt, idx in groups.items()]
-  summed = jax.lax.psum(([leaves[i] for i in big], packed), axis_name)
+  summed = jax.lax.psum(([leaves[i] for i in big], packed, whole), axis_name)
   out = [None] * len(leaves)
   for i, x in zip(big, summed[0]):
     out[i] = x
@@ -202,7 +210,17 @@ def _psum_packed(tree, axis_name):
         part = part > 0
       out[i] = part.astype(leaves[i].dtype)
       start += size
-  return jax.tree.unflatten(treedef, out)
+  out = jax.tree.unflatten(treedef, out)
+  return (out, summed[2]) if jax.tree.leaves(whole) else out
+
+
+def _psum_decode(msg: MessageLayout, part, rest, axis_name):
+  """``(part, *rest)`` psummed in one all-reduce; a part sharded over a group travels whole."""
+  s = msg.num_sharded_parts
+  if not s:
+    return _psum_packed((part,) + tuple(rest), axis_name)
+  out, sharded = _psum_packed((part[s:],) + tuple(rest), axis_name, whole=part[:s])
+  return (tuple(sharded) + tuple(out[0]),) + tuple(out[1:])
 
 
 def _zeros(shapes):
@@ -227,7 +245,7 @@ def _compute_once(fn, axis_name, device: int, broadcast: bool = True):
 
 # -- streaming over a device's chunk slots ------------------------------------------
 
-def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int,
+def _stream(loss_fn, params, local, coef, compute, loss_weight, msg: MessageLayout,
             axis_name: str, ids=None, keys=None, args=(), num_chunks: int = 0):
   """Streams over this device's ``w × slots`` chunk slots, one chunk gradient at a time.
 
@@ -242,36 +260,34 @@ def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int
     params: device-varying parameters.
     local: this device's chunks, leaves ``[w, slots, ...]``.
     coef: ``[w, slots, ℓ]``; compute: bool ``[w, slots]``; loss_weight: ``[w, slots]``.
+    msg: the message layout (messages ``[w, ...]`` held shard by shard).
     ids: int ``[w, slots]``, the chunk of each slot (``-1``: none); keys: ``[N]``
       chunk keys (:func:`~jaxgc.parallel.chunk_fn.chunk_keys`) or ``None``.
   Returns:
-    ``(z [w, ⌈d/ℓ⌉], Σ loss_weight · loss [], chunk gradients computed [] int32, aux)``:
+    ``(z, Σ loss_weight · loss [], chunk gradients computed [] int32, aux)``: ``z`` the
+    ``w`` messages (``msg``'s parts with a leading ``[w]``, ``≈ ⌈d/ℓ⌉`` numbers each);
     ``aux`` leaves ``[N, ...]``, chunk ``i``'s row from its slot with
     ``loss_weight != 0`` on this device, zeros elsewhere (``()`` without aux).
   """
   w, slots = compute.shape
-  b = _base.num_blocks(d, ell)
   ids = jnp.zeros((w, slots), jnp.int32) if ids is None else jnp.maximum(ids, 0)
   call = lambda p, j, t: loss_fn(p, jax.tree.map(lambda a: a[j, t], local),
                                  None if keys is None else keys[ids[j, t]], args)
   loss_shape, aux_shape = jax.eval_shape(lambda: call(params, 0, 0))
-  dtype = jnp.result_type(*jax.tree.leaves(params))
   vary = lambda x: pvary(x, axis_name)
 
   def gradient(j, t):
     (loss, aux), g = jax.value_and_grad(lambda p: call(p, j, t), has_aux=True)(params)
-    blocks = _base.split_blocks(ravel_pytree(g)[0], ell)          # [ℓ, b]
-    c = coef[j, t].astype(blocks.dtype)
-    return vary((loss, aux, _base.weighted_sum(c, blocks, c != 0)))
+    return vary((loss, aux, msg.encode(g, coef[j, t])))
 
   def forward(j, t):
     loss, aux = call(params, j, t)
-    return vary((loss, aux, jnp.zeros(b, dtype)))
+    return vary((loss, aux, msg.zeros()))
 
   def nothing(j, t):
     del j, t
     return vary((jnp.zeros(loss_shape.shape, loss_shape.dtype), _zeros(aux_shape),
-                 jnp.zeros(b, dtype)))
+                 msg.zeros()))
 
   def body(carry, idx):
     z, loss, n, aux = carry
@@ -281,12 +297,11 @@ def _stream(loss_fn, params, local, coef, compute, loss_weight, ell: int, d: int
     # Each chunk's aux from one copy: the slot that counts its loss.
     i, own = ids[j, t], loss_weight[j, t] != 0
     aux = jax.tree.map(lambda buf, x: buf.at[i].set(jnp.where(own, x, buf[i])), aux, a)
-    return (z.at[j].add(contrib), loss + loss_weight[j, t] * l,
-            n + compute[j, t].astype(jnp.int32), aux), None
+    z = tuple(zp.at[j].add(cp) for zp, cp in zip(z, contrib, strict=True))
+    return (z, loss + loss_weight[j, t] * l, n + compute[j, t].astype(jnp.int32), aux), None
 
   aux0 = jax.tree.map(lambda s: jnp.zeros((max(num_chunks, 1),) + s.shape, s.dtype), aux_shape)
-  init = vary((jnp.zeros((w, b), dtype), jnp.zeros((), loss_shape.dtype),
-               jnp.zeros((), jnp.int32), aux0))
+  init = vary((msg.zeros(w), jnp.zeros((), loss_shape.dtype), jnp.zeros((), jnp.int32), aux0))
   (z, loss, n, aux), _ = jax.lax.scan(body, init, jnp.arange(w * slots))
   return z, loss, n, aux
 
@@ -304,6 +319,48 @@ def _as_worker_chunks(layout: WorkerLayout, chunks) -> WorkerChunks:
     layout.check(chunks)
     return chunks
   return layout.shard_chunks(chunks)
+
+
+# -- placement on a workers × model mesh ---------------------------------------------
+
+def _check_mesh(mesh: Mesh, axis_name: str) -> None:
+  if len(mesh.axis_names) > 2:
+    raise ValueError(f"mesh axes {tuple(mesh.axis_names)}: expected ({axis_name!r},) or "
+                     f"({axis_name!r}, 'model'); build it with "
+                     "jaxgc.parallel.make_mesh(n, model=k).")
+
+
+def _placement(step, params) -> Placement:
+  """``place_params`` of the step's mesh and rule, cached per parameter structure."""
+  leaves, treedef = jax.tree.flatten(params)
+  key = (treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves))
+  held = step.__dict__.setdefault("_placements", {})
+  if key not in held:
+    held[key] = place_params(params, step.mesh, step.param_sharding,
+                             workers_axis=step.axis_name)
+  return held[key]
+
+
+def _state_sharding(step, state):
+  rep = NamedSharding(step.mesh, P())
+  place = _placement(step, state.params)
+  out = jax.tree.map(lambda _: rep, state)
+  return out.replace(params=place.shardings,
+                     opt_state=place.opt_shardings(step.tx, state.opt_state))
+
+
+def _keep_placed(step, state):
+  """The state's parameters and optimizer state constrained to their placement (a no-op on a
+  1-D mesh): XLA would otherwise be free to lay out the updated state as it likes."""
+  place = _placement(step, state.params)
+  if not place.sharded:
+    return state
+  shard = _state_sharding(step, state)
+  put = lambda tree, sh: jax.tree.map(
+      lambda x, s: (jax.lax.with_sharding_constraint(x, s) if isinstance(x, jax.core.Tracer)
+                    else jax.device_put(x, s)), tree, sh)
+  return state.replace(params=put(state.params, shard.params),
+                       opt_state=put(state.opt_state, shard.opt_state))
 
 
 # -- the coded step --------------------------------------------------------------
@@ -333,7 +390,7 @@ class CodedStep:
                message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                axis_name: str = AXIS, report_condition: bool = True, check_vma: bool = True,
                adaptive: _adaptive.AdaptivePS | None = None, has_aux: bool = False,
-               network: _network.Network | None = None):
+               network: _network.Network | None = None, param_sharding=None):
     _check_straggler(straggler)
     if tx is not None and not isinstance(tx, optax.GradientTransformation):
       raise ValueError(f"tx must be an optax.GradientTransformation (or None for gradients "
@@ -375,6 +432,8 @@ class CodedStep:
     self.check_vma = check_vma
     self.report_condition = report_condition and protocol.reports_condition
     self.layout = WorkerLayout(a, mesh, _used_slots(protocol), axis_name)
+    self.param_sharding = param_sharding
+    _check_mesh(mesh, axis_name)
     # Σ_j load_j: the chunk gradients of a step that computes every slot.
     self._all_slots = float(np.sum(a.loads))
 
@@ -382,6 +441,17 @@ class CodedStep:
   def shard_chunks(self, chunks) -> WorkerChunks:
     """The step's chunks ``[N, ...]`` laid out per worker (:meth:`WorkerLayout.shard_chunks`)."""
     return self.layout.shard_chunks(chunks)
+
+  # -- where parameters live ---------------------------------------------------
+  def placement(self, params) -> Placement:
+    """The :class:`~jaxgc.parallel.sharding.Placement` of ``params`` (arrays or shapes) on
+    the mesh: the FSDP rule, or ``param_sharding``. ``placement(p).summary()`` lists it."""
+    return _placement(self, params)
+
+  def state_sharding(self, state: TrainState):
+    """A :class:`TrainState` of ``NamedSharding``s: parameters and optimizer state as
+    :meth:`placement` puts them, everything else replicated (``P()``)."""
+    return _state_sharding(self, state)
 
   # -- PS side: plan and solve ------------------------------------------------
   def _solve(self, counts) -> Solve:
@@ -462,14 +532,18 @@ class CodedStep:
     return plan, straggler_state, adaptive_state
 
   def init_state(self, params, key, model_state=()) -> TrainState:
-    """A fresh :class:`TrainState` whose first step is already planned.
+    """A fresh :class:`TrainState` whose first step is already planned, its parameters
+    and optimizer state placed (:meth:`placement`; sharded over ``model`` on a 2-D mesh).
 
     ``model_state``: the model's untrained variables (e.g. ``{"batch_stats": ...}``).
     """
     self._need_tx("init_state")
     plan, straggler_state, adaptive_state = self.plan_step(key)
-    return TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state,
-                             adaptive_state=adaptive_state, model_state=model_state)
+    place = self.placement(params)
+    params = place.place(params) if place.sharded else params
+    state = TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state,
+                              adaptive_state=adaptive_state, model_state=model_state)
+    return _keep_placed(self, state)
 
   def _need_tx(self, what: str):
     if self.tx is None:
@@ -497,8 +571,10 @@ class CodedStep:
     observing it)`` on the PS device while the others compute gradients, and
     rides in the decode all-reduce: one synchronisation per step.
     """
-    lay, ax, ell = self.layout, self.axis_name, self.protocol.ell
-    d = ravel_pytree(params)[0].shape[0]
+    lay, ax = self.layout, self.axis_name
+    msg = MessageLayout(self.placement(params), self.protocol.ell)
+    leaves = jax.tree.leaves(params)
+    d, dtype = sum(int(np.size(x)) for x in leaves), jnp.result_type(*leaves)
     # The last device holds the phantom workers, so it has the least (often no)
     # gradient work: it plays the PS, and runs the PS-side work once for all.
     ps_device = self.mesh.shape[ax] - 1
@@ -510,21 +586,22 @@ class CodedStep:
       enc = plan.solve.enc[wids]
       chunk = self._chunk_inputs(wids, *extra)
       z, loss, computed, aux = _stream(self.chunk_loss, pv, local, enc, jnp.any(enc != 0, -1),
-                                       owner, ell, d, ax, **chunk)
+                                       owner, msg, ax, **chunk)
       sends = plan.solve.senders[wids]
       # A corrupted message is one the PS finds non-finite: erased like a lost one.
       # One sum per message instead of an elementwise mask: NaN/Inf anywhere makes it non-finite.
-      bad = sends & (plan.lost[wids] | plan.corrupt[wids] | ~jnp.isfinite(jnp.sum(z, -1)))
+      bad = sends & (plan.lost[wids] | plan.corrupt[wids] | ~jnp.isfinite(msg.row_sums(z)))
       flags = jnp.zeros(lay.m_pad, jnp.int32).at[wids].set(bad.astype(jnp.int32))
       nxt = (None if next_draw is None else
              _compute_once(lambda: self._plan_observed(*next_draw), ax, ps_device,
                            broadcast=False))
       # Optimistic: decode, erasure flags, loss and the next plan share one
       # all-reduce; a round with an erasure is redone below.
-      part = _base.decode_blocks(jnp.where(bad[:, None], 0.0, z), plan.solve.dec[:, wids])
+      part = msg.decode(tuple(jnp.where(bad.reshape((-1,) + (1,) * (x.ndim - 1)), 0.0, x)
+                              for x in z), plan.solve.dec[:, wids])
       # Each chunk's aux is nonzero on one device only: the psum gathers it exactly.
-      part, flags, loss, computed, nxt, aux = _psum_packed(
-          (part, flags, loss, computed, nxt, aux), ax)
+      part, flags, loss, computed, nxt, aux = _psum_decode(
+          msg, part, (flags, loss, computed, nxt, aux), ax)
       erased = flags[: lay.m] > 0
       num_erased = jnp.sum(erased, dtype=jnp.int32)
 
@@ -537,15 +614,15 @@ class CodedStep:
         s2 = _compute_once(lambda: self._solve(counts), ax, ps_device)
         enc2 = s2.enc[wids]
         z2, _, again, _ = _stream(self.chunk_loss, pv, local, enc2, jnp.any(enc2 != 0, -1),
-                                  jnp.zeros_like(owner), ell, d, ax, **chunk)
-        part2, again = _psum_packed((_base.decode_blocks(z2, s2.dec[:, wids]), again), ax)
+                                  jnp.zeros_like(owner), msg, ax, **chunk)
+        part2, again = _psum_decode(msg, msg.decode(z2, s2.dec[:, wids]), (again,), ax)
         return part2, counts, s2, again
 
       keep = lambda: (part, plan.counts, plan.solve, jnp.zeros((), jnp.int32))
       part, counts, solve, again = jax.lax.cond(num_erased > 0, redo, keep)
-      g = part.reshape(-1)[:d]
-      skipped = ~jnp.any(solve.senders) | ~jnp.isfinite(jnp.sum(g))
-      comm = _network.step_comm_time(self.network, self.protocol, d, g.dtype,
+      g = msg.join(part)
+      skipped = ~jnp.any(solve.senders) | ~jnp.isfinite(sum(jnp.sum(x) for x in part))
+      comm = _network.step_comm_time(self.network, self.protocol, d, dtype,
                                      jnp.sum(plan.solve.senders), jnp.sum(solve.senders),
                                      num_erased > 0)
       metrics = {
@@ -566,7 +643,7 @@ class CodedStep:
       return g, metrics, nxt
 
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax), P(), P(), P()),
-                       out_specs=P(), check_vma=self.check_vma)
+                       out_specs=P(), axis_names={ax}, check_vma=self.check_vma)
     key = key if self.chunk_loss.uses_rng else None
     return fn(params, worker_chunks.data, plan, next_draw, (key, tuple(args)))
 
@@ -590,11 +667,10 @@ class CodedStep:
       when the protocol reports one) plus the final state ``counts`` ``[m]``,
       and with ``has_aux`` the chunks' ``aux`` (leaves ``[N, ...]``).
     """
-    _, unravel = ravel_pytree(params)
     draw, _ = self._draw(key, self.init_straggler_state(key), self.init_adaptive_state())
     g, metrics, _ = self._sharded_gradient(params, _as_worker_chunks(self.layout, chunks),
                                            self._plan(*draw), None, key, args)
-    return unravel(g), metrics
+    return g, metrics
 
   # -- full update --------------------------------------------------------------
   def update(self, state: TrainState, chunks, key, *args):
@@ -629,13 +705,12 @@ class CodedStep:
           key, state.step, fresh(straggler_state), fresh(adaptive_state))
     next_draw, straggler_state = self._draw(jax.random.fold_in(key, state.step + 1),
                                             straggler_state, adaptive_state)
-    _, unravel = ravel_pytree(state.params)
     g, metrics, (next_plan, adaptive_state) = self._sharded_gradient(
         state.params, worker_chunks, plan, (next_draw, adaptive_state),
         jax.random.fold_in(key, state.step), args)
     aux = metrics.pop("aux", ())
     model_state = _chunk_mean(state.model_state, aux) if has_model_state else state.model_state
-    updates, opt_state = self.tx.update(unravel(g), state.opt_state, state.params)
+    updates, opt_state = self.tx.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # One scalar instead of a reduction per leaf: any NaN/Inf makes the sum non-finite.
     finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
@@ -651,6 +726,7 @@ class CodedStep:
         num_skipped=state.num_skipped + skip.astype(jnp.int32),
         num_erasures=state.num_erasures + metrics["erasures"], plan=next_plan,
         straggler_state=straggler_state, adaptive_state=adaptive_state, model_state=model_state)
+    new = _keep_placed(self, new)
     metrics.pop("counts")
     metrics.update(skipped=skip, exact=metrics["exact"] & ~skip, sim_time=sim_time)
     return new, metrics
@@ -667,7 +743,8 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
                     check_vma: bool = True,
                     adaptive: _adaptive.AdaptivePS | None = None,
                     has_aux: bool = False,
-                    network: _network.Network | None = None) -> CodedStep:
+                    network: _network.Network | None = None,
+                    param_sharding=None) -> CodedStep:
   """Builds a :class:`CodedStep`.
 
   Args:
@@ -679,7 +756,8 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
       the chunk's key (:func:`jaxgc.chunk_keys`), the same on every copy.
     tx: any ``optax.GradientTransformation``; ``None`` where only :meth:`CodedStep.gradient`
       is used (a mesh given in its place is taken as the mesh).
-    mesh: a mesh with an axis ``"workers"`` (:func:`jaxgc.parallel.make_mesh`).
+    mesh: a mesh with an axis ``"workers"``, and optionally ``"model"`` (a worker is a
+      group of devices): :func:`jaxgc.parallel.make_mesh`.
     has_aux: the loss returns ``(loss, aux)``; aux comes back per chunk, ``[N, ...]``.
     mode: ``"exact"`` or ``"deadline"`` (:func:`jaxgc.protocols.stop_time`).
     deadline: simulated seconds, deadline mode.
@@ -694,6 +772,10 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
       ``None``: the static placement.
     network: a :mod:`jaxgc.network` model; the step's simulated time is ``stop + comm``
       (``step_comm_time``). ``None``: messages are free.
+    param_sharding: on a ``workers × model`` mesh, where parameters (and the
+      optimizer state) live: ``None`` for the FSDP rule
+      (:func:`jaxgc.parallel.sharding.fsdp_rule`), a rule function
+      ``(path, shape, k) -> PartitionSpec``, or a pytree of ``PartitionSpec``.
   """
   if mesh is None and isinstance(tx, Mesh):
     tx, mesh = None, tx
@@ -704,7 +786,7 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
                    timeout=timeout, message_loss_prob=message_loss_prob,
                    nan_message_prob=nan_message_prob, axis_name=axis_name,
                    report_condition=report_condition, check_vma=check_vma, adaptive=adaptive,
-                   has_aux=has_aux, network=network)
+                   has_aux=has_aux, network=network, param_sharding=param_sharding)
 
 
 def _check_straggler(straggler) -> None:
@@ -742,8 +824,9 @@ class PlainStep:
   """
 
   def __init__(self, assignment, loss_fn, tx, mesh, *, compute_slots: int | None = None,
-               axis_name: str = AXIS, check_vma: bool = True):
-    self.assignment = assignment
+               axis_name: str = AXIS, check_vma: bool = True, param_sharding=None):
+    _check_mesh(mesh, axis_name)
+    self.assignment, self.param_sharding = assignment, param_sharding
     self.loss_fn, self.tx, self.mesh, self.axis_name = loss_fn, tx, mesh, axis_name
     self.chunk_loss = ChunkLoss(loss_fn)
     self.check_vma = check_vma
@@ -760,8 +843,8 @@ class PlainStep:
 
   def gradient(self, params, chunks):
     """``(Σ_i g_i as a pytree, loss)``."""
-    flat, unravel = ravel_pytree(params)
-    lay, ax, d = self.layout, self.axis_name, flat.shape[0]
+    lay, ax = self.layout, self.axis_name
+    msg = MessageLayout(_placement(self, params), 1)
 
     def body(params, local):
       wids = jax.lax.axis_index(ax) * lay.per_device + jnp.arange(lay.per_device)
@@ -769,13 +852,13 @@ class PlainStep:
       # The loss as the coded step counts it: each chunk once, at its loss-owning slot.
       owner = jnp.asarray(lay.loss_owner, jnp.float32)[wids]
       z, loss, _, _ = _stream(self.chunk_loss, pvary(params, ax), local, weight[..., None],
-                              weight != 0, owner, 1, d, ax)
-      return _psum_packed((jnp.sum(z, 0), loss), ax)
+                              weight != 0, owner, msg, ax)
+      g, loss = _psum_packed((tuple(jnp.sum(x, 0) for x in z), loss), ax)
+      return msg.join(tuple(x[None] for x in g)), loss
 
     fn = jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(ax)), out_specs=(P(), P()),
-                       check_vma=self.check_vma)
-    g, loss = fn(params, _as_worker_chunks(lay, chunks).data)
-    return unravel(g), loss
+                       axis_names={ax}, check_vma=self.check_vma)
+    return fn(params, _as_worker_chunks(lay, chunks).data)
 
   def update(self, state: TrainState, chunks, key=None):
     del key
@@ -789,7 +872,8 @@ class PlainStep:
 
 
 def make_plain_step(assignment, loss_fn, tx, mesh, *, compute_slots: int | None = None,
-                    axis_name: str = AXIS, check_vma: bool = True) -> PlainStep:
+                    axis_name: str = AXIS, check_vma: bool = True,
+                    param_sharding=None) -> PlainStep:
   """Builds a :class:`PlainStep` (uncoded, same per-device work)."""
   return PlainStep(assignment, loss_fn, tx, mesh, compute_slots=compute_slots,
-                   axis_name=axis_name, check_vma=check_vma)
+                   axis_name=axis_name, check_vma=check_vma, param_sharding=param_sharding)
