@@ -8,6 +8,10 @@ The work is done by :mod:`jaxgc.experiment` (``train_and_evaluate(config, workdi
 this file only parses flags. ``--config.<field>=value`` overrides any config field
 (old flat names such as ``--config.ell`` still work). Rerunning the same command
 resumes the run in ``--workdir``; ``--restart`` starts it over.
+
+SIGTERM (preemption) or Ctrl-C stop after the current step, save it, and exit with
+status 143 (SIGTERM) or 130 (SIGINT), 128 + the signal's number as the shell reports a
+death by that signal; rerunning the same command resumes bit for bit.
 """
 import os
 import sys
@@ -47,6 +51,12 @@ def main(argv):
     experiment.run(config, FLAGS.workdir, FLAGS.compare, FLAGS.restart)
   except experiment.ConfigError as e:        # a bad setting: one line, no traceback
     sys.exit(f"train.py: error: {e}")
+  except experiment.Preempted as e:          # SIGTERM/SIGINT: the step is saved
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:                  # Ctrl-C before training started: nothing to save
+    print("interrupted before training started; nothing was saved", file=sys.stderr)
+    sys.exit(experiment.EXIT_CODES["SIGINT"])
 
 
 if __name__ == "__main__":

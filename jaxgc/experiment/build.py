@@ -254,6 +254,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
   s = config.step
   kwargs = dict(mode=s.mode, deadline=s.deadline, message_loss_prob=s.message_loss_prob,
                 nan_message_prob=s.nan_message_prob)
+  fail_at = s.get("fail_at", ())
+  if fail_at:
+    kwargs["fail_at"] = fail_at
   if not isinstance(config.adaptive, bool):
     raise ConfigError("--config.adaptive", f"must be True or False, got {config.adaptive!r}.")
   if config.backend == "ray":
@@ -265,6 +268,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None):
     except ImportError:
       raise ConfigError("--config.backend=ray",
                         "--config.backend=ray needs Ray: pip install 'jaxgc[ray]'") from None
+    if fail_at and not _accepts(ray_backend.RayStep.__init__, "fail_at"):
+      raise ConfigError("--config.step.fail_at", "this Ray backend does not take a fault "
+                        "schedule; use --config.backend=spmd or leave it empty.")
     with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
                "backend"):
       return ray_backend.RayStep(protocol, straggler, loss_fn, tx, timeout=timeout, **kwargs,

@@ -36,6 +36,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxgc import adaptive as _adaptive
+from jaxgc import faults as _faults
 from jaxgc import protocols as _protocols
 from jaxgc import timing
 from jaxgc.parallel.devices import AXIS
@@ -310,7 +311,7 @@ class CodedStep:
                timeout: float | None = None, message_loss_prob: float = 0.0,
                nan_message_prob: float = 0.0, axis_name: str = AXIS,
                report_condition: bool = True, check_vma: bool = True,
-               adaptive: _adaptive.AdaptivePS | None = None):
+               adaptive: _adaptive.AdaptivePS | None = None, fail_at=None):
     a = protocol.assignment
     if adaptive is not None and (adaptive.protocol.assignment.num_workers != a.num_workers
                                  or not np.array_equal(adaptive.protocol.assignment.order,
@@ -336,6 +337,7 @@ class CodedStep:
     self.message_loss_prob = float(message_loss_prob)
     self.nan_message_prob = float(nan_message_prob)
     self.adaptive = adaptive
+    self.fail_at = _faults.fault_schedule(fail_at, a.num_workers)
     self.axis_name = axis_name
     self.check_vma = check_vma
     self.report_condition = report_condition and protocol.reports_condition
@@ -361,21 +363,28 @@ class CodedStep:
                  min_coverage=jnp.min(cov).astype(jnp.int32),
                  chunks_below_ell=jnp.sum(cov < proto.ell, dtype=jnp.int32))
 
-  def _draw(self, key, straggler_state, adaptive_state=()):
+  def _draw(self, key, straggler_state, adaptive_state=(), step=None):
     """The cheap random part of a plan: durations, message faults, the model's next state.
 
     With an adaptive PS the durations are the logical workers' (placed by
-    ``adaptive_state``'s placement).
+    ``adaptive_state``'s placement). ``step``: the step's index, for the fault
+    schedule (a failed worker's durations are ``+inf``); ``None``: no schedule.
     """
     k_dur, k_loss, k_nan = jax.random.split(key, 3)
     durations, straggler_state = timing.sample_step(self.straggler, k_dur, straggler_state,
                                                     self.assignment)
+    if step is not None and self.fail_at.pairs:
+      # Physical workers fail (before any placement), as the Ray backend's killed actors do.
+      failed = _faults.mask(self.fail_at, step, self.assignment.num_workers)
+      durations = jnp.where(failed[:, None], jnp.inf, durations)
     if self.adaptive is not None:
       durations = _adaptive.apply_placement(durations, self.adaptive.placement(adaptive_state),
                                             self.assignment)
-    m_pad = self.layout.m_pad
-    draw = lambda k, p: (jax.random.bernoulli(k, p, (m_pad,)) if p > 0
-                         else jnp.zeros((m_pad,), bool))
+    m, m_pad = self.layout.m, self.layout.m_pad
+    # Drawn for the m real workers, then padded: the same draws on any device count
+    # (and on the Ray backend), so num_devices does not change results.
+    draw = lambda k, p: jnp.pad(jax.random.bernoulli(k, p, (m,)) if p > 0
+                                else jnp.zeros((m,), bool), (0, m_pad - m))
     return (durations, draw(k_loss, self.message_loss_prob),
             draw(k_nan, self.nan_message_prob)), straggler_state
 
@@ -422,7 +431,7 @@ class CodedStep:
     if adaptive_state is None:
       adaptive_state = self.init_adaptive_state()
     draw, straggler_state = self._draw(jax.random.fold_in(key, step), straggler_state,
-                                       adaptive_state)
+                                       adaptive_state, step)
     plan, adaptive_state = self._plan_observed(draw, adaptive_state)
     return plan, straggler_state, adaptive_state
 
@@ -546,7 +555,7 @@ class CodedStep:
       plan, straggler_state, adaptive_state = self.plan_step(
           key, state.step, fresh(straggler_state), fresh(adaptive_state))
     next_draw, straggler_state = self._draw(jax.random.fold_in(key, state.step + 1),
-                                            straggler_state, adaptive_state)
+                                            straggler_state, adaptive_state, state.step + 1)
     _, unravel = ravel_pytree(state.params)
     g, metrics, (next_plan, adaptive_state) = self._sharded_gradient(
         state.params, worker_chunks, plan, (next_draw, adaptive_state))
@@ -579,7 +588,7 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
                     message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                     axis_name: str = AXIS, report_condition: bool = True,
                     check_vma: bool = True,
-                    adaptive: _adaptive.AdaptivePS | None = None) -> CodedStep:
+                    adaptive: _adaptive.AdaptivePS | None = None, fail_at=None) -> CodedStep:
   """Builds a :class:`CodedStep`.
 
   Args:
@@ -600,11 +609,15 @@ def make_coded_step(protocol, straggler, loss_fn, tx, mesh, *, mode: str = "exac
     adaptive: an adaptive PS (:class:`jaxgc.adaptive.AdaptivePS` of ``protocol``)
       that re-chooses the placement of chunk lists on workers between steps;
       ``None``: the static placement.
+    fail_at: a deterministic fault schedule, ``[(worker, step), ...]``
+      (:func:`jaxgc.faults.fault_schedule`): worker ``worker`` finishes no chunk
+      in step ``step`` (its durations are ``+inf``).
   """
   return CodedStep(protocol, straggler, loss_fn, tx, mesh, mode=mode, deadline=deadline,
                    timeout=timeout, message_loss_prob=message_loss_prob,
                    nan_message_prob=nan_message_prob, axis_name=axis_name,
-                   report_condition=report_condition, check_vma=check_vma, adaptive=adaptive)
+                   report_condition=report_condition, check_vma=check_vma, adaptive=adaptive,
+                   fail_at=fail_at)
 
 
 # -- uncoded reference with the same per-device work --------------------------------
