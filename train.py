@@ -45,7 +45,9 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"train.py: error: unexpected arguments {argv[1:]}; flags look like --name=value.")
   if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+    # orbax logs every save at INFO, and logs at ERROR what it then raises (a full disk:
+    # dozens of lines before the one that names the workdir).
+    logging.set_verbosity(logging.FATAL)
   try:
     config = experiment.apply_overrides(experiment.load_config(FLAGS.config), _OVERRIDES)
     experiment.run(config, FLAGS.workdir, FLAGS.compare, FLAGS.restart)

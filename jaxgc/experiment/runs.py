@@ -45,7 +45,9 @@ OUTPUTS = ("metrics.jsonl", "summary.json", "final_params.npz", "accuracy_vs_tim
 
 def note(message: str, kind: str = "note") -> None:
   """A one-line notice on stderr (resumes, skipped checkpoints, nothing to train)."""
-  print(f"{kind}: {message}", file=sys.stderr, flush=True)
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  tqdm.write(f"{kind}: {message}", file=sys.stderr)   # on its own line, under a live bar
+  sys.stderr.flush()
 
 
 def write_atomic(path: str, content: str | bytes) -> None:
@@ -388,8 +390,11 @@ class WorkdirLock:
     Raises:
       ConfigError: another live process holds it (named), or the workdir cannot be written.
     """
-    os.makedirs(self.workdir, exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise (disk_error(e, self.workdir) or e) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
