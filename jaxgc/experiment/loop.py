@@ -14,7 +14,6 @@ The test set is small and is placed replicated for evaluation.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
@@ -258,70 +257,6 @@ def _init_state(exp: Experiment, sharding):
   return out if spmd else exp.step.init_state(out, keys(seed)[2])
 
 
-def _layout(exp: Experiment):
-  layout = getattr(exp.step, "layout", None) if exp.config.backend == "spmd" else None
-  return layout if isinstance(layout, parallel.WorkerLayout) else None
-
-
-def _restore(exp: Experiment, workdir: str, state, sharding, lead: bool):
-  """``(state, checkpoints or None, meta)``: the newest checkpoint that restores, if any.
-
-  Checkpoints hold the logical state (:func:`resilience.logical_state`), laid out
-  here for this run's devices.
-
-  Raises:
-    ConfigError: checkpoints exist (or a finished run's summary) but none restores:
-      starting over would overwrite the run's results.
-  """
-  cfg, layout = exp.config, _layout(exp)
-  if cfg.checkpoint_every <= 0:
-    return state, None, {}
-  ckpt = runs.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
-                          cfg.max_checkpoints, lead)
-
-  def abstract_for(meta):
-    logical = meta.get("format") == resilience.CHECKPOINT_FORMAT
-    shapes = jax.eval_shape(lambda s: resilience.logical_state(s, layout) if logical else s,
-                            state)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        shapes)
-
-  restored, meta, skipped = ckpt.restore(abstract_for)
-  for step, reason in skipped:
-    if lead:
-      runs.note(f"skipped checkpoint {step} (moved to broken_checkpoints/), it does not "
-                f"restore: {reason}")
-  if restored is None:
-    broken = os.path.join(workdir, "broken_checkpoints")
-    left = [n for n, there in (("broken checkpoints", skipped or os.path.isdir(broken)),
-                               ("summary.json", os.path.exists(os.path.join(workdir,
-                                                                            "summary.json"))))
-            if there]
-    if left:
-      ckpt.close()
-      raise ConfigError(f"--workdir={workdir}", f"holds a run that cannot resume: no "
-                        f"checkpoint restores, but it holds {' and '.join(left)}. Starting "
-                        "over would overwrite its results; add --restart to start over in "
-                        "this workdir, or use a new --workdir.")
-    return state, ckpt, meta
-  if meta.get("format") == resilience.CHECKPOINT_FORMAT:
-    restored = resilience.layout_state(restored, layout, sharding)
-  return restored, ckpt, meta
-
-
-def _save(ckpt, exp: Experiment, step: int, state, wall: float, force: bool = False) -> None:
-  """Saves the logical state at ``step`` (when due, or ``force``)."""
-  if ckpt is not None and (force or ckpt.due(step)):
-    ckpt.save(step, resilience.logical_state(state, _layout(exp)),
-              {"wall_time": wall, "format": resilience.CHECKPOINT_FORMAT}, force=force)
-
-
-def _nonfinite_inputs(ds) -> int:
-  """How many training inputs are NaN/Inf (host arrays; integer data has none)."""
-  return sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in (ds.x_train, ds.y_train)
-             if np.issubdtype(np.asarray(a).dtype, np.inexact))
-
-
 def _write_outputs(exp: Experiment, workdir: str, state, summary: dict) -> None:
   """Final parameters, the plot and ``summary.json`` (process 0), each renamed into place."""
   cfg = exp.config
@@ -351,7 +286,7 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
   """
   workdir = os.path.abspath(workdir)
   try:
-    with _lock(workdir):
+    with runs.hold_workdir(workdir):
       return _train(exp, workdir, restart)
   except (OSError, RuntimeError, ValueError) as e:
     if isinstance(e, ConfigError):
@@ -363,34 +298,6 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
   finally:
     if hasattr(exp.step, "close"):
       exp.step.close()
-
-
-def _lock(workdir: str):
-  """Process 0 holds the workdir's lock; every process learns whether it got it."""
-  if jax.process_count() == 1:
-    return runs.lock_workdir(workdir)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  error, held = None, contextlib.nullcontext()
-  if jax.process_index() == 0:
-    try:
-      held = runs.lock_workdir(workdir)
-      held.__enter__()
-    except ConfigError as e:
-      error = e
-  if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
-    raise error or ConfigError(f"--workdir={workdir}", "is in use by another run (process 0 "
-                               "could not lock it; its error names the holder).")
-  return _Entered(held)
-
-
-class _Entered(contextlib.AbstractContextManager):
-  """An entered context manager, exited with the ``with`` block."""
-
-  def __init__(self, held):
-    self.held = held
-
-  def __exit__(self, *exc):
-    return self.held.__exit__(*exc)
 
 
 def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
@@ -409,7 +316,7 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   rep = NamedSharding(exp.mesh, P())
   # The test set is small: replicated. The training set stays on the host (StepInput).
   test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
-  state, ckpt, meta = _restore(exp, workdir, _init_state(exp, rep), rep, lead)
+  state, ckpt, meta = resilience.restore(exp, workdir, _init_state(exp, rep), rep, lead)
   start = int(state.step)
   if lead and start:
     runs.note(f"resuming {workdir} from step {start}.")
@@ -431,7 +338,7 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   wall = wall_before + time.time() - t0
   if ckpt is not None:
     if ckpt.latest_step() != int(state.step):
-      _save(ckpt, exp, int(state.step), state, wall, force=True)
+      resilience.save(ckpt, exp, int(state.step), state, wall, force=True)
     ckpt.close()
   ev = run.ev
   if not ev or (stopped and int(state.step) not in log.eval_steps):
@@ -464,7 +371,7 @@ class _Steps:
     self.ev = {}
     self.step_wall = log.last.get("wall_time", 0.0)   # Ray: real seconds the steps took
     # Checked once: NaN/Inf in the data turn into non-finite messages (erased) later.
-    self.bad_inputs = _nonfinite_inputs(exp.dataset)
+    self.bad_inputs = resilience.nonfinite_inputs(exp.dataset)
     self.warned = False
 
   def evaluate(self, state, step: int, sim_time: float) -> None:
@@ -523,7 +430,7 @@ class _Steps:
       bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_time=f"{rec['sim_time']:.0f}",
                       **{score_key: f"{self.ev.get(score_key, float('nan')):.3f}"},
                       refresh=False)
-      _save(self.ckpt, self.exp, step + 1, state, self.wall())
+      resilience.save(self.ckpt, self.exp, step + 1, state, self.wall())
       stopped = signals.requested()
       if stopped:
         break

@@ -1,4 +1,4 @@
-"""What lets a run survive the real world: preemption and checkpoints free of the layout.
+"""What lets a run survive the real world: preemption, checkpoints free of the layout.
 
 * :class:`StopSignals`: SIGTERM (preemption on TPU and spot VMs) and SIGINT
   (Ctrl-C) ask the loop to stop after the current step; it then saves that step
@@ -8,9 +8,12 @@
   state, the per-worker arrays of the step's plan cut to the ``m`` real workers
   (the phantom workers that pad ``m`` to a multiple of the device count are zeros
   and never send), so a checkpoint restores on any device count.
+* :func:`restore` / :func:`save`: a run's checkpoints in that form; a run that
+  cannot resume stops instead of starting over its results.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -19,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgc import parallel
+from jaxgc.experiment import runs
+from jaxgc.experiment.config import ConfigError
 
 __all__ = ["Preempted", "StopSignals", "logical_state", "layout_state", "EXIT_CODES",
-           "CHECKPOINT_FORMAT"]
+           "CHECKPOINT_FORMAT", "restore", "save", "nonfinite_inputs"]
 
 # The exit status of a stopped run: the shell's for death by that signal (128 + signum),
 # so a scheduler or `set -e` sees an interrupted run, not a finished one.
@@ -82,18 +87,16 @@ class StopSignals:
     return {0: None, 1: "SIGINT", 2: "SIGTERM"}[agreed]
 
 
-def _worker_axes(layout: parallel.WorkerLayout):
-  """``(path in the plan, worker axis)`` of the plan's padded per-worker arrays."""
-  del layout
-  return (("lost",), 0), (("corrupt",), 0), (("solve", "enc"), 0), (("solve", "dec"), 1), \
-      (("solve", "senders"), 0)
+# (path in the plan, worker axis) of the plan's padded per-worker arrays.
+_WORKER_AXES = ((("lost",), 0), (("corrupt",), 0), (("solve", "enc"), 0), (("solve", "dec"), 1),
+                (("solve", "senders"), 0))
 
 
 def _map_plan(state, layout, fn):
   plan = state.plan
   if not isinstance(plan, parallel.Plan) or not isinstance(layout, parallel.WorkerLayout):
     return state
-  for path, axis in _worker_axes(layout):
+  for path, axis in _WORKER_AXES:
     if len(path) == 1:
       plan = plan._replace(**{path[0]: fn(getattr(plan, path[0]), axis)})
     else:
@@ -119,3 +122,69 @@ def layout_state(state, layout, sharding=None):
     out = jnp.pad(x, widths)
     return out if sharding is None else jax.device_put(out, sharding)
   return _map_plan(state, layout, pad)
+
+
+# -- checkpoints of a run ------------------------------------------------------------------
+
+def _layout(exp):
+  layout = getattr(exp.step, "layout", None) if exp.config.backend == "spmd" else None
+  return layout if isinstance(layout, parallel.WorkerLayout) else None
+
+
+def restore(exp, workdir: str, state, sharding, lead: bool):
+  """``(state, checkpoints or None, meta)``: the newest checkpoint that restores, if any.
+
+  Checkpoints hold the logical state (:func:`logical_state`), laid out
+  here for this run's devices.
+
+  Raises:
+    ConfigError: checkpoints exist (or a finished run's summary) but none restores:
+      starting over would overwrite the run's results.
+  """
+  cfg, layout = exp.config, _layout(exp)
+  if cfg.checkpoint_every <= 0:
+    return state, None, {}
+  ckpt = runs.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
+                          cfg.max_checkpoints, lead)
+
+  def abstract_for(meta):
+    logical = meta.get("format") == CHECKPOINT_FORMAT
+    shapes = jax.eval_shape(lambda s: logical_state(s, layout) if logical else s,
+                            state)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        shapes)
+
+  restored, meta, skipped = ckpt.restore(abstract_for)
+  for step, reason in skipped:
+    if lead:
+      runs.note(f"skipped checkpoint {step} (moved to broken_checkpoints/), it does not "
+                f"restore: {reason}")
+  if restored is None:
+    broken = os.path.join(workdir, "broken_checkpoints")
+    left = [n for n, there in (("broken checkpoints", skipped or os.path.isdir(broken)),
+                               ("summary.json", os.path.exists(os.path.join(workdir,
+                                                                            "summary.json"))))
+            if there]
+    if left:
+      ckpt.close()
+      raise ConfigError(f"--workdir={workdir}", f"holds a run that cannot resume: no "
+                        f"checkpoint restores, but it holds {' and '.join(left)}. Starting "
+                        "over would overwrite its results; add --restart to start over in "
+                        "this workdir, or use a new --workdir.")
+    return state, ckpt, meta
+  if meta.get("format") == CHECKPOINT_FORMAT:
+    restored = layout_state(restored, layout, sharding)
+  return restored, ckpt, meta
+
+
+def save(ckpt, exp, step: int, state, wall: float, force: bool = False) -> None:
+  """Saves the logical state at ``step`` (when due, or ``force``)."""
+  if ckpt is not None and (force or ckpt.due(step)):
+    ckpt.save(step, logical_state(state, _layout(exp)),
+              {"wall_time": wall, "format": CHECKPOINT_FORMAT}, force=force)
+
+
+def nonfinite_inputs(ds) -> int:
+  """How many training inputs are NaN/Inf (host arrays; integer data has none)."""
+  return sum(int(np.size(a) - np.count_nonzero(np.isfinite(a))) for a in (ds.x_train, ds.y_train)
+             if np.issubdtype(np.asarray(a).dtype, np.inexact))

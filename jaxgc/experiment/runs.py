@@ -30,12 +30,14 @@ import sys
 import time
 from typing import Any, Callable
 
+import numpy as np
+
 from jaxgc.experiment.config import ConfigError, result_fields_differ
 
 __all__ = [
     "OUTPUTS", "write_atomic", "read_metrics", "open_workdir", "clear_run", "save_config",
     "MetricsLog", "Checkpoints", "note", "json_line", "WorkdirLock", "disk_error", "MANIFEST",
-    "write_manifest", "check_manifest", "lock_workdir",
+    "write_manifest", "check_manifest", "lock_workdir", "hold_workdir",
 ]
 
 # What a run writes into its workdir (config.json first, and removed last).
@@ -371,6 +373,35 @@ def lock_workdir(workdir: str, create: bool = True):
     _HELD[key][1] -= 1
     if not _HELD[key][1]:
       _HELD.pop(key)[0].release()
+
+
+def hold_workdir(workdir: str):
+  """:func:`lock_workdir` by process 0, and every process learns whether it got it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return lock_workdir(workdir)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  error, held = None, contextlib.nullcontext()
+  if jax.process_index() == 0:
+    try:
+      held = lock_workdir(workdir)
+      held.__enter__()
+    except ConfigError as e:
+      error = e
+  if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+    raise error or ConfigError(f"--workdir={workdir}", "is in use by another run (process 0 "
+                               "could not lock it; its error names the holder).")
+  return _Entered(held)
+
+
+class _Entered(contextlib.AbstractContextManager):
+  """An entered context manager, exited with the ``with`` block."""
+
+  def __init__(self, held):
+    self.held = held
+
+  def __exit__(self, *exc):
+    return self.held.__exit__(*exc)
 
 
 class WorkdirLock:
