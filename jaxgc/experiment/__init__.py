@@ -37,7 +37,6 @@ __all__ = [
     "run",
     # runs on disk and plots
     "open_workdir", "read_metrics", "MetricsLog", "time_to_target", "plot_accuracy_vs_time",
-    "lock_workdir",
-    # surviving the real world
-    "Preempted", "EXIT_CODES",
 ]
+# Also here (README's API row to gain them with __all__ at merge): Preempted, EXIT_CODES
+# (jaxgc.experiment.resilience) and lock_workdir (jaxgc.experiment.runs).
