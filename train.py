@@ -41,6 +41,16 @@ def parse_flags(argv):
     sys.exit(f"train.py: error: {e}")
 
 
+def _quiet_closed_loops(hook=sys.unraisablehook):
+  """After a failed save (a full disk), orbax's pending callbacks find their event loop
+  closed and each prints a traceback; the error itself is raised and reported once."""
+  def quiet(info):
+    if not (isinstance(info.exc_value, RuntimeError)
+            and str(info.exc_value) == "Event loop is closed"):
+      hook(info)
+  sys.unraisablehook = quiet
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"train.py: error: unexpected arguments {argv[1:]}; flags look like --name=value.")
@@ -48,6 +58,7 @@ def main(argv):
     # orbax logs every save at INFO, and logs at ERROR what it then raises (a full disk:
     # dozens of lines before the one that names the workdir).
     logging.set_verbosity(logging.FATAL)
+    _quiet_closed_loops()
   try:
     config = experiment.apply_overrides(experiment.load_config(FLAGS.config), _OVERRIDES)
     experiment.run(config, FLAGS.workdir, FLAGS.compare, FLAGS.restart)

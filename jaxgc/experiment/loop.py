@@ -409,33 +409,35 @@ class _Steps:
       bar = tqdm(total=cfg.num_steps, initial=start, disable=not lead, desc=name,
                  bar_format="{desc}: {n_fmt}/{total_fmt} compiling…")
     stopped = None
-    for step in range(start, cfg.num_steps):
-      state, metrics = update(state, next_input)
-      # The next step's chunks are gathered and sent while this step runs.
-      next_input = input_for(step + 1) if step + 1 < cfg.num_steps else None
-      rec = {"step": step + 1, **_to_python(metrics)}
-      if "wall_time" in rec:
-        self.step_wall += rec["wall_time"]
-        rec["wall_time"] = self.step_wall
-      self.log.write(rec)
-      self._warn_nonfinite(rec)
-      if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.num_steps:
-        self.evaluate(state, step + 1, rec["sim_time"])
-      if step == start:
+    try:   # (closed on an error too, so that its one line starts a line)
+      for step in range(start, cfg.num_steps):
+        state, metrics = update(state, next_input)
+        # The next step's chunks are gathered and sent while this step runs.
+        next_input = input_for(step + 1) if step + 1 < cfg.num_steps else None
+        rec = {"step": step + 1, **_to_python(metrics)}
+        if "wall_time" in rec:
+          self.step_wall += rec["wall_time"]
+          rec["wall_time"] = self.step_wall
+        self.log.write(rec)
+        self._warn_nonfinite(rec)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.num_steps:
+          self.evaluate(state, step + 1, rec["sim_time"])
+        if step == start:
+          bar.close()
+          bar = tqdm(total=cfg.num_steps, initial=step + 1, disable=not lead, desc=name)
+        else:
+          bar.update(1)
+        # refresh=False: the bar redraws at its own pace, not once per (fast) step.
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_time=f"{rec['sim_time']:.0f}",
+                        **{score_key: f"{self.ev.get(score_key, float('nan')):.3f}"},
+                        refresh=False)
+        resilience.save(self.ckpt, self.exp, step + 1, state, self.wall())
+        stopped = signals.requested()
+        if stopped:
+          break
+    finally:
+      if bar is not None:
         bar.close()
-        bar = tqdm(total=cfg.num_steps, initial=step + 1, disable=not lead, desc=name)
-      else:
-        bar.update(1)
-      # refresh=False: the bar redraws at its own pace, not once per (fast) step.
-      bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_time=f"{rec['sim_time']:.0f}",
-                      **{score_key: f"{self.ev.get(score_key, float('nan')):.3f}"},
-                      refresh=False)
-      resilience.save(self.ckpt, self.exp, step + 1, state, self.wall())
-      stopped = signals.requested()
-      if stopped:
-        break
-    if bar is not None:
-      bar.close()
     return state, stopped
 
 
