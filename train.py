@@ -8,6 +8,10 @@ The work is done by :mod:`jaxgc.experiment` (``train_and_evaluate(config, workdi
 this file only parses flags. ``--config.<field>=value`` overrides any config field
 (old flat names such as ``--config.ell`` still work). Rerunning the same command
 resumes the run in ``--workdir``; ``--restart`` starts it over.
+
+SIGTERM (preemption) or Ctrl-C stop after the current step, save it, and exit with
+status 143 (SIGTERM) or 130 (SIGINT), 128 + the signal's number as the shell reports a
+death by that signal; rerunning the same command resumes bit for bit.
 """
 import os
 import sys
@@ -37,16 +41,35 @@ def parse_flags(argv):
     sys.exit(f"train.py: error: {e}")
 
 
+def _quiet_closed_loops(hook=sys.unraisablehook):
+  """After a failed save (a full disk), orbax's pending callbacks find their event loop
+  closed and each prints a traceback; the error itself is raised and reported once."""
+  def quiet(info):
+    if not (isinstance(info.exc_value, RuntimeError)
+            and str(info.exc_value) == "Event loop is closed"):
+      hook(info)
+  sys.unraisablehook = quiet
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"train.py: error: unexpected arguments {argv[1:]}; flags look like --name=value.")
   if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+    # orbax logs every save at INFO, and logs at ERROR what it then raises (a full disk:
+    # dozens of lines before the one that names the workdir).
+    logging.set_verbosity(logging.FATAL)
+    _quiet_closed_loops()
   try:
     config = experiment.apply_overrides(experiment.load_config(FLAGS.config), _OVERRIDES)
     experiment.run(config, FLAGS.workdir, FLAGS.compare, FLAGS.restart)
   except experiment.ConfigError as e:        # a bad setting: one line, no traceback
     sys.exit(f"train.py: error: {e}")
+  except experiment.Preempted as e:          # SIGTERM/SIGINT: the step is saved
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:                  # Ctrl-C before training started: nothing to save
+    print("interrupted before training started; nothing was saved", file=sys.stderr)
+    sys.exit(experiment.EXIT_CODES["SIGINT"])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from jaxgc.experiment.loop import (StepInput, compare_protocols, epoch_permutati
                                    epoch_permutations, evaluate, global_array, keys, run,
                                    step_chunks, train, train_and_evaluate, train_step)
 from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
-from jaxgc.experiment.runs import MetricsLog, open_workdir, read_metrics
+from jaxgc.experiment.resilience import EXIT_CODES, Preempted
+from jaxgc.experiment.runs import MetricsLog, lock_workdir, open_workdir, read_metrics
 
 __all__ = [
     # config

@@ -278,6 +278,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
   s = config.step
   kwargs = dict(mode=s.mode, deadline=s.deadline, message_loss_prob=s.message_loss_prob,
                 nan_message_prob=s.nan_message_prob)
+  fail_at = s.get("fail_at", ())
+  if fail_at:   # simulated in the spmd step, a real kill on Ray
+    kwargs["fail_at"] = fail_at
   if not isinstance(config.adaptive, bool):
     raise ConfigError("--config.adaptive", f"must be True or False, got {config.adaptive!r}.")
   net = make_network(config)
@@ -299,9 +302,6 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
     if not isinstance(net, network_models.NoNetwork):
       raise ConfigError(_flag("network.name", config), "the Ray backend measures its own "
                         "messages; use --config.backend=spmd for a network model.")
-    # The fault schedule, where the config has one, is a real kill on Ray.
-    if "fail_at" in s:
-      kwargs.setdefault("fail_at", s.fail_at)
     kwargs.setdefault("report_condition", s.report_condition)
     with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
                "backend"):

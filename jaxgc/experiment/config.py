@@ -146,9 +146,11 @@ def default_config() -> ml_collections.ConfigDict:
   # When the PS stops (exact: once decodable; deadline: at min(deadline, t*)) and
   # message faults. timeout: simulated seconds the PS waits in exact mode before
   # giving up on an undecodable step; unset: 3x the median uncoded step time.
+  # fail_at: a deterministic fault schedule, ((worker, step), ...): that worker finishes
+  # nothing in that step (jaxgc.faults; simulated in spmd, a real kill on ray).
   c.step = ml_collections.ConfigDict(dict(
       mode="exact", deadline=None, timeout=None, message_loss_prob=0.0,
-      nan_message_prob=0.0, report_condition=True))
+      nan_message_prob=0.0, report_condition=True, fail_at=()))
   c.step.deadline = config_dict.placeholder(float)
   c.step.timeout = config_dict.placeholder(float)
   # Communication in simulated time (jaxgc.network, PROTOCOL.md §11): a step costs
@@ -407,6 +409,9 @@ def effective(config: dict) -> dict[str, Any]:
 def result_fields_differ(saved: dict, requested: dict) -> list[tuple[str, Any, Any]]:
   """``(field, saved, requested)`` for every field that changes results and differs."""
   a, b = effective(saved), effective(requested)
+  # A field added after the run was saved holds its default there.
+  default = effective(default_config().to_dict())
+  a = {**{k: v for k, v in default.items() if k in b and k not in a}, **a}
   # Where a choice differs, its name says it all: its options are another choice's.
   switched = tuple(k[:-len("name")] for k in a
                    if k.count(".") == 1 and k.endswith(".name") and a[k] != b.get(k))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
 import time
 import weakref
@@ -27,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from jaxgc import data, models, parallel
-from jaxgc.experiment import runs
+from jaxgc.experiment import resilience, runs
 from jaxgc.experiment.build import (Experiment, build, make_assignment, make_protocol,
                                     setup_devices)
 from jaxgc.experiment.config import ConfigError, check_config
@@ -264,23 +265,6 @@ def _init_state(exp: Experiment, sharding):
   return out if spmd else exp.step.init_state(out, keys(seed)[2])
 
 
-def _restore(exp: Experiment, workdir: str, state, sharding, lead: bool):
-  """``(state, checkpoints or None, meta)``: the newest checkpoint that restores, if any."""
-  cfg = exp.config
-  if cfg.checkpoint_every <= 0:
-    return state, None, {}
-  ckpt = runs.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint_every,
-                          cfg.max_checkpoints)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=getattr(x, "sharding", sharding)), state)
-  restored, meta, skipped = ckpt.restore(abstract)
-  for step, reason in skipped:
-    if lead:
-      runs.note(f"skipped checkpoint {step} (moved to broken_checkpoints/), it does not "
-                f"restore: {reason}")
-  return (state if restored is None else restored), ckpt, meta
-
-
 def _write_outputs(exp: Experiment, workdir: str, state, summary: dict) -> None:
   """Final parameters, the plot and ``summary.json`` (process 0), each renamed into place."""
   cfg = exp.config
@@ -308,8 +292,17 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
   ``config.backend != "spmd"`` its ``jit()`` may return a plain callable (the Ray step).
   A step with ``close()`` is closed at the end.
   """
+  workdir = os.path.abspath(workdir)
   try:
-    return _train(exp, workdir, restart)
+    with runs.hold_workdir(workdir):
+      return _train(exp, workdir, restart)
+  except (OSError, RuntimeError, ValueError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    error = runs.disk_error(e, workdir)
+    if error is None:
+      raise
+    raise error from None
   finally:
     if hasattr(exp.step, "close"):
       exp.step.close()
@@ -317,11 +310,9 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
 
 def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
   cfg, ds = exp.config, exp.dataset
   lead = jax.process_index() == 0
-  workdir = os.path.abspath(workdir)
   if lead:
     if restart and os.path.isdir(workdir):
       runs.clear_run(workdir)
@@ -333,7 +324,7 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   rep = NamedSharding(exp.mesh, P())
   # The test set is small: replicated. The training set stays on the host (StepInput).
   test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
-  state, ckpt, meta = _restore(exp, workdir, _init_state(exp, rep), rep, lead)
+  state, ckpt, meta = resilience.restore(exp, workdir, _init_state(exp, rep), rep, lead)
   start = int(state.step)
   if lead and hasattr(exp.step, "placement") and cfg.backend == "spmd":
     for line in exp.step.placement(state.params).summary().splitlines():
@@ -345,79 +336,128 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   if start > cfg.num_steps and lead:
     runs.note(f"{workdir} is already at step {start} > --config.num_steps={cfg.num_steps}: "
               "nothing to train (use a new --workdir for a shorter run).")
-
-  update = _make_update(exp)
-  inputs, input_for = _step_input(exp, rep)
-  regression = ds.is_regression
-  score_key = "test_mse" if regression else "test_accuracy"
-  name, mode = cfg.protocol.name, cfg.step.mode
-  step_wall = log.last.get("wall_time", 0.0)   # Ray: real seconds the steps took
-
-  def run_eval(step, sim_time):
-    ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size,
-                  getattr(state, "model_state", ()))
-    log.write({"step": step, "sim_time": sim_time, **ev})
-    return ev
-
   t0, wall_before = time.time(), float(meta.get("wall_time", 0.0))
-  ev = run_eval(0, 0.0) if start == 0 else {}
-  # The first step compiles: the bar starts after it, so its rate and ETA are the steps'.
-  bar = None
-  if start < cfg.num_steps:
-    bar = tqdm(total=cfg.num_steps, initial=start, disable=not lead,
-               desc=f"{name}/{mode}", bar_format="{desc}: {n_fmt}/{total_fmt} compiling…")
+  inputs, input_for = _step_input(exp, rep)
+  run = _Steps(exp, log, test_data, ckpt, lambda: wall_before + time.time() - t0)
+  if start == 0 or (start not in log.eval_steps and (start % cfg.eval_every == 0
+                                                      or start == cfg.num_steps)):
+    # (again, after a resume whose evaluation line was lost)
+    run.evaluate(state, start, float(state.sim_time))
   next_input = input_for(start) if start < cfg.num_steps else None
   input_bytes = _input_bytes_per_device(inputs, next_input)
-  for step in range(start, cfg.num_steps):
-    state, metrics = update(state, next_input)
-    # The next step's chunks are gathered and sent while this step runs.
-    next_input = input_for(step + 1) if step + 1 < cfg.num_steps else None
-    rec = {"step": step + 1, **_to_python(metrics)}
-    if "wall_time" in rec:
-      step_wall += rec["wall_time"]
-      rec["wall_time"] = step_wall
-    log.write(rec)
-    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.num_steps:
-      ev = run_eval(step + 1, rec["sim_time"])
-    if step == start:
-      bar.close()
-      bar = tqdm(total=cfg.num_steps, initial=step + 1, disable=not lead, desc=f"{name}/{mode}")
-    else:
-      bar.update(1)
-    # refresh=False: the bar redraws at its own pace, not once per (fast) step.
-    bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_time=f"{rec['sim_time']:.0f}",
-                    **{score_key: f"{ev.get(score_key, float('nan')):.3f}"}, refresh=False)
-    if ckpt is not None:
-      ckpt.save(step + 1, state, {"wall_time": wall_before + time.time() - t0})
-  if bar is not None:
-    bar.close()
+  with resilience.StopSignals() as signals:
+    state, stopped = run.steps(state, start, next_input, input_for, signals)
   wall = wall_before + time.time() - t0
   if ckpt is not None:
     if ckpt.latest_step() != int(state.step):
-      ckpt.save(int(state.step), state, {"wall_time": wall}, force=True)
+      resilience.save(ckpt, exp, int(state.step), state, wall, force=True)
     ckpt.close()
-  if not ev:                 # nothing trained in this invocation: the restored state's
-    ev = evaluate(exp.model.apply, state.params, test_data, regression, cfg.batch_size,
+  ev = run.ev
+  if not ev or (stopped and int(state.step) not in log.eval_steps):
+    # The summary's scores are the final state's (not logged: a resume logs them on time).
+    ev = evaluate(exp.model.apply, state.params, test_data, ds.is_regression, cfg.batch_size,
                   getattr(state, "model_state", ()))
   param_bytes = parallel.device_bytes((state.params, state.opt_state))
   if not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)):
     # Sharded over a group: every process needs whole parameters to write them out.
     state = state.replace(params=jax.jit(lambda p: p, out_shardings=rep)(state.params))
-
   if lead:
-    summary = {"protocol": name, "mode": mode, "steps": int(state.step),
+    summary = {"protocol": cfg.protocol.name, "mode": cfg.step.mode, "steps": int(state.step),
                "num_steps": cfg.num_steps, "sim_time": float(state.sim_time),
                "skipped": int(state.num_skipped), "erasures": int(state.num_erasures),
                "timeout": exp.timeout, "wall_time_s": wall,
                "session_wall_time_s": time.time() - t0, "resumed_from": start, **ev}
-    if step_wall:
-      summary["step_wall_time_s"] = step_wall
+    if run.step_wall:
+      summary["step_wall_time_s"] = run.step_wall
     summary["global_batch_bytes"] = inputs.global_batch_bytes()
     summary["param_bytes_per_device"] = param_bytes
     if input_bytes is not None:
       summary["input_bytes_per_device"] = input_bytes
+    if stopped:
+      summary["stopped_by"] = stopped
     _write_outputs(exp, workdir, state, summary)
+  if stopped:
+    raise resilience.Preempted(int(state.step), stopped, saved=ckpt is not None)
   return state
+
+
+class _Steps:
+  """The step loop of :func:`_train`: steps, metrics lines, evaluations, checkpoints."""
+
+  def __init__(self, exp: Experiment, log, test_data, ckpt, wall):
+    self.exp, self.log, self.test_data, self.ckpt, self.wall = exp, log, test_data, ckpt, wall
+    self.ev = {}
+    self.step_wall = log.last.get("wall_time", 0.0)   # Ray: real seconds the steps took
+    # Checked once: NaN/Inf in the data turn into non-finite messages (erased) later.
+    self.bad_inputs = resilience.nonfinite_inputs(exp.dataset)
+    self.warned = False
+
+  def evaluate(self, state, step: int, sim_time: float) -> None:
+    cfg = self.exp.config
+    self.ev = evaluate(self.exp.model.apply, state.params, self.test_data,
+                       self.exp.dataset.is_regression, cfg.batch_size,
+                       getattr(state, "model_state", ()))
+    self.log.write({"step": step, "sim_time": sim_time, **self.ev})
+    self.log.eval_steps.add(step)
+
+  def _warn_nonfinite(self, rec: dict) -> None:
+    """One line per run when non-finite inputs cause erasures or skipped steps."""
+    hit = rec.get("erasures", 0) or rec.get("skipped", False)
+    loss = rec.get("loss")
+    if self.warned or not hit or (not self.bad_inputs and loss is not None
+                                  and math.isfinite(loss)):
+      return
+    self.warned = True
+    where = (f"the training data holds {self.bad_inputs} NaN/Inf value(s)" if self.bad_inputs
+             else "the step's loss is non-finite (NaN/Inf in the messages)")
+    if jax.process_index() == 0:
+      runs.note(f"step {rec['step']}: {where}; the messages they touch are erased and steps "
+                "that cannot be decoded are skipped (erasures/skipped in metrics.jsonl). "
+                "Shown once per run.", kind="warning")
+
+  def steps(self, state, start: int, next_input, input_for, signals):
+    """Runs steps ``start..num_steps-1``; ``(state, signal name or None)`` after the last
+    one run (a signal stops the loop after its current step)."""
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    cfg, lead = self.exp.config, jax.process_index() == 0
+    update, name = _make_update(self.exp), f"{cfg.protocol.name}/{cfg.step.mode}"
+    score_key = "test_mse" if self.exp.dataset.is_regression else "test_accuracy"
+    # The first step compiles: the bar starts after it, so its rate and ETA are the steps'.
+    bar = None
+    if start < cfg.num_steps:
+      bar = tqdm(total=cfg.num_steps, initial=start, disable=not lead, desc=name,
+                 bar_format="{desc}: {n_fmt}/{total_fmt} compiling…")
+    stopped = None
+    try:   # (closed on an error too, so that its one line starts a line)
+      for step in range(start, cfg.num_steps):
+        state, metrics = update(state, next_input)
+        # The next step's chunks are gathered and sent while this step runs.
+        next_input = input_for(step + 1) if step + 1 < cfg.num_steps else None
+        rec = {"step": step + 1, **_to_python(metrics)}
+        if "wall_time" in rec:
+          self.step_wall += rec["wall_time"]
+          rec["wall_time"] = self.step_wall
+        self.log.write(rec)
+        self._warn_nonfinite(rec)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.num_steps:
+          self.evaluate(state, step + 1, rec["sim_time"])
+        if step == start:
+          bar.close()
+          bar = tqdm(total=cfg.num_steps, initial=step + 1, disable=not lead, desc=name)
+        else:
+          bar.update(1)
+        # refresh=False: the bar redraws at its own pace, not once per (fast) step.
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_time=f"{rec['sim_time']:.0f}",
+                        **{score_key: f"{self.ev.get(score_key, float('nan')):.3f}"},
+                        refresh=False)
+        resilience.save(self.ckpt, self.exp, step + 1, state, self.wall())
+        stopped = signals.requested()
+        if stopped:
+          break
+    finally:
+      if bar is not None:
+        bar.close()
+    return state, stopped
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -436,7 +476,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   check_config(config)
   runs.open_workdir(config, workdir, restart)
-  return train(build(config), workdir, restart)
+  if config.num_processes > 1:
+    return train(build(config), workdir, restart)
+  # A workdir that exists may be in use: find out before building (a new one is locked
+  # when training starts; nothing is created for a config that does not build).
+  with runs.lock_workdir(os.path.abspath(workdir), create=False):
+    return train(build(config), workdir, restart)
 
 
 def compare_protocols(config: ml_collections.ConfigDict, workdir: str,

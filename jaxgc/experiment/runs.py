@@ -2,27 +2,42 @@
 
 * ``config.json`` is written before anything else; a later invocation must ask
   for the same results-changing fields (:func:`open_workdir`).
-* ``metrics.jsonl`` gets one line per step and per evaluation; on resume it is
-  cut back to the restored step, and a line cut off by a crash is dropped.
-* Checkpoints are orbax's (written to a temporary folder, then renamed). A
-  restart takes the newest one that restores cleanly and removes the broken
-  ones after it (:class:`Checkpoints`).
+* ``metrics.jsonl`` gets one line per step and per evaluation (non-finite numbers
+  as ``null``); on resume it is cut back to the restored step, and lines that do
+  not parse (cut off by a crash, or damaged) are dropped with a note.
+* Checkpoints are orbax's (written to a temporary folder, then renamed), each
+  sealed with a ``SHA256SUMS`` manifest once written. A restart takes the newest
+  one that verifies and restores, and moves the corrupt ones after it to
+  ``broken_checkpoints/`` (:class:`Checkpoints`).
 * Every other file is written to a temporary name and renamed into place, so
   a ``kill -9`` at any moment leaves either the old or the new version.
+* One process at a time: ``lock`` holds an OS lock (``flock``) and names its
+  holder (:class:`WorkdirLock`). A full or read-only disk is one line
+  (:func:`disk_error`).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
+import math
 import os
 import shutil
+import socket
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
+
+import numpy as np
 
 from jaxgc.experiment.config import ConfigError, result_fields_differ
 
 __all__ = [
     "OUTPUTS", "write_atomic", "read_metrics", "open_workdir", "clear_run", "save_config",
-    "MetricsLog", "Checkpoints", "note",
+    "MetricsLog", "Checkpoints", "note", "json_line", "WorkdirLock", "disk_error", "MANIFEST",
+    "write_manifest", "check_manifest", "lock_workdir", "hold_workdir",
 ]
 
 # What a run writes into its workdir (config.json first, and removed last).
@@ -30,9 +45,11 @@ OUTPUTS = ("metrics.jsonl", "summary.json", "final_params.npz", "accuracy_vs_tim
            "comparison.json", "checkpoints", "broken_checkpoints", "config.json")
 
 
-def note(message: str) -> None:
+def note(message: str, kind: str = "note") -> None:
   """A one-line notice on stderr (resumes, skipped checkpoints, nothing to train)."""
-  print(f"note: {message}", file=sys.stderr, flush=True)
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  tqdm.write(f"{kind}: {message}", file=sys.stderr)   # on its own line, under a live bar
+  sys.stderr.flush()
 
 
 def write_atomic(path: str, content: str | bytes) -> None:
@@ -45,27 +62,38 @@ def write_atomic(path: str, content: str | bytes) -> None:
   os.replace(tmp, path)
 
 
-def _parse_lines(path: str) -> tuple[list[dict], int]:
-  """Records of a JSONL log and how many bytes of it parse; a cut-off last line is dropped."""
+def _parse_lines(path: str) -> tuple[list[dict], list[int]]:
+  """Records of a JSONL log and the (1-based) numbers of its lines that do not parse."""
   with open(path, "rb") as f:
     raw = f.read()
-  records, good = [], 0
-  lines = raw.split(b"\n")
-  for i, line in enumerate(lines):
+  records, bad = [], []
+  for i, line in enumerate(raw.split(b"\n")):
     if line.strip():
       try:
-        records.append(json.loads(line))
+        record = json.loads(line)
       except ValueError:
-        if i < len(lines) - 1 and any(l.strip() for l in lines[i + 1:]):
-          raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
-        break                          # a crash cut the last line short
-    good += len(line) + 1
-  return records, min(good, len(raw))
+        record = None
+      if isinstance(record, dict):
+        records.append(record)
+      else:
+        bad.append(i + 1)              # cut off by a crash, or damaged
+  return records, bad
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of ``workdir/metrics.jsonl`` (a cut-off last line is ignored)."""
+  """The records of ``workdir/metrics.jsonl`` (lines that do not parse are skipped)."""
   return _parse_lines(os.path.join(workdir, "metrics.jsonl"))[0]
+
+
+def json_line(record: dict) -> str:
+  """``record`` as one line of JSON; NaN and ±Inf (not JSON) are written as ``null``."""
+  def clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+      return None
+    if isinstance(v, dict):
+      return {k: clean(x) for k, x in v.items()}
+    return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+  return json.dumps(clean(record), allow_nan=False) + "\n"
 
 
 def open_workdir(config, workdir: str, restart: bool = False) -> dict | None:
@@ -125,87 +153,350 @@ def save_config(config, workdir: str) -> None:
 
 
 class MetricsLog:
-  """``workdir/metrics.jsonl``, written by process 0; cut back to a resumed step."""
+  """``workdir/metrics.jsonl``, written by process 0; cut back to a resumed step.
+
+  Attributes:
+    last: the last step record kept (``{}`` if none).
+    eval_steps: the steps that have an evaluation line.
+  """
 
   def __init__(self, path: str, resume_step: int, enabled: bool):
-    self.path, self.enabled, self.last = path, enabled, {}
+    self.path, self.enabled, self.last, self.eval_steps = path, enabled, {}, set()
     if not enabled:
       return
-    kept, dropped = [], 0
+    kept, dropped, bad = [], 0, []
     if resume_step > 0 and os.path.exists(path):
-      records, _ = _parse_lines(path)
+      records, bad = _parse_lines(path)
       kept = [r for r in records if r.get("step", 0) <= resume_step]
       dropped = len(records) - len(kept)
+    if bad:
+      shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+      note(f"metrics.jsonl: dropped {len(bad)} line(s) that do not parse (line {shown}); "
+           "steps and evaluations after the restored step are written again.")
     if dropped:
       note(f"metrics.jsonl: dropped {dropped} line(s) after step {resume_step}, the "
            "restored checkpoint.")
     steps = [r for r in kept if "loss" in r]
     self.last = steps[-1] if steps else {}
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    self.eval_steps = {r.get("step") for r in kept if "loss" not in r}
+    write_atomic(path, "".join(json_line(r) for r in kept))
 
   def write(self, record: dict) -> None:
     if self.enabled:
       with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_line(record))
+
+
+# -- integrity -----------------------------------------------------------------------
+
+MANIFEST = "SHA256SUMS"   # `sha256sum -c SHA256SUMS` inside a checkpoint checks it too
+
+
+def _digest(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(directory):
+    out += [os.path.relpath(os.path.join(root, n), directory) for n in names]
+  return sorted(f for f in out if f != MANIFEST and ".tmp" not in f)
+
+
+def write_manifest(directory: str) -> None:
+  """Writes ``directory/SHA256SUMS``: the sha256 of every file under ``directory``."""
+  lines = [f"{_digest(os.path.join(directory, f))}  {f}\n" for f in _files(directory)]
+  write_atomic(os.path.join(directory, MANIFEST), "".join(lines))
+
+
+def check_manifest(directory: str) -> str | None:
+  """``None`` if every file listed in ``directory/SHA256SUMS`` is there with its hash,
+  ``"unsealed"`` if there is no manifest, else why it fails (the first bad file)."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    return "unsealed"
+  try:
+    with open(path) as f:
+      entries = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    return f"its {MANIFEST} does not read ({e})"
+  if not entries or any(len(e) != 2 or len(e[0]) != 64 for e in entries):
+    return f"its {MANIFEST} is damaged"
+  for digest, name in entries:
+    file = os.path.join(directory, name)
+    if not os.path.isfile(file):
+      return f"{name} is missing"
+    if _digest(file) != digest:
+      return f"{name} does not match its sha256 in {MANIFEST}"
+  return None
 
 
 class Checkpoints:
-  """Orbax checkpoints of the training state plus a small JSON ``meta`` (wall time)."""
+  """Orbax checkpoints of the training state plus a small JSON ``meta``, sealed with sha256.
 
-  def __init__(self, directory: str, every: int, keep: int):
+  Each saved step is sealed with a :data:`MANIFEST` once its save has finished
+  (at the next save or at :meth:`close`), by process 0 (``lead``).
+  """
+
+  def __init__(self, directory: str, every: int, keep: int, lead: bool = True):
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    self._ocp, self.directory = ocp, directory
+    self._ocp, self.directory, self.lead = ocp, directory, lead
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every, create=True)
     self.manager = ocp.CheckpointManager(directory, options=self._options)
+    self._unsealed: list[int] = []
 
-  def restore(self, abstract_state) -> tuple[Any, dict, list[tuple[int, str]]]:
-    """The newest checkpoint that restores cleanly: ``(state or None, meta, skipped)``.
+  def _path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
-    ``skipped`` lists ``(step, reason)`` of newer broken ones, which move to
-    ``broken_checkpoints/``.
+  def restore(self, abstract_for: Callable[[dict], Any]
+              ) -> tuple[Any, dict, list[tuple[int, str]]]:
+    """The newest checkpoint that verifies and restores: ``(state or None, meta, skipped)``.
+
+    ``abstract_for(meta)`` gives the abstract state to restore (shapes, dtypes,
+    shardings) from the checkpoint's ``meta``. ``skipped`` lists ``(step, reason)``
+    of newer corrupt ones, which move to ``broken_checkpoints/``.
+
+    Raises:
+      ConfigError: a checkpoint of an older jaxgc (``meta`` without ``format``),
+        laid out for another device count, does not restore here (it is kept).
     """
-    ocp = self._ocp
-    skipped = []
+    ocp, skipped, found = self._ocp, [], None
     for step in sorted(self.manager.all_steps(), reverse=True):
+      verdict = check_manifest(self._path(step))
+      if verdict not in (None, "unsealed"):
+        skipped.append((step, f"corrupt: {verdict}"))
+        continue
+      meta = {}
       try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        state, meta = out["state"], dict(out["meta"] or {})
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"] or {})
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_for(meta))))["state"]
       except Exception as e:  # pylint: disable=broad-except
-        # Anything that stops a restore (emptied files, garbage metadata, missing
-        # items) makes the checkpoint unusable; the older ones may still be fine.
+        # Anything that stops a restore (garbage metadata, missing items) makes the
+        # checkpoint unusable; the older ones may still be fine.
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        if meta and "format" not in meta:
+          raise ConfigError(
+              f"--workdir={os.path.dirname(self.directory)}",
+              f"checkpoint {step} was written by an older jaxgc, whose checkpoints depend "
+              f"on the device count, and does not restore on this one ({reason[:120]}); "
+              "rerun with the --config.num_devices it was written with, or add --restart "
+              "to start over.") from None
         skipped.append((step, reason))
         continue
-      if skipped:
-        self._remove([s for s, _ in skipped])
-      return state, meta, skipped
+      found = (state, meta)
+      break
     if skipped:
       self._remove([s for s, _ in skipped])
-    return None, {}, skipped
+    state, meta = found or (None, {})
+    return state, meta, skipped
 
   def _remove(self, steps):
     """Moves broken checkpoints to ``broken_checkpoints/`` (kept for a look, out of the way
     of the steps that will be saved again)."""
     self.manager.close()
     aside = os.path.join(os.path.dirname(self.directory), "broken_checkpoints")
-    os.makedirs(aside, exist_ok=True)
-    for step in steps:
-      target, n = os.path.join(aside, str(step)), 1
-      while os.path.exists(target):
-        target, n = os.path.join(aside, f"{step}.{n}"), n + 1
-      shutil.move(os.path.join(self.directory, str(step)), target)
+    if self.lead:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(target):
+          target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        shutil.move(self._path(step), target)
+    _sync("jaxgc checkpoints moved aside")
     self.manager = self._ocp.CheckpointManager(self.directory, options=self._options)
+
+  def due(self, step: int) -> bool:
+    """Whether :meth:`save` at ``step`` would save (the interval is reached)."""
+    return self.manager.should_save(step)
 
   def latest_step(self):
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict, force: bool = False) -> None:
     ocp = self._ocp
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    if not (force or self.manager.should_save(step)):
+      return
+    self._seal()     # the previous save (orbax waits for it before starting this one anyway)
+    if self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force):
+      self._unsealed.append(step)
+
+  def _seal(self) -> None:
+    """Waits for the saves in flight, then writes their manifests (process 0)."""
+    self.manager.wait_until_finished()
+    for step in self._unsealed:
+      if self.lead and os.path.isdir(self._path(step)):   # (pruned by max_to_keep: gone)
+        write_manifest(self._path(step))
+    self._unsealed = []
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self._seal()
     self.manager.close()
+
+
+def _sync(name: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+# -- one process per workdir ------------------------------------------------------------
+
+_HELD: dict[str, list] = {}     # workdir -> [lock, depth]: this process's locks
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str, create: bool = True):
+  """Holds ``workdir``'s :class:`WorkdirLock` inside the block (re-entrant in a process).
+
+  ``create=False``: a workdir that does not exist yet is not created (nor locked).
+  """
+  key = os.path.abspath(workdir)
+  if key in _HELD:
+    _HELD[key][1] += 1
+  elif create or os.path.isdir(key):
+    _HELD[key] = [WorkdirLock(key).acquire(), 1]
+  else:
+    yield None
+    return
+  try:
+    yield _HELD[key][0]
+  finally:
+    _HELD[key][1] -= 1
+    if not _HELD[key][1]:
+      _HELD.pop(key)[0].release()
+
+
+def hold_workdir(workdir: str):
+  """:func:`lock_workdir` by process 0, and every process learns whether it got it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return lock_workdir(workdir)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  error, held = None, contextlib.nullcontext()
+  if jax.process_index() == 0:
+    try:
+      held = lock_workdir(workdir)
+      held.__enter__()
+    except ConfigError as e:
+      error = e
+  if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+    raise error or ConfigError(f"--workdir={workdir}", "is in use by another run (process 0 "
+                               "could not lock it; its error names the holder).")
+  return _Entered(held)
+
+
+class _Entered(contextlib.AbstractContextManager):
+  """An entered context manager, exited with the ``with`` block."""
+
+  def __init__(self, held):
+    self.held = held
+
+  def __exit__(self, *exc):
+    return self.held.__exit__(*exc)
+
+
+class WorkdirLock:
+  """An OS lock (``flock``) on ``workdir/lock``, which names its holder (host, pid).
+
+  The kernel drops the lock when its process dies, however it dies, so a lock
+  left by a killed process is free; its stale content only names the process
+  taken over from.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir, self.path, self._fd = workdir, os.path.join(workdir, "lock"), None
+
+  def acquire(self) -> "WorkdirLock":
+    """Takes the lock.
+
+    Raises:
+      ConfigError: another live process holds it (named), or the workdir cannot be written.
+    """
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise (disk_error(e, self.workdir) or e) from None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      holder = _holder(fd)
+      os.close(fd)
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      raise ConfigError(f"--workdir={self.workdir}", f"is in use by {holder or 'another process'}; "
+                        "wait for it to finish or stop it, or use another --workdir.") from None
+    stale = _holder(fd)
+    if stale and not stale.startswith(f"pid {os.getpid()} "):
+      note(f"{self.workdir}: took over the lock of {stale}, which is no longer running.")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+                              }).encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    """Empties and unlocks the lock file (kept: unlinking it would race a new holder)."""
+    if self._fd is not None:
+      try:
+        os.ftruncate(self._fd, 0)
+      except OSError:
+        pass
+      os.close(self._fd)     # closing drops the flock
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _holder(fd: int) -> str:
+  """``"pid P on host H (since T)"`` from a lock file's content ('' if empty or unreadable)."""
+  try:
+    info = json.loads(os.pread(fd, 4096, 0) or b"null")
+    return f"pid {info['pid']} on host {info['host']} (since {info['since']})"
+  except (OSError, ValueError, TypeError, KeyError):
+    return ""
+
+
+# -- disk errors ---------------------------------------------------------------------------
+
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "it is on a read-only file system",
+                errno.EACCES: "permission denied", errno.EPERM: "the operation is not permitted"}
+_DISK_TEXT = {"No space left on device": errno.ENOSPC, "RESOURCE_EXHAUSTED": errno.ENOSPC,
+              "Read-only file system": errno.EROFS, "Disk quota exceeded": errno.EDQUOT,
+              "Permission denied": errno.EACCES}
+
+
+def disk_error(error: BaseException, workdir: str) -> ConfigError | None:
+  """A one-line :class:`ConfigError` for a write that a full or read-only ``workdir``
+  refused (``None`` for any other error), found anywhere in ``error``'s chain."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+      code = next((c for t, c in _DISK_TEXT.items() if t in str(e)), None)
+    if code in _DISK_ERRNOS:
+      where = getattr(e, "filename", None)
+      where = f" ({where})" if where else ""
+      return ConfigError(f"--workdir={workdir}", f"cannot be written: {_DISK_ERRNOS[code]}"
+                         f"{where}. What is already saved there is kept; free space or make "
+                         "it writable and rerun the same command to resume, or use another "
+                         "--workdir.")
+    e = e.__cause__ or e.__context__
+  return None

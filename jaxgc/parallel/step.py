@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxgc import adaptive as _adaptive
 from jaxgc import network as _network
+from jaxgc import faults as _faults
 from jaxgc import protocols as _protocols
 from jaxgc import timing
 from jaxgc.parallel.chunk_fn import ChunkLoss, chunk_keys
@@ -390,7 +391,8 @@ class CodedStep:
                message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                axis_name: str = AXIS, report_condition: bool = True, check_vma: bool = True,
                adaptive: _adaptive.AdaptivePS | None = None, has_aux: bool = False,
-               network: _network.Network | None = None, param_sharding=None):
+               network: _network.Network | None = None, param_sharding=None,
+               fail_at=None):
     _check_straggler(straggler)
     if tx is not None and not isinstance(tx, optax.GradientTransformation):
       raise ValueError(f"tx must be an optax.GradientTransformation (or None for gradients "
@@ -428,6 +430,7 @@ class CodedStep:
     # Messages cost stop + comm in simulated time; the deadline bounds the computation only
     # (jaxgc.network's docstring says why).
     self.network = _network.NoNetwork() if network is None else network
+    self.fail_at = _faults.fault_schedule(fail_at, a.num_workers)
     self.axis_name = axis_name
     self.check_vma = check_vma
     self.report_condition = report_condition and protocol.reports_condition
@@ -466,21 +469,28 @@ class CodedStep:
                  min_coverage=jnp.min(cov).astype(jnp.int32),
                  chunks_below_ell=jnp.sum(cov < proto.ell, dtype=jnp.int32))
 
-  def _draw(self, key, straggler_state, adaptive_state=()):
+  def _draw(self, key, straggler_state, adaptive_state=(), step=None):
     """The cheap random part of a plan: durations, message faults, the model's next state.
 
     With an adaptive PS the durations are the logical workers' (placed by
-    ``adaptive_state``'s placement).
+    ``adaptive_state``'s placement). ``step``: the step's index, for the fault
+    schedule (a failed worker's durations are ``+inf``); ``None``: no schedule.
     """
     k_dur, k_loss, k_nan = jax.random.split(key, 3)
     durations, straggler_state = timing.sample_step(self.straggler, k_dur, straggler_state,
                                                     self.assignment)
+    if step is not None and self.fail_at.pairs:
+      # Physical workers fail (before any placement), as the Ray backend's killed actors do.
+      failed = _faults.mask(self.fail_at, step, self.assignment.num_workers)
+      durations = jnp.where(failed[:, None], jnp.inf, durations)
     if self.adaptive is not None:
       durations = _adaptive.apply_placement(durations, self.adaptive.placement(adaptive_state),
                                             self.assignment)
-    m_pad = self.layout.m_pad
-    draw = lambda k, p: (jax.random.bernoulli(k, p, (m_pad,)) if p > 0
-                         else jnp.zeros((m_pad,), bool))
+    m, m_pad = self.layout.m, self.layout.m_pad
+    # Drawn for the m real workers, then padded: the same draws on any device count
+    # (and on the Ray backend), so num_devices does not change results.
+    draw = lambda k, p: jnp.pad(jax.random.bernoulli(k, p, (m,)) if p > 0
+                                else jnp.zeros((m,), bool), (0, m_pad - m))
     return (durations, draw(k_loss, self.message_loss_prob),
             draw(k_nan, self.nan_message_prob)), straggler_state
 
@@ -527,7 +537,7 @@ class CodedStep:
     if adaptive_state is None:
       adaptive_state = self.init_adaptive_state()
     draw, straggler_state = self._draw(jax.random.fold_in(key, step), straggler_state,
-                                       adaptive_state)
+                                       adaptive_state, step)
     plan, adaptive_state = self._plan_observed(draw, adaptive_state)
     return plan, straggler_state, adaptive_state
 
@@ -704,7 +714,7 @@ class CodedStep:
       plan, straggler_state, adaptive_state = self.plan_step(
           key, state.step, fresh(straggler_state), fresh(adaptive_state))
     next_draw, straggler_state = self._draw(jax.random.fold_in(key, state.step + 1),
-                                            straggler_state, adaptive_state)
+                                            straggler_state, adaptive_state, state.step + 1)
     g, metrics, (next_plan, adaptive_state) = self._sharded_gradient(
         state.params, worker_chunks, plan, (next_draw, adaptive_state),
         jax.random.fold_in(key, state.step), args)
@@ -744,7 +754,7 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
                     adaptive: _adaptive.AdaptivePS | None = None,
                     has_aux: bool = False,
                     network: _network.Network | None = None,
-                    param_sharding=None) -> CodedStep:
+                    param_sharding=None, fail_at=None) -> CodedStep:
   """Builds a :class:`CodedStep`.
 
   Args:
@@ -776,6 +786,9 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
       optimizer state) live: ``None`` for the FSDP rule
       (:func:`jaxgc.parallel.sharding.fsdp_rule`), a rule function
       ``(path, shape, k) -> PartitionSpec``, or a pytree of ``PartitionSpec``.
+    fail_at: a deterministic fault schedule, ``[(worker, step), ...]``
+      (:func:`jaxgc.faults.fault_schedule`): worker ``worker`` finishes no chunk
+      in step ``step`` (its durations are ``+inf``).
   """
   if mesh is None and isinstance(tx, Mesh):
     tx, mesh = None, tx
@@ -786,7 +799,8 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
                    timeout=timeout, message_loss_prob=message_loss_prob,
                    nan_message_prob=nan_message_prob, axis_name=axis_name,
                    report_condition=report_condition, check_vma=check_vma, adaptive=adaptive,
-                   has_aux=has_aux, network=network, param_sharding=param_sharding)
+                   has_aux=has_aux, network=network, param_sharding=param_sharding,
+                   fail_at=fail_at)
 
 
 def _check_straggler(straggler) -> None:
