@@ -67,6 +67,7 @@ def main():
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from jax.flatten_util import ravel_pytree  # pylint: disable=import-outside-toplevel
+
   from jaxgc import assignments, data, models, parallel, protocols, timing  # pylint: disable=import-outside-toplevel
 
   t_start = time.perf_counter()
@@ -122,7 +123,8 @@ def main():
   for k, c in compiled.items():
     ma = c.memory_analysis()
     print(f"memory {k}: temp {ma.temp_size_in_bytes / 2**20:.1f} MiB, arguments "
-          f"{ma.argument_size_in_bytes / 2**20:.1f} MiB, outputs {ma.output_size_in_bytes / 2**20:.1f} MiB")
+          f"{ma.argument_size_in_bytes / 2**20:.1f} MiB, "
+          f"outputs {ma.output_size_in_bytes / 2**20:.1f} MiB")
   est = models.memory_estimate(loss_fn, params, jax.tree.map(lambda a: a[0], chunks[0]), args.load)
   print("memory estimate per worker: " + ", ".join(
       f"{k} {v / 2**20:.1f} MiB" for k, v in est._asdict().items())

@@ -63,7 +63,9 @@ def by_load(args):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
   from jaxgc import assignments, models, parallel, protocols, timing  # pylint: disable=import-outside-toplevel
 
   m = args.workers
@@ -81,7 +83,7 @@ def by_load(args):
   start = time.perf_counter()
   for width in (int(w) for w in args.widths.split(",")):
     model = models.get_model("mlp", CLASSES, (width, width))
-    params = jax.eval_shape(lambda: models.init_params(
+    params = jax.eval_shape(lambda model=model: models.init_params(
         model, key, jnp.zeros((1, FEATURES), jnp.float32)))
     nparams = sum(x.size for x in jax.tree.leaves(params))
     loss_fn = models.chunk_loss_fn(model.apply, CHUNK_BATCH * m)
@@ -95,12 +97,12 @@ def by_load(args):
       chunk = (jax.ShapeDtypeStruct((CHUNK_BATCH, FEATURES), jnp.float32),
                jax.ShapeDtypeStruct((CHUNK_BATCH,), jnp.int32))
       per_worker = parallel.WorkerChunks(jax.tree.map(
-          lambda s: jax.ShapeDtypeStruct((lay.m_pad, lay.slots) + s.shape, s.dtype,
-                                         sharding=lay.sharding), chunk))
+          lambda s, lay=lay: jax.ShapeDtypeStruct((lay.m_pad, lay.slots) + s.shape, s.dtype,
+                                                  sharding=lay.sharding), chunk))
       row = {}
       for name, step in (("coded", coded), ("uncoded", plain)):
         state = abstract(jax.eval_shape(
-            (lambda p: step.init_state(p, key)) if name == "coded"
+            (lambda p, step=step: step.init_state(p, key)) if name == "coded"
             else (lambda p: parallel.TrainState.create(p, tx)), params), rep)
         compiled = jax.jit(step.update).lower(state, per_worker, key).compile()
         row[name] = compiled.memory_analysis().temp_size_in_bytes
@@ -124,6 +126,7 @@ def _group_models():
   """``(name, model, example x, chunk shapes, batch)`` of the MLP and the LM of lm_large."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from jaxgc import models  # pylint: disable=import-outside-toplevel
   mlp = models.get_model("mlp", CLASSES, (960, 960))
   lm = models.get_model("transformer_lm", 256, d_model=256, num_heads=4, num_layers=2,
@@ -139,8 +142,8 @@ def by_group_size(args):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  from jaxgc import (assignments, models, parallel, protocols,  # pylint: disable=import-outside-toplevel
-                     timing)
+
+  from jaxgc import assignments, models, parallel, protocols, timing  # pylint: disable=import-outside-toplevel
 
   m, key, tx = args.workers, jax.random.key(0), optax.adam(1e-3)
   ks = [int(k) for k in args.ks.split(",")]
@@ -154,20 +157,21 @@ def by_group_size(args):
   print(f"{'model':>18} {'k':>2} {'param+opt':>10} {'ratio*k':>8} {'argument':>9} {'temp':>8} "
         f"{'temp/k=1':>8}" + (f" {'step s':>8} {'exact':>6}" if args.time_steps else ""))
   for name, model, example, chunk in _group_models():
-    params = jax.eval_shape(lambda: models.init_params(model, key, example))
+    params = jax.eval_shape(lambda model=model, example=example:
+                            models.init_params(model, key, example))
     loss_fn = models.chunk_loss_fn(model.apply, m * chunk[0].shape[0])
     proto = protocols.PartialStraggler(assignments.cyclic(m, 3), args.ell)
     base = {}
     for k in ks:
       mesh = parallel.make_mesh(m, model=k)
       step = parallel.make_coded_step(proto, timing.get_model("slowdown"), loss_fn, tx, mesh)
-      shapes = jax.eval_shape(lambda p: step.init_state(p, key), params)
+      shapes = jax.eval_shape(lambda p, step=step: step.init_state(p, key), params)
       state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                            shapes, step.state_sharding(shapes))
       lay = step.layout
       inputs = parallel.WorkerChunks(jax.tree.map(
-          lambda s: jax.ShapeDtypeStruct((lay.m_pad, lay.slots) + s.shape, s.dtype,
-                                         sharding=lay.sharding), chunk))
+          lambda s, lay=lay: jax.ShapeDtypeStruct((lay.m_pad, lay.slots) + s.shape, s.dtype,
+                                                  sharding=lay.sharding), chunk))
       update = jax.jit(step.update)
       mem = update.lower(state, inputs, key).compile().memory_analysis()
       held = shard_bytes((state.params, state.opt_state))
@@ -185,6 +189,7 @@ def _time_steps(step, update, model, example, chunk, steps: int) -> str:
   """Median seconds of ``steps`` steps (after one to compile) and whether all were exact."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from jaxgc import models  # pylint: disable=import-outside-toplevel
   key = jax.random.key(0)
   state = jax.jit(lambda: step.init_state(models.init_params(model, key, example), key))()

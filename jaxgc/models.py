@@ -8,7 +8,8 @@ the goal is ``g = Σ_i g_i``).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -92,7 +93,8 @@ class _Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-  """Decoder-only language model: tokens ``[batch, T] -> logits [batch, T, vocab]``, ``T ≤ seq_len``.
+  """Decoder-only language model: tokens ``[batch, T] -> logits [batch, T, vocab]``,
+  ``T ≤ seq_len``.
 
   Causal self-attention, pre-LN blocks, learned positions, untied output layer.
   """
@@ -118,7 +120,8 @@ class TransformerLM(nn.Module):
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
-def get_model(name: str, num_classes: int, hidden: Sequence[int] = (64, 64), **options) -> nn.Module:
+def get_model(name: str, num_classes: int, hidden: Sequence[int] = (64, 64),
+              **options) -> nn.Module:
   """``"mlp"``, ``"linear"`` (logistic/linear regression), ``"cnn"``, ``"cnn_bn"`` (with batch
   norm and dropout, option ``dropout``) or ``"transformer_lm"``.
 
@@ -164,7 +167,8 @@ def _example_losses(logits, y, regression: bool):
 
 
 def chunk_loss_fn(apply_fn: Callable, batch_size: int, regression: bool = False):
-  """``loss(params, (x, y)) -> scalar`` on one chunk: summed losses / (``batch_size`` · targets per example).
+  """``loss(params, (x, y)) -> scalar`` on one chunk: summed losses / (``batch_size`` ·
+  targets per example).
 
   ``x``: ``[chunk_batch, ...]``, ``y``: ``[chunk_batch]``, or ``[chunk_batch, T]``
   next-token targets of a language model (then the sum is over tokens, and the
@@ -272,7 +276,8 @@ def memory_estimate(loss_fn: Callable, params, chunk, load: int, *, optimizer_sl
 
 
 def check_memory(estimate: MemoryEstimate, budget_bytes: float | None, load: int) -> None:
-  """Raises ``ValueError`` with the estimate when it exceeds ``budget_bytes`` (``None``: no check)."""
+  """Raises ``ValueError`` with the estimate when it exceeds ``budget_bytes``
+  (``None``: no check)."""
   if budget_bytes is None or estimate.total <= budget_bytes:
     return
   gib = lambda b: f"{b / 2**30:.3g} GiB"

@@ -22,7 +22,7 @@ M, LOAD, ELL, CB, FEAT = 8, 3, 2, 4, 16
 RULE = parallel.fsdp_rule(min_size=1024)      # the small test model's kernels are sharded
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def setup():
   model = models.get_model("mlp", 4, (256, 240))
   params = models.init_params(model, jax.random.key(0), np.zeros((1, FEAT), np.float32))
@@ -38,7 +38,7 @@ def flat(tree):
   return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gradient_fn(model: int, mode: str):
   _, loss_fn, _, _ = setup()
   proto = protocols.PartialStraggler(assignments.cyclic(M, LOAD), ELL)
@@ -82,7 +82,7 @@ def test_gradient_on_2d_mesh_is_exact(model, mode):
   for key in range(12):
     g, metrics = grad(params, chunks, jax.random.key(key))
     assert all(x.sharding.is_equivalent_to(s, x.ndim)
-               for x, s in zip(jax.tree.leaves(g), jax.tree.leaves(place.shardings)))
+               for x, s in zip(jax.tree.leaves(g), jax.tree.leaves(place.shardings), strict=True))
     if bool(metrics["exact"]):
       np.testing.assert_allclose(flat(g), flat(want), rtol=1e-5, atol=1e-7)
       seen.add("erasure" if int(metrics["erasures"]) else "exact")
@@ -113,7 +113,8 @@ def test_update_keeps_state_sharded_and_adaptive_ps_works():
   new, metrics = compiled(state, chunks, jax.random.key(0))
   assert bool(metrics["exact"]) and not bool(metrics["skipped"])
   same = lambda tree: all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in
-                          zip(jax.tree.leaves(tree), jax.tree.leaves(place.shardings)))
+                          zip(jax.tree.leaves(tree), jax.tree.leaves(place.shardings),
+                              strict=True))
   for s in (state, new):
     assert same(s.params) and same(s.opt_state[0].mu) and same(s.opt_state[0].nu)
   # The update is Adam's on the full-batch gradient.

@@ -45,7 +45,7 @@ def run_all(cmds):
       if p.poll() is None:
         p.kill()
         p.wait()
-  for p, out in zip(procs, outs):
+  for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-4000:]
   return outs
 
@@ -100,7 +100,8 @@ def chunk(i):   # chunk i of the step, as a data loader would read it
   return r.normal(size=(4, 5)).astype(np.float32), r.integers(0, 3, 4).astype(np.int32)
 ids = coded.layout.process_chunk_ids()
 rows = [[chunk(max(i, 0)) for i in row] for row in ids]
-local = (np.asarray([[c[0] for c in r] for r in rows]), np.asarray([[c[1] for c in r] for r in rows]))
+local = (np.asarray([[c[0] for c in r] for r in rows]),
+         np.asarray([[c[1] for c in r] for r in rows]))
 assert local[0].shape[0] * 2 == coded.layout.m_pad, local[0].shape   # half the workers
 per_worker = coded.layout.from_process_chunks(local)
 full = [chunk(i) for i in range(10)]
@@ -151,7 +152,8 @@ def chunk(i):
   return r.normal(size=(4, 16)).astype(np.float32), r.integers(0, 3, 4).astype(np.int32)
 ids = coded.layout.process_chunk_ids()
 rows = [[chunk(max(i, 0)) for i in row] for row in ids]
-local = (np.asarray([[c[0] for c in r] for r in rows]), np.asarray([[c[1] for c in r] for r in rows]))
+local = (np.asarray([[c[0] for c in r] for r in rows]),
+         np.asarray([[c[1] for c in r] for r in rows]))
 per_worker = coded.layout.from_process_chunks(local)
 state = jax.jit(coded.init_state)(params, jax.random.key(1))
 kernel = state.params["Dense_0"]["kernel"]              # [16, 64]: sharded along 64

@@ -79,7 +79,7 @@ def strict_lines(workdir):
   """metrics.jsonl parsed as strict JSON (a bare NaN token fails)."""
   def bad(token):
     raise ValueError(f"not JSON: {token}")
-  return [json.loads(l, parse_constant=bad) for l in
+  return [json.loads(line, parse_constant=bad) for line in
           open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()]
 
 
@@ -110,7 +110,7 @@ def test_sigterm_and_sigint_save_and_resume_bit_identical_and_lock(tmp_path, tin
   assert b.returncode == 1 and len(lines) == 1, b.stderr[-2000:]
   assert f"is in use by pid {a.pid} on host " in lines[0] and wd in lines[0], lines
   _, err = a.communicate(timeout=300)
-  stop = [l for l in err.splitlines() if "stopped at step" in l]
+  stop = [line for line in err.splitlines() if "stopped at step" in line]
   assert a.returncode == 128 + signal.SIGTERM, err[-2000:]
   assert "Traceback" not in err and "cannot schedule" not in err, err[-3000:]
   logged = step_lines(wd)
@@ -131,7 +131,7 @@ def test_sigterm_and_sigint_save_and_resume_bit_identical_and_lock(tmp_path, tin
   assert f"resuming {wd} from step {logged}" in err
   assert "Traceback" not in err and "cannot schedule" not in err, err[-3000:]
   second = step_lines(wd)
-  assert [l for l in err.splitlines() if "stopped at step" in l] == [
+  assert [line for line in err.splitlines() if "stopped at step" in line] == [
       f"stopped at step {second} (SIGINT); rerun the same command to resume"]
 
   # 3. A holder killed with SIGKILL leaves its lock behind; the next run takes it over.
@@ -251,7 +251,7 @@ def test_nonfinite_inputs_warn_once_and_log_valid_json(tmp_path, tiny, capsys):
   capsys.readouterr()
   state = experiment.train(exp, str(tmp_path))
   err = capsys.readouterr().err
-  warnings = [l for l in err.splitlines() if "warning:" in l]
+  warnings = [line for line in err.splitlines() if "warning:" in line]
   assert len(warnings) == 1 and "NaN/Inf" in warnings[0] and "step 1" in warnings[0], err
   assert int(state.num_skipped) == 3
   records = strict_lines(tmp_path)

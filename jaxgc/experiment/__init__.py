@@ -9,16 +9,48 @@
 A workdir holds one run (config.json, metrics.jsonl, checkpoints/, summary.json,
 final_params.npz, accuracy_vs_time.png); see :mod:`jaxgc.experiment.runs`.
 """
-from jaxgc.experiment.build import (TIMEOUT_DRAWS, TIMEOUT_FACTOR, Experiment, build,
-                                    check_memory, default_timeout, make_assignment, make_dataset, make_model,
-                                    make_optimizer, make_protocol, make_step,
-                                    make_straggler_model, sequence_length, setup_devices)
-from jaxgc.experiment.config import (ALIASES, NON_RESULT_FIELDS, ConfigError, apply_overrides,
-                                     check_config, default_config, load_config,
-                                     result_fields_differ, split_config_flags)
-from jaxgc.experiment.loop import (StepInput, compare_protocols, epoch_permutation,
-                                   epoch_permutations, evaluate, global_array, keys, run,
-                                   step_chunks, train, train_and_evaluate, train_step)
+from jaxgc.experiment.build import (
+  TIMEOUT_DRAWS,
+  TIMEOUT_FACTOR,
+  Experiment,
+  build,
+  check_memory,
+  default_timeout,
+  make_assignment,
+  make_dataset,
+  make_model,
+  make_optimizer,
+  make_protocol,
+  make_step,
+  make_straggler_model,
+  sequence_length,
+  setup_devices,
+)
+from jaxgc.experiment.config import (
+  ALIASES,
+  NON_RESULT_FIELDS,
+  ConfigError,
+  apply_overrides,
+  check_config,
+  default_config,
+  load_config,
+  result_fields_differ,
+  split_config_flags,
+)
+from jaxgc.experiment.loop import (
+  StepInput,
+  compare_protocols,
+  epoch_permutation,
+  epoch_permutations,
+  evaluate,
+  global_array,
+  keys,
+  run,
+  step_chunks,
+  train,
+  train_and_evaluate,
+  train_step,
+)
 from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
 from jaxgc.experiment.resilience import EXIT_CODES, Preempted
 from jaxgc.experiment.runs import MetricsLog, lock_workdir, open_workdir, read_metrics
@@ -37,8 +69,11 @@ __all__ = [
     "run",
     # runs on disk and plots
     "open_workdir", "read_metrics", "MetricsLog", "time_to_target", "plot_accuracy_vs_time",
+    # resilience: preemption, exit codes, the workdir lock
+    "Preempted", "EXIT_CODES", "lock_workdir",
 ]
 
 # Communication in simulated time (jaxgc.network): the --config.network.* block.
 from jaxgc.experiment.build import make_network  # noqa: E402
+
 __all__ += ["make_network"]

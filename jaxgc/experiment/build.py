@@ -64,7 +64,7 @@ def _options(block: ml_collections.ConfigDict, fn, seed: int) -> dict[str, Any]:
 def _flag(path: str, config) -> str:
   node = config
   for key in path.split("."):
-    node = node[key] if key in node else None
+    node = node.get(key)
     if node is None:
       return f"--config.{path}"
   shown = node if isinstance(node, (int, float, bool)) or node is None else repr(node)
@@ -118,7 +118,7 @@ def _fields(config, block: str) -> tuple[str, ...]:
          if not isinstance(v, ml_collections.ConfigDict) and k != "name"]
   sub = config[block].get(config[block].get("name", ""))
   if isinstance(sub, ml_collections.ConfigDict):
-    out += [f"{block}.{config[block].name}.{k}" for k in sub.keys()]
+    out += [f"{block}.{config[block].name}.{k}" for k in sub]
   return tuple(out)
 
 
@@ -206,7 +206,8 @@ def make_model(config, num_classes: int, seq_len: int | None = None):
   opts = _options(m, models.get_model, config.seed)
   sub = m.get(m.name)
   if seq_len is not None and isinstance(sub, ml_collections.ConfigDict) and "seq_len" in sub:
-    if opts.setdefault("seq_len", seq_len) != seq_len:
+    configured = opts.setdefault("seq_len", seq_len)
+    if configured != seq_len:
       data_flag = (f"--config.data.{config.data.name}.seq_len"
                    if "seq_len" in config.data.get(config.data.name, {}) else "the data")
       raise ConfigError(_flag(f"model.{m.name}.seq_len", config),

@@ -34,7 +34,8 @@ import ast
 import difflib
 import importlib.util
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -327,7 +328,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
 def check_fields(config: ml_collections.ConfigDict, reference=None, prefix: str = "") -> None:
   """Rejects fields the experiment does not know (typos), naming the closest one."""
   reference = default_config() if reference is None else reference
-  for key in config.keys():
+  for key in config:
     flag = f"--config.{prefix}{key}"
     if key not in reference:
       if "name" in reference and isinstance(config[key], ml_collections.ConfigDict):

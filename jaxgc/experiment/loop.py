@@ -29,8 +29,7 @@ import numpy as np
 
 from jaxgc import data, models, parallel
 from jaxgc.experiment import resilience, runs
-from jaxgc.experiment.build import (Experiment, build, make_assignment, make_protocol,
-                                    setup_devices)
+from jaxgc.experiment.build import Experiment, build, make_assignment, make_protocol, setup_devices
 from jaxgc.experiment.config import ConfigError, check_config
 from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
 
@@ -165,7 +164,7 @@ def evaluate(apply_fn, params, test_data, regression: bool = False,
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eval_fn(apply_fn, regression, size: int):
   metrics = functools.partial(models.predict_metrics, apply_fn, regression=regression)
 
@@ -309,7 +308,8 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
 
 
 def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   cfg, ds = exp.config, exp.dataset
   lead = jax.process_index() == 0

@@ -28,7 +28,8 @@ import shutil
 import socket
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -415,7 +416,7 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     self.workdir, self.path, self._fd = workdir, os.path.join(workdir, "lock"), None
 
-  def acquire(self) -> "WorkdirLock":
+  def acquire(self) -> WorkdirLock:
     """Takes the lock.
 
     Raises:
@@ -449,10 +450,8 @@ class WorkdirLock:
   def release(self) -> None:
     """Empties and unlocks the lock file (kept: unlinking it would race a new holder)."""
     if self._fd is not None:
-      try:
+      with contextlib.suppress(OSError):
         os.ftruncate(self._fd, 0)
-      except OSError:
-        pass
       os.close(self._fd)     # closing drops the flock
       self._fd = None
 

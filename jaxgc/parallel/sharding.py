@@ -25,13 +25,15 @@ one model replica sharded among them. Two things live here:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxgc.parallel.devices import MODEL_AXIS
 from jaxgc.protocols import base as _base
@@ -108,7 +110,8 @@ class Placement:
   def summary(self) -> str:
     """One line per leaf: path, shape, spec; a replicated large leaf says why."""
     lines = [f"parameters on {dict(self.mesh.shape)}: {self.bytes_per_device()} bytes per device"]
-    for lf, spec in zip(self.leaves, jax.tree.leaves(self.specs, is_leaf=_is_spec)):
+    for lf, spec in zip(self.leaves, jax.tree.leaves(self.specs, is_leaf=_is_spec),
+                        strict=True):
       lines.append(f"  {lf.path} {list(lf.shape)} {spec}" + (f"  ({lf.note})" if lf.note else ""))
     return "\n".join(lines)
 
@@ -194,7 +197,7 @@ def place_params(params, mesh: Mesh, sharding=None, *, workers_axis: str = "work
                        f"{treedef}; give one spec per parameter leaf.")
     specs = spec_leaves
   leaves = []
-  for (path, x), spec in zip(flat, specs):
+  for (path, x), spec in zip(flat, specs, strict=True):
     name, shape = jax.tree_util.keystr(path), tuple(np.shape(x))
     dim = _spec_dim(name, spec, shape, mesh, workers_axis, model_axis)
     if k > 1 and spec == P() and sharding is None and math.prod(shape) >= min_size:
@@ -255,7 +258,7 @@ class MessageLayout:
     if self.k == 1:
       return parts
     out = []
-    for x, shape in zip(parts, self.shapes):
+    for x, shape in zip(parts, self.shapes, strict=True):
       if len(shape) == 2:
         spec = P(*([None] * (x.ndim - 2)), self.placement.model_axis, None)
       else:
@@ -267,7 +270,7 @@ class MessageLayout:
     if self.k == 1:
       return leaves
     specs = jax.tree.leaves(self.placement.specs, is_leaf=_is_spec)
-    return [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, specs)]
+    return [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, specs, strict=True)]
 
   def split(self, grads):
     """``grads`` (a pytree like the parameters) -> per part ``[ℓ, k, b_s]`` / ``[ℓ, b_r]``."""
@@ -304,7 +307,7 @@ class MessageLayout:
   def row_sums(self, msgs):
     """``Σ`` of each message ``[...]`` (over its trailing axes): non-finite iff any entry is."""
     return sum(jnp.sum(x, axis=tuple(range(x.ndim - len(s), x.ndim)))
-               for x, s in zip(msgs, self.shapes))
+               for x, s in zip(msgs, self.shapes, strict=True))
 
   def decode(self, msgs, dec):
     """``Σ_j dec[r, j] z_j`` per part: ``[w, ...] -> [ℓ, ...]`` (linear: psum it over workers).

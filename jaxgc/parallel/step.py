@@ -30,18 +30,20 @@ and decoded shard by shard (:class:`jaxgc.parallel.sharding.MessageLayout`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxgc import adaptive as _adaptive
-from jaxgc import network as _network
 from jaxgc import faults as _faults
+from jaxgc import network as _network
 from jaxgc import protocols as _protocols
 from jaxgc import timing
 from jaxgc.parallel.chunk_fn import ChunkLoss, chunk_keys
@@ -164,7 +166,7 @@ class TrainState:
 
   @classmethod
   def create(cls, params, tx: optax.GradientTransformation, plan=None,
-             straggler_state=(), adaptive_state=(), model_state=()) -> "TrainState":
+             straggler_state=(), adaptive_state=(), model_state=()) -> TrainState:
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                sim_time=jnp.zeros((), jnp.float32), num_skipped=jnp.zeros((), jnp.int32),
                num_erasures=jnp.zeros((), jnp.int32), plan=plan,
@@ -200,9 +202,9 @@ def _psum_packed(tree, axis_name, whole=()):
             for dt, idx in groups.items()]
   summed = jax.lax.psum(([leaves[i] for i in big], packed, whole), axis_name)
   out = [None] * len(leaves)
-  for i, x in zip(big, summed[0]):
+  for i, x in zip(big, summed[0], strict=True):
     out[i] = x
-  for flat, idx in zip(summed[1], groups.values()):
+  for flat, idx in zip(summed[1], groups.values(), strict=True):
     start = 0
     for i in idx:
       size = int(np.prod(leaves[i].shape))
@@ -294,12 +296,12 @@ def _stream(loss_fn, params, local, coef, compute, loss_weight, msg: MessageLayo
     z, loss, n, aux = carry
     j, t = idx // slots, idx % slots
     branch = jnp.where(compute[j, t], 2, jnp.where(loss_weight[j, t] != 0, 1, 0))
-    l, a, contrib = jax.lax.switch(branch, (nothing, forward, gradient), j, t)
+    loss_jt, a, contrib = jax.lax.switch(branch, (nothing, forward, gradient), j, t)
     # Each chunk's aux from one copy: the slot that counts its loss.
     i, own = ids[j, t], loss_weight[j, t] != 0
     aux = jax.tree.map(lambda buf, x: buf.at[i].set(jnp.where(own, x, buf[i])), aux, a)
     z = tuple(zp.at[j].add(cp) for zp, cp in zip(z, contrib, strict=True))
-    return (z, loss + loss_weight[j, t] * l, n + compute[j, t].astype(jnp.int32), aux), None
+    return (z, loss + loss_weight[j, t] * loss_jt, n + compute[j, t].astype(jnp.int32), aux), None
 
   aux0 = jax.tree.map(lambda s: jnp.zeros((max(num_chunks, 1),) + s.shape, s.dtype), aux_shape)
   init = vary((msg.zeros(w), jnp.zeros((), loss_shape.dtype), jnp.zeros((), jnp.int32), aux0))
@@ -521,7 +523,8 @@ class CodedStep:
     return () if self.adaptive is None else self.adaptive.init()
 
   def init_plan(self, key, step=0, straggler_state=None, adaptive_state=None):
-    """``(plan, straggler_state)``: the :class:`Plan` of step ``step`` and the model's state after it.
+    """``(plan, straggler_state)``: the :class:`Plan` of step ``step`` and the model's state
+    after it.
 
     ``key`` is the base key (step ``s`` draws from ``fold_in(key, s)``);
     ``straggler_state`` is the model's state before step ``step`` (default: its
