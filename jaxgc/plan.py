@@ -55,7 +55,8 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
 def _straggler(flag: str, words: list[str] | None, failure_prob: float):
   if not words:
     words = ["slowdown"]
-  name, params = words[0], {}
+  name = words[0]
+  params: dict[str, float | str] = {}
   for w in words[1:]:
     if "=" not in w:
       raise _Error(f"{flag}: parameter {w!r} is not KEY=VALUE (e.g. {flag} slowdown factor=5).")

@@ -62,7 +62,8 @@ class Simulated(NamedTuple):
 def check_num_params(num_params) -> int:
   """``d`` as an int; a ``ValueError`` naming ``num_params`` unless a positive whole number."""
   ok = (not isinstance(num_params, bool) and isinstance(num_params, numbers.Real)
-        and math.isfinite(num_params) and num_params >= 1 and float(num_params).is_integer())
+        and math.isfinite(num_params) and float(num_params) >= 1
+        and float(num_params).is_integer())
   if not ok:
     raise ValueError(f"num_params must be a positive whole number of parameters (e.g. 1e9), "
                      f"got {num_params!r}.")

@@ -204,6 +204,9 @@ def load_config(path: str) -> ml_collections.ConfigDict:
                       "get_config(), e.g. --config=configs/default.py.")
   spec = importlib.util.spec_from_file_location(
       "jaxgc_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or spec.loader is None:      # not a Python source file (no loader for it)
+    raise ConfigError("--config", f"{path!r} is not a Python file; pass one with "
+                      "get_config(), e.g. --config=configs/default.py.")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):

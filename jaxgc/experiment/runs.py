@@ -165,7 +165,9 @@ class MetricsLog:
     self.path, self.enabled, self.last, self.eval_steps = path, enabled, {}, set()
     if not enabled:
       return
-    kept, dropped, bad = [], 0, []
+    kept: list[dict] = []
+    bad: list[int] = []
+    dropped = 0
     if resume_step > 0 and os.path.exists(path):
       records, bad = _parse_lines(path)
       kept = [r for r in records if r.get("step", 0) <= resume_step]
@@ -382,7 +384,8 @@ def hold_workdir(workdir: str):
   if jax.process_count() == 1:
     return lock_workdir(workdir)
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  error, held = None, contextlib.nullcontext()
+  error: ConfigError | None = None
+  held: contextlib.AbstractContextManager = contextlib.nullcontext()
   if jax.process_index() == 0:
     try:
       held = lock_workdir(workdir)
@@ -414,7 +417,8 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str):
-    self.workdir, self.path, self._fd = workdir, os.path.join(workdir, "lock"), None
+    self.workdir, self.path = workdir, os.path.join(workdir, "lock")
+    self._fd: int | None = None
 
   def acquire(self) -> WorkdirLock:
     """Takes the lock.
@@ -484,7 +488,8 @@ _DISK_TEXT = {"No space left on device": errno.ENOSPC, "RESOURCE_EXHAUSTED": err
 def disk_error(error: BaseException, workdir: str) -> ConfigError | None:
   """A one-line :class:`ConfigError` for a write that a full or read-only ``workdir``
   refused (``None`` for any other error), found anywhere in ``error``'s chain."""
-  seen, e = set(), error
+  seen: set[int] = set()
+  e: BaseException | None = error
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     code = e.errno if isinstance(e, OSError) else None

@@ -40,7 +40,8 @@ def backend_started() -> bool:
   Probes with a change of ``jax_num_cpu_devices`` that JAX refuses once its
   backends exist, and puts the value back when it was accepted.
   """
-  current = int(jax.config.jax_num_cpu_devices)
+  # jax.config's options are attributes created at run time, unknown to mypy.
+  current = int(jax.config.jax_num_cpu_devices)  # type: ignore[attr-defined]
   if not _set_num_cpu_devices(current + 1 if current < 1 else current - 1):
     return True
   _set_num_cpu_devices(current)
@@ -70,7 +71,8 @@ def set_cpu_device_count(n: int) -> None:
 def use_gloo() -> None:
   """Selects gloo CPU collectives, needed when several processes form one CPU cluster."""
   if backend_started():
-    if jax.config.jax_cpu_collectives_implementation != "gloo":
+    # jax.config's options are attributes created at run time, unknown to mypy.
+    if jax.config.jax_cpu_collectives_implementation != "gloo":  # type: ignore[attr-defined]
       raise RuntimeError(
           "gloo CPU collectives must be selected before the JAX backend starts; "
           "call jaxgc.parallel.use_gloo() before jax.distributed.initialize() and "

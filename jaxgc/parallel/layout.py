@@ -93,7 +93,7 @@ class WorkerLayout:
             f"shape {np.shape(x)}; split the batch with jaxgc.data.step_chunks(..., "
             f"num_chunks={self.num_chunks}).")
       sharding = getattr(x, "sharding", None)
-      if isinstance(sharding, NamedSharding) and not _same_devices(sharding.mesh, self.mesh):
+      if _on_other_mesh(sharding, self.mesh):
         raise ValueError(
             "chunks live on another mesh than the step's; place them on the step's mesh "
             "(jax.device_put(x, NamedSharding(step.mesh, P()))) or build the step on theirs.")
@@ -111,7 +111,7 @@ class WorkerLayout:
             "they were laid out for another mesh or protocol. Build them with this step's "
             "shard_chunks(chunks) (or from_process_chunks).")
       sharding = getattr(x, "sharding", None)
-      if isinstance(sharding, NamedSharding) and not _same_devices(sharding.mesh, self.mesh):
+      if _on_other_mesh(sharding, self.mesh):
         raise ValueError(
             "per-worker chunks are sharded over another mesh than the step's; build them "
             "with this step's shard_chunks(chunks) (or from_process_chunks).")
@@ -134,15 +134,19 @@ class WorkerLayout:
         return self._take(x)
       x = np.asarray(x)
       shape = self.order.shape + x.shape[1:]
-      return jax.make_array_from_callback(shape, self.sharding,
-                                          lambda idx: x[index[idx[:2]]][(Ellipsis,) + idx[2:]])
+
+      def block(idx):
+        assert idx is not None       # a NamedSharding gives every device an index
+        return x[index[idx[:2]]][(Ellipsis,) + idx[2:]]
+      return jax.make_array_from_callback(shape, self.sharding, block)
     return WorkerChunks(jax.tree.map(place, chunks))
 
   def process_rows(self) -> np.ndarray:
     """Rows (padded worker ids) of the per-worker input held by this process's devices."""
     shape = (self.m_pad,)
-    rows = set()
+    rows: set[int] = set()
     for idx in self.sharding.addressable_devices_indices_map(shape).values():
+      assert idx is not None         # a NamedSharding gives every device an index
       rows.update(range(self.m_pad)[idx[0]])
     return np.asarray(sorted(rows), np.int32)
 
@@ -180,6 +184,13 @@ class WorkerLayout:
     dev = jax.tree.leaves(worker_chunks.data)[0].addressable_shards[0].device
     return sum(s.data.nbytes for x in jax.tree.leaves(worker_chunks.data)
                for s in x.addressable_shards if s.device == dev)
+
+
+def _on_other_mesh(sharding, mesh: Mesh) -> bool:
+  """Whether ``sharding`` is a :class:`NamedSharding` over a concrete mesh with other devices
+  than ``mesh`` (an abstract mesh, as under tracing, names no devices to compare)."""
+  return (isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh)
+          and not _same_devices(sharding.mesh, mesh))
 
 
 def _same_devices(a: Mesh, b: Mesh) -> bool:

@@ -62,7 +62,7 @@ def fsdp_rule(min_size: int = MIN_SHARD_SIZE) -> Callable:
     dims = [i for i in np.argsort([-s for s in shape], kind="stable") if shape[i] % k == 0]
     if not dims:
       return P()
-    spec = [None] * len(shape)
+    spec: list[str | None] = [None] * len(shape)
     spec[dims[0]] = MODEL_AXIS
     return P(*spec)
   return rule
@@ -192,7 +192,7 @@ def place_params(params, mesh: Mesh, sharding=None, *, workers_axis: str = "work
     specs = [rule(jax.tree_util.keystr(p), tuple(np.shape(x)), k) for p, x in flat]
   else:
     spec_leaves, spec_def = jax.tree.flatten(sharding, is_leaf=_is_spec)
-    if spec_def != treedef:
+    if spec_def != treedef:  # type: ignore[operator]  # no jaxlib stub for PyTreeDef
       raise ValueError(f"the PartitionSpec pytree has structure {spec_def}, the parameters "
                        f"{treedef}; give one spec per parameter leaf.")
     specs = spec_leaves
@@ -228,7 +228,9 @@ class MessageLayout:
   def __init__(self, placement: Placement, ell: int):
     self.placement, self.ell, self.k = placement, int(ell), placement.k
     self.dtype = jnp.result_type(*[lf.dtype for lf in placement.leaves])
-    self._sharded = [i for i, lf in enumerate(placement.leaves) if lf.dim is not None]
+    # leaf index -> its dimension sharded over the model axis, for the sharded leaves
+    self._dims = {i: lf.dim for i, lf in enumerate(placement.leaves) if lf.dim is not None}
+    self._sharded = list(self._dims)
     self._rep = [i for i, lf in enumerate(placement.leaves) if lf.dim is None]
     size = lambda idx, k: sum(math.prod(placement.leaves[i].shape) // k for i in idx)
     self.n_sharded, self.n_replicated = size(self._sharded, self.k), size(self._rep, 1)
@@ -277,7 +279,7 @@ class MessageLayout:
     leaves = self._constrain_leaves(jax.tree.leaves(grads))
     out = []
     if self._sharded:
-      cols = [self._shard_major(leaves[i], self.placement.leaves[i].dim) for i in self._sharded]
+      cols = [self._shard_major(leaves[i], self._dims[i]) for i in self._sharded]
       flat = jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]     # [k, n_s]
       blocks = _base.split_blocks(flat.astype(self.dtype), self.ell)       # [k, ℓ, b_s]
       out.append(jnp.moveaxis(blocks, 1, 0))
@@ -323,17 +325,17 @@ class MessageLayout:
 
   def join(self, blocks):
     """Decoded blocks (per part ``[ℓ, ...]``) -> a gradient pytree like the parameters."""
-    leaves = [None] * len(self.placement.leaves)
+    leaves: list[Any] = [None] * len(self.placement.leaves)
     parts = list(self._constrain(tuple(blocks)))
     if self._sharded:
       x = jnp.moveaxis(parts.pop(0), 0, 1).reshape(self.k, -1)[:, : self.n_sharded]
       start = 0
       for i in self._sharded:
-        lf = self.placement.leaves[i]
+        lf, dim = self.placement.leaves[i], self._dims[i]
         n = math.prod(lf.shape) // self.k
-        moved = (lf.shape[lf.dim],) + lf.shape[: lf.dim] + lf.shape[lf.dim + 1:]
+        moved = (lf.shape[dim],) + lf.shape[:dim] + lf.shape[dim + 1:]
         y = x[:, start:start + n].reshape((self.k, moved[0] // self.k) + moved[1:])
-        leaves[i] = jnp.moveaxis(y.reshape(moved), 0, lf.dim).astype(lf.dtype)
+        leaves[i] = jnp.moveaxis(y.reshape(moved), 0, dim).astype(lf.dtype)
         start += n
     if self._rep:
       x = parts.pop(0).reshape(-1)

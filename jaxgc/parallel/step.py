@@ -31,7 +31,7 @@ and decoded shard by shard (:class:`jaxgc.parallel.sharding.MessageLayout`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.struct
 import jax
@@ -172,6 +172,12 @@ class TrainState:
                num_erasures=jnp.zeros((), jnp.int32), plan=plan,
                straggler_state=straggler_state, adaptive_state=adaptive_state,
                model_state=model_state)
+
+  if TYPE_CHECKING:
+    # Added at run time by flax.struct.dataclass; declared here for the type checker.
+    def replace(self, **changes: Any) -> TrainState:
+      """A copy with the fields in ``changes`` replaced."""
+      ...
 
 
 # -- collectives -------------------------------------------------------------------
@@ -550,19 +556,21 @@ class CodedStep:
 
     ``model_state``: the model's untrained variables (e.g. ``{"batch_stats": ...}``).
     """
-    self._need_tx("init_state")
+    tx = self._need_tx("init_state")
     plan, straggler_state, adaptive_state = self.plan_step(key)
     place = self.placement(params)
     params = place.place(params) if place.sharded else params
-    state = TrainState.create(params, self.tx, plan=plan, straggler_state=straggler_state,
+    state = TrainState.create(params, tx, plan=plan, straggler_state=straggler_state,
                               adaptive_state=adaptive_state, model_state=model_state)
     return _keep_placed(self, state)
 
-  def _need_tx(self, what: str):
+  def _need_tx(self, what: str) -> optax.GradientTransformation:
+    """The optimizer; a ``ValueError`` naming ``what`` when the step was built without one."""
     if self.tx is None:
       raise ValueError(f"{what} applies an optimizer, but this step was built with tx=None; "
                        "pass tx (any optax.GradientTransformation) to make_coded_step, or "
                        "use gradient() / jaxgc.coded_value_and_grad and your own update.")
+    return self.tx
 
   # -- gradient ---------------------------------------------------------------
   def _chunk_inputs(self, wids, key, args):
@@ -703,7 +711,7 @@ class CodedStep:
       key: the *base* key; step ``s`` draws from ``fold_in(key, s)``, so a run is
         a function of ``(key, data)`` and resumes exactly from a checkpoint.
     """
-    self._need_tx("update")
+    tx = self._need_tx("update")
     worker_chunks = _as_worker_chunks(self.layout, chunks)
     has_model_state = bool(jax.tree.leaves(state.model_state))
     if has_model_state and not self.has_aux:
@@ -723,7 +731,7 @@ class CodedStep:
         jax.random.fold_in(key, state.step), args)
     aux = metrics.pop("aux", ())
     model_state = _chunk_mean(state.model_state, aux) if has_model_state else state.model_state
-    updates, opt_state = self.tx.update(g, state.opt_state, state.params)
+    updates, opt_state = tx.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # One scalar instead of a reduction per leaf: any NaN/Inf makes the sum non-finite.
     finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
@@ -821,7 +829,8 @@ def _check_straggler(straggler) -> None:
 
 def _chunk_mean(model_state, aux):
   """The new model state: the mean over chunks of each chunk's (ghost batch norm)."""
-  if jax.tree.structure(aux) != jax.tree.structure(model_state):
+  # (the ignore: jaxlib has no stub for PyTreeDef, so mypy cannot compare two)
+  if jax.tree.structure(aux) != jax.tree.structure(model_state):  # type: ignore[operator]
     raise ValueError(f"the loss's aux must be the chunk's new model state, with the structure "
                      f"of state.model_state {jax.tree.structure(model_state)}, got "
                      f"{jax.tree.structure(aux)}.")
