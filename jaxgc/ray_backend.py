@@ -132,12 +132,18 @@ def _ps_functions(protocol):
   """
   if protocol not in _PS_FUNCTIONS:
     ref = weakref.ref(protocol)     # a strong one in the values would keep every key alive
+
+    def live():
+      p = ref()
+      assert p is not None            # the entry goes with its key, so p outlives its uses
+      return p
+
     def complete(f):
       tau = jnp.diff(f, axis=1, prepend=0.0)
-      return jnp.isfinite(ref().completion_time(jnp.where(jnp.isfinite(f), tau, jnp.inf)))
-    _PS_FUNCTIONS[protocol] = (jax.jit(lambda c: ref().is_decodable(c)),
-                               jax.jit(lambda c: _solve(ref(), c)),
-                               jax.jit(lambda c: ref().coverage(c)),
+      return jnp.isfinite(live().completion_time(jnp.where(jnp.isfinite(f), tau, jnp.inf)))
+    _PS_FUNCTIONS[protocol] = (jax.jit(lambda c: live().is_decodable(c)),
+                               jax.jit(lambda c: _solve(live(), c)),
+                               jax.jit(lambda c: live().coverage(c)),
                                jax.jit(complete))
   return _PS_FUNCTIONS[protocol]
 
@@ -304,7 +310,7 @@ class _WorkerHost:
     if stop:
       run.stop.set()
     prog = run.program
-    out = {}
+    out: dict[int, np.ndarray | None] = {}
     for j, (enc, fault) in rows.items():
       if fault == "lost" or j not in run.grads:
         out[j] = None
@@ -692,6 +698,7 @@ class RayStep:
     for h in np.flatnonzero(~alive):
       seen.dead[workers_of[h]] = True
     if self.mode == "deadline":
+      assert self.deadline is not None     # __init__ requires one in deadline mode
       limit = self.deadline * self.time_scale
     else:
       # The timeout is simulated seconds of injected delay; the workers' real compute
@@ -754,8 +761,9 @@ class RayStep:
                   msgs=np.zeros((m, _protocols.base.num_blocks(d, ell)), np.float32))
     for attempt in range(2):
       s0 = time.perf_counter()
-      enc, out.dec, out.condition = (np.asarray(x) for x in
-                                     self._coefficients(jnp.asarray(out.counts)))
+      enc, out.dec, condition = (np.asarray(x) for x in
+                                 self._coefficients(jnp.asarray(out.counts)))
+      out.condition = float(condition)
       out.senders = np.any(enc != 0, axis=(1, 2)) & ~seen.dead
       out.solve_s += time.perf_counter() - s0
       r0 = time.perf_counter()

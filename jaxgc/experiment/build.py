@@ -235,11 +235,12 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return tx
 
 
-def default_timeout(assignment, straggler, key, draws: int = TIMEOUT_DRAWS) -> float:
+def default_timeout(assignment, straggler, key, draws: int = TIMEOUT_DRAWS) -> float | None:
   """``TIMEOUT_FACTOR`` × the median uncoded step time over ``draws`` straggler draws.
 
   ``straggler`` should be the model without failures: the time the PS waits for
-  a step that never becomes decodable, scaled from a normal step.
+  a step that never becomes decodable, scaled from a normal step. ``None`` (no
+  timeout) when no draw finishes.
   """
   uncoded = protocols.Uncoded(assignment)
 
@@ -277,8 +278,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
   ``has_aux``: the loss returns ``(loss, new model state)`` (batch norm).
   """
   s = config.step
-  kwargs = dict(mode=s.mode, deadline=s.deadline, message_loss_prob=s.message_loss_prob,
-                nan_message_prob=s.nan_message_prob)
+  kwargs: dict[str, Any] = dict(mode=s.mode, deadline=s.deadline,
+                                message_loss_prob=s.message_loss_prob,
+                                nan_message_prob=s.nan_message_prob)
   fail_at = s.get("fail_at", ())
   if fail_at:   # simulated in the spmd step, a real kill on Ray
     kwargs["fail_at"] = fail_at
@@ -312,11 +314,13 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
   if timeout is not None and (_accepts(parallel.make_coded_step, "timeout")
                               or _accepts(parallel.CodedStep.__init__, "timeout")):
     kwargs["timeout"] = timeout
+  if has_aux:
+    kwargs["has_aux"] = True
   with blame(config, "step", "step", _fields(config, "step"), "step.mode"):
     return parallel.make_coded_step(
         protocol, straggler, loss_fn, tx, mesh, report_condition=s.report_condition,
         adaptive=adaptive.AdaptivePS(protocol) if config.adaptive else None, network=net,
-        **kwargs, **({"has_aux": True} if has_aux else {}))
+        **kwargs)
 
 
 def _check_batches(config, ds, num_chunks: int):

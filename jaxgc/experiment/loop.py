@@ -21,6 +21,7 @@ import math
 import os
 import time
 import weakref
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,7 @@ def epoch_permutations(seed: int, num_train: int, batch_size: int, sharding):
   per_epoch = data.steps_per_epoch(num_train, batch_size)
   draw = jax.jit(functools.partial(epoch_permutation, seed, num_train=num_train),
                  out_shardings=sharding)
-  held = {}
+  held: dict[int, jax.Array] = {}
 
   def perm_for(step: int):
     epoch = step // per_epoch
@@ -194,7 +195,7 @@ def _to_python(tree) -> dict:
 
 # Jitted functions per step object, so that training one built Experiment again (several
 # workdirs, a longer num_steps) compiles nothing new.
-_COMPILED = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def _per_step(step, key, make):
@@ -237,7 +238,7 @@ def _step_input(exp: Experiment, rep):
 
 def _input_bytes_per_device(inputs: StepInput, first) -> int | None:
   """Input bytes of one step on one device (``None``: host input, the Ray step)."""
-  if isinstance(first, parallel.WorkerChunks):
+  if isinstance(first, parallel.WorkerChunks) and inputs.layout is not None:
     return inputs.layout.device_bytes(first)
   leaves = jax.tree.leaves(first)
   if leaves and isinstance(leaves[0], jax.Array):
@@ -267,7 +268,7 @@ def _init_state(exp: Experiment, sharding):
 def _write_outputs(exp: Experiment, workdir: str, state, summary: dict) -> None:
   """Final parameters, the plot and ``summary.json`` (process 0), each renamed into place."""
   cfg = exp.config
-  flat = {jax.tree_util.keystr(p): np.asarray(v)
+  flat: dict[str, Any] = {jax.tree_util.keystr(p): np.asarray(v)
           for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
   tmp = os.path.join(workdir, f"final_params.tmp{os.getpid()}.npz")
   np.savez(tmp, **flat)
@@ -386,7 +387,7 @@ class _Steps:
 
   def __init__(self, exp: Experiment, log, test_data, ckpt, wall):
     self.exp, self.log, self.test_data, self.ckpt, self.wall = exp, log, test_data, ckpt, wall
-    self.ev = {}
+    self.ev: dict[str, float] = {}
     self.step_wall = log.last.get("wall_time", 0.0)   # Ray: real seconds the steps took
     # Checked once: NaN/Inf in the data turn into non-finite messages (erased) later.
     self.bad_inputs = resilience.nonfinite_inputs(exp.dataset)
@@ -441,6 +442,7 @@ class _Steps:
         self._warn_nonfinite(rec)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.num_steps:
           self.evaluate(state, step + 1, rec["sim_time"])
+        assert bar is not None     # made above, as there are steps
         if step == start:
           bar.close()
           bar = tqdm(total=cfg.num_steps, initial=step + 1, disable=not lead, desc=name)
