@@ -32,7 +32,8 @@ class Dataset(NamedTuple):
     x_train: float32 ``[n_train, *feature_shape]``, or int32 tokens ``[n_train, T]``.
     y_train: int32 ``[n_train]`` class labels, float32 ``[n_train]`` targets
       for regression, or int32 next tokens ``[n_train, T]`` (``x`` shifted by one).
-    x_test, y_test: the same for the test split.
+    x_test: as ``x_train``, for the test split.
+    y_test: as ``y_train``, for the test split.
     num_classes: number of classes (the vocabulary for text); ``0`` marks a
       regression task.
   """

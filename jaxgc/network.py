@@ -174,10 +174,12 @@ def step_comm_time(network: Network | None, protocol, d: int, dtype, senders,
   Args:
     network: the model (``None``: :class:`NoNetwork`).
     protocol: fixes the message size (:func:`message_numbers`).
-    d: gradient length; dtype: the gradient's dtype (``b``).
+    d: gradient length.
+    dtype: the gradient's dtype (``b``).
     senders: ``[...]`` workers that send in the first round.
-    resenders, redone: ``[...]`` senders of the re-encoding round after erasures, and
-      whether that round took place; it costs a second round (``None``: no round 2).
+    resenders: ``[...]`` senders of the re-encoding round after erasures, which
+      costs a second round (``None``: no round 2).
+    redone: ``[...]`` whether that round took place (``None`` with ``resenders``).
   """
   network = NoNetwork() if network is None else network
   n, b = message_numbers(protocol, d), bytes_per_number(dtype)

@@ -222,8 +222,12 @@ def plan(num_workers: int, num_params, straggler=None, network=None, *,
     straggler: a :mod:`jaxgc.timing` model or a registered name (default: ``slowdown``,
       the experiment's default); its durations are seconds.
     network: a :mod:`jaxgc.network` model (default: none, messages free).
-    protocols, loads, ells, backups: the grid (:func:`candidates`).
-    trials: simulated steps per candidate; seed: their key.
+    protocols: protocol names of the grid (:func:`candidates`).
+    loads: loads of the grid (:func:`candidates`).
+    ells: ``ℓ`` values of the grid (:func:`candidates`).
+    backups: backup-worker counts of the grid (:func:`candidates`).
+    trials: simulated steps per candidate.
+    seed: their key.
     dtype: the gradient's dtype (bytes per number).
     timeout: what a never-decodable step costs (failures), as in ``stop_time``.
   Returns:

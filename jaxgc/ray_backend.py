@@ -484,7 +484,8 @@ class RayStep:
     num_actors: Ray actors (ignored when ``pool`` is given).
     time_scale: wall seconds per simulated second of injected delay.
     address: Ray cluster to join; ``None`` starts a local instance.
-    message_loss_prob, nan_message_prob: injected faults per message (round 1).
+    message_loss_prob: probability that a message is lost (injected, round 1).
+    nan_message_prob: probability that a message arrives as NaN (injected, round 1).
     pool: a :class:`WorkerPool` to run on (shared, not closed by :meth:`close`).
     message_timeout: wall seconds to wait for messages; later ones are erased.
     keep_records: how many recent steps :attr:`records` keeps.

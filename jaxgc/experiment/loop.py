@@ -109,7 +109,9 @@ class StepInput:
 
   Args:
     train_data: host pytree of arrays ``[n_train, ...]``.
-    seed, batch_size, num_chunks: as in :func:`step_chunks`.
+    seed: as in :func:`step_chunks`.
+    batch_size: as in :func:`step_chunks`.
+    num_chunks: as in :func:`step_chunks`.
     layout: the step's :class:`jaxgc.parallel.WorkerLayout`; ``None``: the step
       takes host chunks ``[N, ...]`` (the Ray step).
   """

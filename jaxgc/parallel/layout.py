@@ -45,8 +45,10 @@ class WorkerLayout:
   """Static (NumPy) placement of workers and chunk slots on the devices of a mesh.
 
   Attributes:
-    m, m_pad, per_device, num_devices: workers, padded workers, workers per
-      device, devices.
+    m: workers.
+    m_pad: padded workers (a multiple of the devices on the workers axis).
+    per_device: workers per device.
+    num_devices: devices.
     slots: chunk slots per worker that the step computes (a protocol that uses
       only leading slots, as ``Uncoded``, ships and computes no others).
     order: int ``[m_pad, slots]``, chunk of each slot, ``-1`` for none.

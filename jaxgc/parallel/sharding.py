@@ -80,7 +80,9 @@ class Placement:
   """Where each parameter leaf lives on a ``workers × model`` mesh.
 
   Attributes:
-    mesh, model_axis, k: the mesh, its model axis (``None`` on a 1-D mesh), group size.
+    mesh: the mesh.
+    model_axis: its model axis (``None`` on a 1-D mesh).
+    k: the group size (devices per worker).
     specs: pytree of ``PartitionSpec`` like the parameters.
     shardings: pytree of ``NamedSharding`` like the parameters (replicated over workers).
     leaves: per leaf ``(path, shape, dtype, sharded dim or None, note)``.

@@ -784,7 +784,10 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
     deadline: simulated seconds, deadline mode.
     timeout: exact mode: when the PS gives up on a never-decodable step (its
       simulated cost); ``None``: the last finite finish time.
-    message_loss_prob, nan_message_prob: injected erasures per sending worker.
+    message_loss_prob: probability that a sending worker's message is lost (an
+      injected erasure).
+    nan_message_prob: probability that a sending worker's message arrives as NaN
+      (an injected erasure).
     report_condition: add ``condition_number`` to the metrics where the protocol
       reports one.
     check_vma: ``shard_map``'s varying-axes check.

@@ -40,8 +40,14 @@ def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh, *,
     protocol: a :mod:`jaxgc.protocols` protocol (``N`` chunks, ``m`` workers).
     straggler: a :mod:`jaxgc.timing` model, e.g. ``Slowdown(ShiftedExponential(1, 1), .25, 5)``.
     mesh: a mesh with an axis ``axis_name`` (:func:`jaxgc.parallel.make_mesh`).
-    has_aux, mode, deadline, timeout, message_loss_prob, nan_message_prob,
+    has_aux: as in :func:`jaxgc.make_coded_step`.
+    mode: as in :func:`jaxgc.make_coded_step`.
+    deadline: as in :func:`jaxgc.make_coded_step`.
+    timeout: as in :func:`jaxgc.make_coded_step`.
+    message_loss_prob: as in :func:`jaxgc.make_coded_step`.
+    nan_message_prob: as in :func:`jaxgc.make_coded_step`.
     report_condition: as in :func:`jaxgc.make_coded_step`.
+    axis_name: the mesh axis of the workers.
 
   Returns:
     ``grad_fn``, jittable. ``chunks``: a pytree (dict, tuple, ...) of leaves
