@@ -1,7 +1,7 @@
 """One jitted ``jaxgc.coded_value_and_grad`` step against ``jax.value_and_grad`` on the same chunks.
 
-The model of ``examples/own_loop_linen.py`` (a CNN with batch norm and dropout,
-a dict batch, ``rng`` per chunk, aux = batch statistics). The reference is
+A CNN with batch norm and dropout (``jaxgc.models.CNNBN``: ``rng`` per chunk,
+aux = batch statistics). The reference is
 ``jax.value_and_grad`` of the summed chunk losses (``vmap`` over the ``N`` chunks,
 the same ``chunk_keys``) on one device; the coded step runs on the mesh and
 computes each chunk on up to ``load`` workers (the redundancy of the code), plus
@@ -32,33 +32,17 @@ def main():
 
   import jaxgc  # pylint: disable=import-outside-toplevel
   jaxgc.parallel.set_cpu_device_count(args.devices)
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
 
   m = args.workers
-
-  class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x, train=False):
-      x = nn.Conv(8, (3, 3))(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
-      x = nn.Dropout(0.2, deterministic=not train)(x.reshape(x.shape[0], -1))
-      return nn.Dense(2)(x)
-
-  model = CNN()
-
-  def loss_fn(params, chunk, batch_stats, *, rng):
-    logits, new = model.apply({"params": params, "batch_stats": batch_stats}, chunk["image"],
-                              train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, chunk["label"]).sum()
-    return loss / (m * args.per_chunk), new["batch_stats"]
-
-  x = jax.random.normal(jax.random.key(0), (m, args.per_chunk, 8, 8, 1))
-  chunks = {"image": x, "label": (x[:, :, 0, 0, 0] > 0).astype(np.int32)}
-  variables = model.init(jax.random.key(1), x[0])
-  params, stats = variables["params"], variables["batch_stats"]
+  # The library's CNN with batch norm and dropout (jaxgc.models.CNNBN) on 8×8 inputs: the
+  # model train.py runs as --config.model.name=cnn_bn, with its stateful chunk loss.
+  model = jaxgc.models.CNNBN(channels=(8,), hidden=32, num_outputs=2, dropout=0.2)
+  loss_fn = jaxgc.models.stateful_chunk_loss_fn(model.apply, m * args.per_chunk)
+  x = jax.random.normal(jax.random.key(0), (m, args.per_chunk, 64))
+  chunks = (x, (x[:, :, 0] > 0).astype(np.int32))
+  params, stats = jaxgc.models.init_variables(model, jax.random.key(1), x[0])
 
   protocol = jaxgc.PartialStraggler(jaxgc.assignments.cyclic(m, args.load), args.ell)
   straggler = jaxgc.timing.Slowdown(jaxgc.timing.ShiftedExponential(1.0, 1.0), 0.25, 5.0)

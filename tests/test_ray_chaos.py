@@ -64,12 +64,17 @@ def train(step, problem, steps: int, until=None, max_steps: int = 1000):
 
 
 def check_nothing_lost(problem, state, log):
-  """Every step accounted for, finite parameters, accuracy within 0.02 of failure-free."""
+  """Every step accounted for, finite parameters, accuracy within 0.02 of failure-free.
+
+  A skipped step (no live worker covers some chunk, exact mode) applies no update and is
+  counted in ``num_skipped``; the reference is failure-free SGD for as many updates as the
+  run applied, so the check is that what was applied was right, not how many steps the
+  faults cost (the chaos benchmark measures that, in wall-clock time to accuracy)."""
   accuracy = problem[4]
   assert int(state.step) == len(log)
   assert int(state.num_skipped) == sum(m["skipped"] for m in log)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
-  ref = failure_free(problem, len(log))
+  ref = failure_free(problem, len(log) - int(state.num_skipped))
   got, want = float(accuracy(state.params)), float(accuracy(ref))
   assert abs(got - want) <= 0.02, (got, want, [(m["exact"], m["skipped"]) for m in log])
   if all(m["exact"] for m in log):       # exact steps are SGD on the full batch

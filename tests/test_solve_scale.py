@@ -90,7 +90,12 @@ def test_holder_solve_equals_pinv(inst):
 @SETTINGS
 @given(states())
 def test_holder_solve_equals_dense_solve(inst):
-  """holder_solve [N, r, ℓ] is the dense min_norm_solve [N, m, ℓ] with its zero rows left out."""
+  """holder_solve [N, r, ℓ] is the dense min_norm_solve [N, m, ℓ] with its zero rows left out.
+
+  Compared on the chunks whose ``cond(A[:, S_i]) < 1e3``: beyond that the two solves' pinv
+  cut-offs (relative to ``[r, ℓ]`` and to ``[m, ℓ]``) may drop different singular values
+  (hypothesis found ``cond ≈ 2.5e3`` at ℓ = 3, on the 0.1.0 code too). Both report the
+  same condition number, so the PS sees such a chunk either way."""
   ell, counts, seed = inst
   asg, _, _, _, fns = setting(ell)
   a = jnp.asarray(np.random.default_rng(seed).standard_normal((ell, asg.num_workers)), jnp.float32)
@@ -102,8 +107,10 @@ def test_holder_solve_equals_dense_solve(inst):
   got = np.zeros_like(np.asarray(b_dense))
   rows, cols = np.nonzero(workers >= 0)
   got[rows, workers[rows, cols]] = np.asarray(b_h)[rows, cols]
-  np.testing.assert_allclose(got, np.asarray(b_dense), rtol=1e-4, atol=1e-4 * np.abs(got).max())
   np.testing.assert_allclose(np.asarray(c_h), np.asarray(c_dense), rtol=1e-4)
+  well = np.asarray(c_dense) < 1e3
+  np.testing.assert_allclose(got[well], np.asarray(b_dense)[well], rtol=1e-4,
+                             atol=1e-4 * np.abs(got).max())
   np.testing.assert_allclose(np.asarray(fns["holders_cond"](a, fin_h)),
                              np.asarray(fns["dense_cond"](a, fin_dense)), rtol=1e-4)
 
