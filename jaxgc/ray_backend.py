@@ -629,6 +629,7 @@ class RayStep:
                    alive_wait_s=alive_wait)
     self.last_record = {
         "step": int(step), "time_scale": self.time_scale, "durations": tau,
+        "lost": lost, "corrupt": corrupt,
         "finish_wall": seen.finish, "chunk_wall": seen.chunk_s, "compute_wall": seen.compute_s,
         "worker_wall": seen.worker_t, "counts_observed": seen.observed, "counts": rounds.counts,
         "stop_wall": seen.stop_wall, "sim_stop": float(sim_stop), "erased": seen.erased,
