@@ -68,15 +68,15 @@ from jax.flatten_util import ravel_pytree
 
 from jaxgc import faults as _faults
 from jaxgc import protocols as _protocols
-from jaxgc import ray_faults, timing
-from jaxgc.parallel import MODES, TrainState
+from jaxgc import ray_faults
+from jaxgc.backends import base as _backend
+from jaxgc.parallel import TrainState
 
 __all__ = ["RayStep", "WorkerPool", "connect", "measured_durations", "work_slots"]
 
 INSTALL_HINT = "pip install 'jaxgc[ray]'"
 # Each actor is one CPU-sized worker: one XLA thread, one CPU device.
 ACTOR_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=1"
-_STRAGGLER_INIT = 0x7FFFFFFF    # fold_in tag of the straggler model's initial-state key
 
 
 def _import_ray():
@@ -391,25 +391,23 @@ def _draw(protocol, straggler, mode, deadline, timeout, loss_prob, nan_prob, key
           straggler_state):
   """One step's injected durations, faults and simulated stop, from ``fold_in(key, step)``.
 
-  Keys split as in the SPMD step, so both backends inject the same durations.
-  Module-level with static settings: steps with equal settings share one compile.
+  The SPMD step's draw (:func:`jaxgc.backends.base.draw_step`), so both backends
+  inject the same durations and faults. Module-level with static settings: steps
+  with equal settings share one compile.
   """
-  k_dur, k_loss, k_nan = jax.random.split(jax.random.fold_in(key, step), 3)
-  durations, straggler_state = timing.sample_step(straggler, k_dur, straggler_state,
-                                                  protocol.assignment)
-  m = protocol.assignment.num_workers
-  draw = lambda k, p: jax.random.bernoulli(k, p, (m,)) if p > 0 else jnp.zeros(m, bool)
+  durations, lost, corrupt, straggler_state = _backend.draw_step(
+      straggler, protocol.assignment, jax.random.fold_in(key, step), straggler_state,
+      loss_prob, nan_prob)
   sim_stop = _protocols.stop_time(protocol, durations, mode=mode, deadline=deadline,
                                     timeout=timeout)
-  return durations, draw(k_loss, loss_prob), draw(k_nan, nan_prob), sim_stop, straggler_state
+  return durations, lost, corrupt, sim_stop, straggler_state
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply_update(tx, params, opt_state, g):
-  """``optax`` update from the flat gradient ``g [d]``, and whether it is finite."""
-  updates, new_opt = tx.update(ravel_pytree(params)[1](g), opt_state, params)
-  finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
-  return optax.apply_updates(params, updates), new_opt, finite
+  """``optax`` update from the flat gradient ``g [d]``, and whether it is finite
+  (:func:`jaxgc.backends.base.optimizer_update`, as the SPMD step)."""
+  return _backend.optimizer_update(tx, ravel_pytree(params)[1](g), opt_state, params)
 
 
 def _unravel(like, flat):
@@ -500,29 +498,21 @@ class RayStep:
       lists each actor outage and how many steps and seconds it cost.
   """
 
+  # A jaxgc.backends.StepBackend that runs on the host: no trace, host chunks, host params.
+  traced = False
+  layout = None
+
   def __init__(self, protocol, straggler, loss_fn: Callable, tx: optax.GradientTransformation, *,
                mode: str = "exact", deadline: float | None = None, timeout: float | None = None,
                num_actors: int = 4, time_scale: float = 0.01, address: str | None = None,
                message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                pool: WorkerPool | None = None, message_timeout: float = 60.0,
                keep_records: int = 1000, fail_at=None, report_condition: bool = True):
-    if mode not in MODES:
-      raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}.")
-    if mode == "deadline" and (deadline is None or not np.isfinite(deadline) or deadline <= 0):
-      raise ValueError(f"deadline mode needs a positive finite deadline, got {deadline!r}; set "
-                       "deadline=T (simulated seconds), or use mode='exact'.")
-    if mode == "exact" and not protocol.has_exact_mode:
-      raise ValueError(f"{protocol.name} never recovers the gradient exactly, so it has no exact "
-                       "mode; use mode='deadline' with a deadline, or protocol 'uncoded'.")
-    if timeout is not None and (not np.isfinite(timeout) or timeout <= 0):
-      raise ValueError(f"timeout must be a positive finite time or None, got {timeout!r}.")
+    _backend.check_step_args(protocol, mode, deadline, timeout, message_loss_prob,
+                             nan_message_prob)
     if not np.isfinite(time_scale) or time_scale <= 0:
       raise ValueError(f"time_scale must be positive (wall seconds per simulated second), got "
                        f"{time_scale!r}; set --config.ray.time_scale.")
-    for name, p in (("message_loss_prob", message_loss_prob),
-                    ("nan_message_prob", nan_message_prob)):
-      if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {p}.")
     self.protocol, self.assignment = protocol, protocol.assignment
     self.straggler, self.loss_fn, self.tx = straggler, loss_fn, tx
     self.mode = mode
@@ -556,8 +546,7 @@ class RayStep:
   def init_state(self, params, key) -> TrainState:
     """A fresh :class:`jaxgc.parallel.TrainState` (``plan`` unused: the PS plans in real time)."""
     state = TrainState.create(params, self.tx)
-    s0 = timing.init_state(self.straggler, jax.random.fold_in(key, _STRAGGLER_INIT),
-                           self.assignment.num_workers)
+    s0 = _backend.init_straggler_state(self.straggler, key, self.assignment.num_workers)
     if hasattr(state, "straggler_state"):
       state = state.replace(straggler_state=s0)
     else:      # a TrainState without the field: the model's memory lives here
@@ -640,6 +629,7 @@ class RayStep:
                    alive_wait_s=alive_wait)
     self.last_record = {
         "step": int(step), "time_scale": self.time_scale, "durations": tau,
+        "lost": lost, "corrupt": corrupt,
         "finish_wall": seen.finish, "chunk_wall": seen.chunk_s, "compute_wall": seen.compute_s,
         "worker_wall": seen.worker_t, "counts_observed": seen.observed, "counts": rounds.counts,
         "stop_wall": seen.stop_wall, "sim_stop": float(sim_stop), "erased": seen.erased,
@@ -882,9 +872,9 @@ class RayStep:
     s_state = getattr(state, "straggler_state", self._straggler_state)
     g, metrics, s_state = self._gradient(state.params, chunks, key, step, s_state)
     params, opt_state, finite = _apply_update(self.tx, state.params, state.opt_state, g)
-    skip = metrics["skipped"] or not bool(finite)
-    if skip:
-      params, opt_state = state.params, state.opt_state
+    skip = bool(metrics["skipped"] or not bool(finite))
+    params, opt_state = _backend.keep_if(skip, (state.params, state.opt_state),
+                                         (params, opt_state))
     sim_time = state.sim_time + jnp.float32(metrics["step_sim_time"])
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                         sim_time=sim_time, num_skipped=state.num_skipped + int(skip),
@@ -901,6 +891,14 @@ class RayStep:
     """``update`` itself: the PS runs on the host in real time, there is nothing to trace."""
     del donate
     return self.update
+
+  def placement(self, params) -> None:
+    """``None``: the parameters live on the PS host (each actor gets a copy per step)."""
+    del params
+
+  def state_sharding(self, state) -> None:
+    """``None``: the state is the PS's, on the host; the caller places it as it likes."""
+    del state
 
   @property
   def restarts(self) -> list:

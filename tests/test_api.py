@@ -19,7 +19,8 @@ DOCUMENTED = re.findall(r"^::: (jaxgc[\w.]*)\s*$", API_PAGE, flags=re.M)
 PUBLIC = sorted({f"jaxgc.{n}" for n in jaxgc.__all__
                  if isinstance(getattr(jaxgc, n), types.ModuleType)}
                 | {"jaxgc", "jaxgc.experiment", "jaxgc.ray_backend", "jaxgc.ray_faults",
-                   "jaxgc.registry", "jaxgc.errors", "jaxgc.faults"})
+                   "jaxgc.registry", "jaxgc.errors", "jaxgc.faults",
+                   "jaxgc.backends"})
 
 
 def test_the_api_page_documents_every_public_module():

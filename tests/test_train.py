@@ -1,4 +1,5 @@
 """The experiment layer in-process: config errors, end-to-end runs, resume, comparison."""
+import itertools
 import json
 import os
 
@@ -76,7 +77,7 @@ def test_metrics_and_outputs(tmp_path):
   assert [r["step"] for r in steps] == list(range(1, 13))
   assert [r["step"] for r in evals] == [0, 6, 12]
   times = [r["sim_time"] for r in steps]
-  assert all(b > a for a, b in zip(times[:-1], times[1:], strict=True))          # cumulative
+  assert all(b > a for a, b in itertools.pairwise(times))          # cumulative
   assert times[-1] == pytest.approx(float(state.sim_time))
   assert all(r["exact"] and r["decodable"] and not r["skipped"] for r in steps)
   for key in ("min_coverage", "chunks_below_ell", "erasures", "condition_number",

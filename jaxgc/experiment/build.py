@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxgc import adaptive, assignments, data, models, parallel, protocols, timing
+from jaxgc import adaptive, assignments, backends, data, models, parallel, protocols, timing
 from jaxgc import network as network_models
 from jaxgc.experiment.config import ConfigError
 
@@ -41,7 +41,7 @@ class Experiment(NamedTuple):
   model: Any
   tx: optax.GradientTransformation
   loss_fn: Any
-  step: Any            # CodedStep, or a RayStep with the same interface
+  step: backends.StepBackend   # the SPMD CodedStep or the RayStep
   mesh: Any
   timeout: float | None
 
@@ -268,12 +268,9 @@ def make_network(config) -> network_models.Network:
     return network_models.get_network(n.name, n.bandwidth, n.latency)
 
 
-def _accepts(fn, name: str) -> bool:
-  return name in inspect.signature(fn).parameters
-
-
 def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_aux=False):
-  """The coded step: :func:`jaxgc.parallel.make_coded_step`, or the Ray step.
+  """The coded step of ``config.backend``, from :data:`jaxgc.backends.BACKENDS`:
+  :func:`jaxgc.parallel.make_coded_step` (``spmd``) or the Ray step (``ray``).
 
   ``has_aux``: the loss returns ``(loss, new model state)`` (batch norm).
   """
@@ -298,7 +295,7 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
       raise ConfigError("--config.mesh.model", "workers that are groups of devices run in the "
                         "spmd step only; use --config.backend=spmd or --config.mesh.model=1.")
     try:
-      from jaxgc import ray_backend  # pylint: disable=import-outside-toplevel
+      from jaxgc import ray_backend  # noqa: F401  # pylint: disable=import-outside-toplevel
     except ImportError:
       raise ConfigError("--config.backend=ray",
                         "--config.backend=ray needs Ray: pip install 'jaxgc[ray]'") from None
@@ -308,16 +305,14 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
     kwargs.setdefault("report_condition", s.report_condition)
     with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
                "backend"):
-      return ray_backend.RayStep(protocol, straggler, loss_fn, tx, timeout=timeout, **kwargs,
-                                 **config.ray.to_dict())
-  # The step takes ``timeout`` once the one stop rule (jaxgc.protocols.stop_time) is in.
-  if timeout is not None and (_accepts(parallel.make_coded_step, "timeout")
-                              or _accepts(parallel.CodedStep.__init__, "timeout")):
+      return backends.get_backend("ray")(protocol, straggler, loss_fn, tx, mesh,
+                                         timeout=timeout, **kwargs, **config.ray.to_dict())
+  if timeout is not None:
     kwargs["timeout"] = timeout
   if has_aux:
     kwargs["has_aux"] = True
   with blame(config, "step", "step", _fields(config, "step"), "step.mode"):
-    return parallel.make_coded_step(
+    return backends.get_backend(config.backend)(
         protocol, straggler, loss_fn, tx, mesh, report_condition=s.report_condition,
         adaptive=adaptive.AdaptivePS(protocol) if config.adaptive else None, network=net,
         **kwargs)

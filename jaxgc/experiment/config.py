@@ -360,7 +360,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("checkpoint_every", "max_checkpoints"):
     if not isinstance(config[key], int) or config[key] < 0:
       raise ConfigError(f"--config.{key}", f"must be an integer >= 0, got {config[key]!r}.")
-  if config.backend not in ("spmd", "ray"):
+  from jaxgc.backends import BACKENDS  # pylint: disable=import-outside-toplevel
+  if config.backend not in BACKENDS:
     raise ConfigError("--config.backend", f"unknown backend {config.backend!r}; choose "
                       "'spmd' (one shard_map program) or 'ray' (one actor per worker).")
   if config.num_devices < 1:

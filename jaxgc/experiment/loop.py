@@ -212,27 +212,26 @@ def _make_update(exp: Experiment):
   :class:`jaxgc.parallel.WorkerChunks`, or the step's own (host) update for the Ray
   backend on host chunks."""
   cfg = exp.config
-  return _per_step(exp.step, ("update", cfg.backend, cfg.seed), lambda: _build_update(exp))
+  return _per_step(exp.step, ("update", exp.step.traced, cfg.seed), lambda: _build_update(exp))
 
 
 def _build_update(exp: Experiment):
   seed = exp.config.seed
-  if exp.config.backend == "spmd":
+  if exp.step.traced:
     return jax.jit(lambda state, chunks: exp.step.update(state, chunks, keys(seed)[2]),
                    donate_argnums=(0,))
-  update, step_key = exp.step.jit(), keys(seed)[2]
+  update, step_key = exp.step.update, keys(seed)[2]   # on the host: nothing to trace
   return lambda state, chunks: update(state, chunks, step_key)
 
 
 def _step_input(exp: Experiment, rep):
   """``step -> input`` of the step object: per-worker for a step with a layout, host
-  chunks for the Ray step, else the replicated chunks ``[N, ...]``."""
+  chunks for a step that is not traced (Ray), else the replicated chunks ``[N, ...]``."""
   cfg, ds = exp.config, exp.dataset
-  layout = getattr(exp.step, "layout", None) if cfg.backend == "spmd" else None
-  layout = layout if isinstance(layout, parallel.WorkerLayout) else None
+  layout = exp.step.layout if isinstance(exp.step.layout, parallel.WorkerLayout) else None
   inputs = StepInput((ds.x_train, ds.y_train), seed=cfg.seed, batch_size=cfg.batch_size,
                      num_chunks=exp.assignment.num_chunks, layout=layout)
-  if layout is None and cfg.backend == "spmd":
+  if layout is None and exp.step.traced:
     return inputs, lambda step: jax.tree.map(lambda x: global_array(x, rep),
                                              inputs.host_chunks(step))
   return inputs, inputs
@@ -250,21 +249,22 @@ def _input_bytes_per_device(inputs: StepInput, first) -> int | None:
 
 def _init_state(exp: Experiment, sharding):
   seed, model, example = exp.config.seed, exp.model, exp.dataset.x_train[:1]
-  spmd = exp.config.backend == "spmd"
+  traced = exp.step.traced
 
   def init():   # keys built in the program from the static seed (see keys())
     params, model_state = models.init_variables(model, keys(seed)[0], example)  # (shapes only)
-    if not spmd:
+    if not traced:
       return params
     # A model with state (batch norm) keeps it in the TrainState, so it is checkpointed.
     extra = {"model_state": model_state} if model_state else {}
     return exp.step.init_state(params, keys(seed)[2], **extra)
 
-  if spmd and hasattr(exp.step, "state_sharding"):   # sharded over a group of devices
-    sharding = exp.step.state_sharding(jax.eval_shape(init))
-  out = _per_step(exp.step, ("init", spmd, model, seed, example.shape, example.dtype),
+  if traced:   # sharded over a group of devices on a 2-D mesh
+    placed = exp.step.state_sharding(jax.eval_shape(init))
+    sharding = sharding if placed is None else placed
+  out = _per_step(exp.step, ("init", traced, model, seed, example.shape, example.dtype),
                   lambda: jax.jit(init, out_shardings=sharding))()
-  return out if spmd else exp.step.init_state(out, keys(seed)[2])
+  return out if traced else exp.step.init_state(out, keys(seed)[2])
 
 
 def _write_outputs(exp: Experiment, workdir: str, state, summary: dict) -> None:
@@ -290,9 +290,8 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
   """Runs a built :class:`Experiment` in ``workdir``: resume, train, evaluate, checkpoint,
   summarise (see :func:`train_and_evaluate`, which checks the workdir first).
 
-  ``exp.step`` may be any step with the :class:`jaxgc.parallel.CodedStep` interface; with
-  ``config.backend != "spmd"`` its ``jit()`` may return a plain callable (the Ray step).
-  A step with ``close()`` is closed at the end.
+  ``exp.step`` is a :class:`jaxgc.backends.StepBackend` (the SPMD or the Ray step);
+  it is closed at the end.
   """
   workdir = os.path.abspath(workdir)
   try:
@@ -306,8 +305,7 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
       raise
     raise error from None
   finally:
-    if hasattr(exp.step, "close"):
-      exp.step.close()
+    exp.step.close()
 
 
 def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
@@ -329,8 +327,9 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
   test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
   state, ckpt, meta = resilience.restore(exp, workdir, _init_state(exp, rep), rep, lead)
   start = int(state.step)
-  if lead and hasattr(exp.step, "placement") and cfg.backend == "spmd":
-    for line in exp.step.placement(state.params).summary().splitlines():
+  place = exp.step.placement(state.params) if lead else None
+  if place is not None:
+    for line in place.summary().splitlines():
       if "replicated:" in line:      # a large leaf the group cannot share
         runs.note(f"parameter {line.strip()}")
   if lead and start:

@@ -127,7 +127,7 @@ def layout_state(state, layout, sharding=None):
 # -- checkpoints of a run ------------------------------------------------------------------
 
 def _layout(exp):
-  layout = getattr(exp.step, "layout", None) if exp.config.backend == "spmd" else None
+  layout = exp.step.layout
   return layout if isinstance(layout, parallel.WorkerLayout) else None
 
 

@@ -46,6 +46,7 @@ from jaxgc import faults as _faults
 from jaxgc import network as _network
 from jaxgc import protocols as _protocols
 from jaxgc import timing
+from jaxgc.backends import base as _backend
 from jaxgc.parallel.chunk_fn import ChunkLoss, chunk_keys
 from jaxgc.parallel.devices import AXIS
 from jaxgc.parallel.layout import WorkerChunks, WorkerLayout
@@ -58,10 +59,6 @@ __all__ = [
 ]
 
 MODES = _protocols.MODES
-
-# fold_in data of the straggler model's initial state; steps use 0, 1, 2, ...
-_STRAGGLER_INIT = 0x7FFFFFFF
-
 
 def pvary(tree, axis_name):
   """Marks every leaf device-varying along ``axis_name`` (``jax.lax.pcast``).
@@ -393,6 +390,9 @@ class CodedStep:
   exactness are those of the static PS.
   """
 
+  # A jaxgc.backends.StepBackend: update is a pure JAX function (the loop jits it).
+  traced = True
+
   def __init__(self, protocol, straggler, loss_fn: Callable,
                tx: optax.GradientTransformation | None, mesh: Mesh, *, mode: str = "exact",
                deadline: float | None = None, timeout: float | None = None,
@@ -416,13 +416,8 @@ class CodedStep:
                                                        a.order)):
       raise ValueError("adaptive: the AdaptivePS was built for another assignment; build it "
                        "with the step's protocol, AdaptivePS(protocol).")
-    # The one stop rule validates mode, deadline and timeout (at trace time: free).
-    jax.eval_shape(lambda t: _protocols.stop_time(protocol, t, mode, deadline, timeout),
-                   jax.ShapeDtypeStruct(a.order.shape, jnp.float32))
-    for name, p in (("message_loss_prob", message_loss_prob),
-                    ("nan_message_prob", nan_message_prob)):
-      if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {p}.")
+    _backend.check_step_args(protocol, mode, deadline, timeout, message_loss_prob,
+                             nan_message_prob)
     self.protocol = protocol
     self.assignment = a
     self.straggler = straggler
@@ -484,9 +479,9 @@ class CodedStep:
     ``adaptive_state``'s placement). ``step``: the step's index, for the fault
     schedule (a failed worker's durations are ``+inf``); ``None``: no schedule.
     """
-    k_dur, k_loss, k_nan = jax.random.split(key, 3)
-    durations, straggler_state = timing.sample_step(self.straggler, k_dur, straggler_state,
-                                                    self.assignment)
+    durations, lost, corrupt, straggler_state = _backend.draw_step(
+        self.straggler, self.assignment, key, straggler_state, self.message_loss_prob,
+        self.nan_message_prob)
     if step is not None and self.fail_at.pairs:
       # Physical workers fail (before any placement), as the Ray backend's killed actors do.
       failed = _faults.mask(self.fail_at, step, self.assignment.num_workers)
@@ -494,13 +489,10 @@ class CodedStep:
     if self.adaptive is not None:
       durations = _adaptive.apply_placement(durations, self.adaptive.placement(adaptive_state),
                                             self.assignment)
-    m, m_pad = self.layout.m, self.layout.m_pad
     # Drawn for the m real workers, then padded: the same draws on any device count
     # (and on the Ray backend), so num_devices does not change results.
-    draw = lambda k, p: jnp.pad(jax.random.bernoulli(k, p, (m,)) if p > 0
-                                else jnp.zeros((m,), bool), (0, m_pad - m))
-    return (durations, draw(k_loss, self.message_loss_prob),
-            draw(k_nan, self.nan_message_prob)), straggler_state
+    pad = lambda x: jnp.pad(x, (0, self.layout.m_pad - self.layout.m))
+    return (durations, pad(lost), pad(corrupt)), straggler_state
 
   def _plan(self, durations, lost, corrupt) -> Plan:
     """The costly part: the stop rule, the state and the solve."""
@@ -521,8 +513,7 @@ class CodedStep:
 
   def init_straggler_state(self, key):
     """The straggler model's state before step 0 (``key``: the base key)."""
-    return timing.init_state(self.straggler, jax.random.fold_in(key, _STRAGGLER_INIT),
-                             self.assignment.num_workers)
+    return _backend.init_straggler_state(self.straggler, key, self.assignment.num_workers)
 
   def init_adaptive_state(self):
     """The adaptive PS's state before step 0 (the static placement); ``()`` without a PS."""
@@ -731,16 +722,11 @@ class CodedStep:
         jax.random.fold_in(key, state.step), args)
     aux = metrics.pop("aux", ())
     model_state = _chunk_mean(state.model_state, aux) if has_model_state else state.model_state
-    updates, opt_state = tx.update(g, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # One scalar instead of a reduction per leaf: any NaN/Inf makes the sum non-finite.
-    finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
+    params, opt_state, finite = _backend.optimizer_update(tx, g, state.opt_state, state.params)
     skip = metrics.pop("skipped") | ~finite
-    # One conditional rather than a select per leaf: fewer kernels, each of which
-    # runs on every device of the mesh.
-    params, opt_state, model_state = jax.lax.cond(
-        skip, lambda: (state.params, state.opt_state, state.model_state),
-        lambda: (params, opt_state, model_state))
+    params, opt_state, model_state = _backend.keep_if(
+        skip, (state.params, state.opt_state, state.model_state),
+        (params, opt_state, model_state))
     sim_time = state.sim_time + metrics["step_sim_time"]
     new = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, sim_time=sim_time,
@@ -755,6 +741,9 @@ class CodedStep:
   def jit(self, donate: bool = False):
     """``update`` jitted: ``(state, chunks, key) -> (state, metrics)``."""
     return jax.jit(self.update, donate_argnums=(0,) if donate else ())
+
+  def close(self) -> None:
+    """Nothing to release (the devices are JAX's); the step stays usable."""
 
 
 def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: str = "exact",

@@ -1,0 +1,161 @@
+"""The step interface both backends implement, and the pieces they share.
+
+A backend runs one coded training step (PROTOCOL.md §6): the SPMD step
+(:class:`jaxgc.parallel.CodedStep`, one ``shard_map`` program that simulates
+time) and the Ray step (:class:`jaxgc.ray_backend.RayStep`, actors in real time).
+Both must give the same gradient for the same key, so what decides it lives here
+once and both call it:
+
+- :func:`straggler_init_key` / :func:`init_straggler_state`: the straggler
+  model's state before step 0, from the base key;
+- :func:`draw_step`: one step's durations ``τ [m, max_load]`` and injected
+  message faults (lost, NaN), from the step's key ``fold_in(key, step)``;
+- :func:`check_step_args`: the mode, deadline, timeout and fault-probability checks;
+- :func:`optimizer_update` and :func:`keep_if`: the ``optax`` update and the
+  rule "a non-finite update never touches the parameters".
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgc import protocols as _protocols
+from jaxgc import timing
+
+__all__ = [
+    "StepBackend", "STRAGGLER_INIT", "straggler_init_key", "init_straggler_state", "StepDraw",
+    "draw_step", "check_step_args", "optimizer_update", "keep_if",
+]
+
+# fold_in data of the straggler model's initial-state key; steps use 0, 1, 2, ...
+STRAGGLER_INIT = 0x7FFFFFFF
+
+
+@runtime_checkable
+class StepBackend(Protocol):
+  """What the experiment loop needs of a coded step, whichever backend runs it.
+
+  Attributes:
+    traced: ``update`` is a pure JAX function of ``(state, chunks, key)``: the
+      loop jits it and builds the state under ``jit``. ``False``: it runs on the
+      host (the Ray PS) and takes host chunks.
+    layout: the :class:`jaxgc.parallel.WorkerLayout` the step wants its input laid
+      out by (per worker, :meth:`jaxgc.parallel.WorkerLayout.shard_chunks`);
+      ``None``: replicated chunks ``[N, ...]`` (traced) or host chunks.
+  """
+
+  traced: bool
+  layout: Any
+
+  def init_state(self, params, key) -> Any:
+    """A fresh :class:`jaxgc.parallel.TrainState` (``key``: the run's base key)."""
+    ...
+
+  def update(self, state, chunks, key) -> tuple[Any, dict]:
+    """One optimizer step: ``(new_state, metrics)``; never writes NaN into the parameters."""
+    ...
+
+  def gradient(self, params, chunks, key) -> tuple[Any, dict]:
+    """One step's decoded gradient ``ĝ`` (a pytree like ``params``) and its metrics."""
+    ...
+
+  def placement(self, params) -> Any:
+    """Where ``params`` live (:class:`jaxgc.parallel.Placement`); ``None``: on the host."""
+    ...
+
+  def state_sharding(self, state) -> Any:
+    """The state's ``NamedSharding`` pytree; ``None``: the caller's (replicated) choice."""
+    ...
+
+  def close(self) -> None:
+    """Releases what the step holds (actors); the step may not run afterwards."""
+    ...
+
+
+# -- keys and draws --------------------------------------------------------------------
+
+def straggler_init_key(key: jax.Array) -> jax.Array:
+  """The key of the straggler model's initial state: ``fold_in(key, STRAGGLER_INIT)``."""
+  return jax.random.fold_in(key, STRAGGLER_INIT)
+
+
+def init_straggler_state(straggler, key: jax.Array, num_workers: int):
+  """The straggler model's state before step 0 (``key``: the run's base key)."""
+  return timing.init_state(straggler, straggler_init_key(key), num_workers)
+
+
+class StepDraw(NamedTuple):
+  """One step's random part, drawn for the ``m`` real workers.
+
+  Attributes:
+    durations: ``τ [m, max_load]`` simulated seconds per chunk slot.
+    lost: bool ``[m]``, messages lost in transit.
+    corrupt: bool ``[m]``, messages that arrive non-finite.
+    straggler_state: the model's state after this step's durations.
+  """
+  durations: jax.Array
+  lost: jax.Array
+  corrupt: jax.Array
+  straggler_state: Any
+
+
+def draw_step(straggler, assignment, key: jax.Array, straggler_state,
+              message_loss_prob: float, nan_message_prob: float) -> StepDraw:
+  """The durations and message faults of the step whose key is ``key`` (= ``fold_in(base, s)``).
+
+  ``key`` splits three ways: durations, message loss, NaN messages. Each fault
+  is ``bernoulli(p)`` per worker, none drawn where ``p = 0``.
+  """
+  k_dur, k_loss, k_nan = jax.random.split(key, 3)
+  durations, straggler_state = timing.sample_step(straggler, k_dur, straggler_state, assignment)
+  m = assignment.num_workers
+  draw = lambda k, p: jax.random.bernoulli(k, p, (m,)) if p > 0 else jnp.zeros((m,), bool)
+  return StepDraw(durations, draw(k_loss, message_loss_prob), draw(k_nan, nan_message_prob),
+                  straggler_state)
+
+
+# -- argument checks -------------------------------------------------------------------
+
+def check_step_args(protocol, mode: str, deadline, timeout, message_loss_prob: float,
+                    nan_message_prob: float) -> None:
+  """Refuses a bad mode, deadline, timeout or fault probability with a ``ValueError``.
+
+  The mode, deadline and timeout are checked by the one stop rule
+  (:func:`jaxgc.protocols.stop_time`), traced on shapes only (no device work).
+  """
+  jax.eval_shape(lambda t: _protocols.stop_time(protocol, t, mode, deadline, timeout),
+                 jax.ShapeDtypeStruct(protocol.assignment.order.shape, jnp.float32))
+  for name, p in (("message_loss_prob", message_loss_prob),
+                  ("nan_message_prob", nan_message_prob)):
+    if not 0.0 <= p <= 1.0:
+      raise ValueError(f"{name} must be in [0, 1], got {p}.")
+
+
+# -- the update ------------------------------------------------------------------------
+
+def optimizer_update(tx: optax.GradientTransformation, grads, opt_state, params):
+  """``(params, opt_state, finite)`` after one ``optax`` step with ``grads``.
+
+  ``finite``: bool ``[]``, every update is finite. One scalar instead of a
+  reduction per leaf: any NaN/Inf makes the sum non-finite.
+  """
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  finite = jnp.isfinite(sum(jnp.sum(u) for u in jax.tree.leaves(updates)))
+  return params, opt_state, finite
+
+
+def keep_if(skip, old, new):
+  """``old`` where the step is skipped, else ``new`` (pytrees of one structure).
+
+  A traced ``skip`` takes one ``lax.cond`` rather than a select per leaf: fewer
+  kernels, each of which runs on every device of the mesh. A Python or NumPy
+  bool (the Ray PS, on the host) chooses directly.
+  """
+  if isinstance(skip, (bool, np.bool_)):
+    return old if skip else new
+  return jax.lax.cond(skip, lambda: old, lambda: new)

@@ -1,0 +1,142 @@
+"""jaxgc.backends: the declared step interface, the registry, and the code both steps share."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxgc import assignments, backends, data, models, parallel, protocols, timing
+from jaxgc.errors import ParamError
+
+M, LOAD, BATCH = 4, 3, 32
+KEY = jax.random.key(11)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  ds = data.load("digits")
+  model = models.get_model("mlp", ds.num_classes, (8,))
+  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
+  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
+  chunks = [(ds.x_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M, -1),
+             ds.y_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M)) for s in range(2)]
+  proto = protocols.get_protocol("partial_straggler", assignments.cyclic(M, LOAD), 1)
+  # With memory: its initial state comes from the shared init key, so a wrong key shows.
+  straggler = timing.GilbertElliott(timing.ShiftedExponential(1.0, 1.0), p_slow=0.3,
+                                    p_recover=0.3, factor=4.0)
+  return params, loss_fn, chunks, proto, straggler
+
+
+def spmd_step(setup, tx=None, **kw):
+  _, loss_fn, _, proto, straggler = setup
+  tx = optax.sgd(0.1) if tx is None else tx
+  return backends.get_backend("spmd")(proto, straggler, loss_fn, tx, parallel.make_mesh(1), **kw)
+
+
+# -- the registry ------------------------------------------------------------------------
+
+def test_registry_lists_both_backends_and_rejects_an_unknown_name():
+  assert backends.BACKENDS.names() == ["ray", "spmd"]
+  with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*\['ray', 'spmd'\]") as e:
+    backends.get_backend("tpu")
+  assert isinstance(e.value, ParamError) and e.value.param == "name"
+
+
+def test_spmd_step_is_a_step_backend(setup):
+  step = spmd_step(setup)
+  assert isinstance(step, backends.StepBackend) and isinstance(step, parallel.CodedStep)
+  assert step.traced and isinstance(step.layout, parallel.WorkerLayout)
+  step.close()          # a no-op: the step still runs
+  g, _ = jax.jit(step.gradient)(setup[0], setup[2][0], KEY)
+  assert jax.tree.structure(g) == jax.tree.structure(setup[0])
+
+
+def test_both_backends_refuse_bad_arguments_alike(setup):
+  _, loss_fn, _, proto, straggler = setup
+  for kw, word in ((dict(mode="fast"), "unknown mode"), (dict(mode="deadline"), "deadline"),
+                   (dict(timeout=-1.0), "timeout"), (dict(nan_message_prob=1.5), "nan_message")):
+    with pytest.raises(ValueError, match=word):
+      backends.check_step_args(proto, kw.get("mode", "exact"), kw.get("deadline"),
+                               kw.get("timeout"), 0.0, kw.get("nan_message_prob", 0.0))
+    with pytest.raises(ValueError, match=word):
+      spmd_step(setup, **kw)
+    with pytest.raises(ValueError, match=word):     # before any actor starts
+      backends.get_backend("ray")(proto, straggler, loss_fn, optax.sgd(0.1), **kw)
+
+
+# -- the shared update -------------------------------------------------------------------
+
+def test_the_shared_update_skips_non_finite_updates_eagerly_and_traced():
+  params = {"w": jnp.arange(3.0)}
+  tx = optax.adam(0.1)
+  opt = tx.init(params)
+  for g, finite in (({"w": jnp.ones(3)}, True), ({"w": jnp.array([1.0, jnp.nan, 0.0])}, False)):
+    new_p, new_o, ok = backends.optimizer_update(tx, g, opt, params)
+    assert bool(ok) == finite
+    eager = backends.keep_if(not bool(ok), (params, opt), (new_p, new_o))
+    traced = jax.jit(lambda s, new: backends.keep_if(s, (params, opt), new))(~ok, (new_p, new_o))
+    want = (new_p, new_o) if finite else (params, opt)
+    for tree in (eager, traced):
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                   tree, want)
+
+
+def test_spmd_step_skips_a_non_finite_update(setup):
+  params, _, chunks, _, _ = setup
+  step = spmd_step(setup, tx=optax.chain(optax.sgd(0.1), optax.scale(float("nan"))))
+  state, metrics = jax.jit(step.update)(step.init_state(params, KEY), chunks[0], KEY)
+  assert bool(metrics["skipped"]) and int(state.num_skipped) == 1 and int(state.step) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               state.params, params)
+
+
+# -- the Ray step, against the SPMD step --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pool():
+  ray = pytest.importorskip("ray")
+  from jaxgc.ray_backend import WorkerPool  # pylint: disable=import-outside-toplevel
+  ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+  try:
+    with WorkerPool(1) as p:
+      yield p
+  finally:
+    ray.shutdown()
+
+
+def test_ray_step_is_a_step_backend_and_draws_what_the_spmd_step_draws(pool, setup):
+  params, loss_fn, chunks, proto, straggler = setup
+  faults = dict(message_loss_prob=0.3, nan_message_prob=0.3)
+  ray_step = backends.get_backend("ray")(proto, straggler, loss_fn, optax.sgd(0.1), pool=pool,
+                                         time_scale=0.001, **faults)
+  assert isinstance(ray_step, backends.StepBackend) and not ray_step.traced
+  assert ray_step.layout is None and ray_step.placement(params) is None
+  spmd = spmd_step(setup, **faults)
+  state = ray_step.init_state(params, KEY)
+  s_state = None
+  for c in chunks:
+    step = int(state.step)
+    plan, s_state, _ = spmd.plan_step(KEY, step, s_state)
+    state, _ = ray_step.update(state, c, KEY)
+    rec = ray_step.last_record
+    # The same durations (their stop and state), faults and straggler state, bit for bit.
+    assert rec["sim_stop"] == float(plan.stop)
+    np.testing.assert_array_equal(np.asarray(timing.progress(rec["durations"], plan.stop)),
+                                  np.asarray(plan.counts))
+    np.testing.assert_array_equal(rec["lost"], np.asarray(plan.lost[:M]))
+    np.testing.assert_array_equal(rec["corrupt"], np.asarray(plan.corrupt[:M]))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 state.straggler_state, s_state)
+  ray_step.close()
+
+
+def test_ray_step_skips_a_non_finite_update(pool, setup):
+  params, loss_fn, chunks, proto, straggler = setup
+  tx = optax.chain(optax.sgd(0.1), optax.scale(float("nan")))
+  ray_step = backends.get_backend("ray")(proto, straggler, loss_fn, tx, pool=pool,
+                                         time_scale=0.001)
+  state, metrics = ray_step.update(ray_step.init_state(params, KEY), chunks[0], KEY)
+  assert metrics["skipped"] and int(state.num_skipped) == 1 and int(state.step) == 1
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               state.params, params)
+  ray_step.close()
