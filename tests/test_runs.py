@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from configs import default as default_config
 from jaxgc import experiment, protocols
+from jaxgc.backends import StepBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -361,25 +363,36 @@ def test_ray_backend_without_ray_is_one_line(monkeypatch):
 
 
 class HostStep:
-  """A step whose update is a plain Python callable reporting wall time (as Ray's)."""
+  """A step on the host (``traced=False``, as Ray's) wrapping the SPMD step; reports wall time."""
+  traced, layout = False, None
 
   def __init__(self, step):
     self.step, self.assignment = step, step.assignment
+    self._update = jax.jit(step.update)
 
   def init_state(self, params, key):
     return self.step.init_state(params, key)
 
-  def jit(self, donate=False):
-    update = self.step.jit()
+  def update(self, state, chunks, key):
+    state, metrics = self._update(state, chunks, key)
+    return state, dict(metrics, wall_time=0.25)
 
-    def call(state, chunks, key):
-      state, metrics = update(state, chunks, key)
-      return state, dict(metrics, wall_time=0.25)
-    return call
+  def gradient(self, params, chunks, key):
+    return self.step.gradient(params, chunks, key)
+
+  def placement(self, params):
+    return None
+
+  def state_sharding(self, state):
+    return None
+
+  def close(self):
+    pass
 
 
 def test_loop_drives_a_host_step_and_logs_wall_time(tmp_path, tiny):
   exp = tiny("num_steps=2", "checkpoint_every=0")
+  assert isinstance(HostStep(exp.step), StepBackend)   # what any backend declares
   straight = experiment.train(exp, str(tmp_path / "spmd"))
   config = tiny_config("num_steps=2", "checkpoint_every=0", "backend=ray")
   state = experiment.train(exp._replace(config=config, step=HostStep(exp.step)),
