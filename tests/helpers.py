@@ -34,6 +34,15 @@ def random_lists(rng, m, n_chunks, min_rep=1, max_load=None):
   return jaxgc.assignments.from_lists(lists, n_chunks)
 
 
+def host_batches(ds, num_chunks, batch_size, steps):
+  """``steps`` consecutive training batches as host chunks ``(x [N, b/N, ...], y [N, b/N])``:
+  plain slicing, nothing to compile (what the Ray PS takes)."""
+  per = batch_size // num_chunks
+  return [(ds.x_train[s * batch_size:(s + 1) * batch_size].reshape(num_chunks, per, -1),
+           ds.y_train[s * batch_size:(s + 1) * batch_size].reshape(num_chunks, per))
+          for s in range(steps)]
+
+
 def digits_mlp(hidden, batch_size, seed=0):
   """``(dataset, model, params, chunk loss_fn, train_data)`` for a small MLP on digits."""
   import jax.numpy as jnp

@@ -5,8 +5,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgc import assignments, backends, data, models, parallel, protocols, timing
+from jaxgc import assignments, backends, parallel, protocols, timing
 from jaxgc.errors import ParamError
+from tests.helpers import digits_mlp, host_batches
 
 M, LOAD, BATCH = 4, 3, 32
 KEY = jax.random.key(11)
@@ -14,12 +15,8 @@ KEY = jax.random.key(11)
 
 @pytest.fixture(scope="module")
 def setup():
-  ds = data.load("digits")
-  model = models.get_model("mlp", ds.num_classes, (8,))
-  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
-  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
-  chunks = [(ds.x_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M, -1),
-             ds.y_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M)) for s in range(2)]
+  ds, _, params, loss_fn, _ = digits_mlp((8,), BATCH)
+  chunks = host_batches(ds, M, BATCH, 2)
   proto = protocols.get_protocol("partial_straggler", assignments.cyclic(M, LOAD), 1)
   # With memory: its initial state comes from the shared init key, so a wrong key shows.
   straggler = timing.GilbertElliott(timing.ShiftedExponential(1.0, 1.0), p_slow=0.3,

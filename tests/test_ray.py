@@ -14,8 +14,9 @@ from jax.sharding import PartitionSpec as P
 
 ray = pytest.importorskip("ray")
 
-from jaxgc import assignments, data, models, parallel, protocols, timing  # pylint: disable=wrong-import-position
+from jaxgc import assignments, parallel, protocols, timing  # pylint: disable=wrong-import-position
 from jaxgc.ray_backend import RayStep, WorkerPool, measured_durations  # pylint: disable=wrong-import-position
+from tests.helpers import digits_mlp, host_batches  # pylint: disable=wrong-import-position
 
 M, LOAD, BATCH = 4, 3, 32
 
@@ -32,14 +33,8 @@ def pool():
 
 @pytest.fixture(scope="module")
 def setup():
-  ds = data.load("digits")
-  model = models.get_model("mlp", ds.num_classes, (8,))
-  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
-  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
-  # Three steps' batches, split into M chunks (plain slicing: nothing to compile).
-  chunks = [(ds.x_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M, -1),
-             ds.y_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M)) for s in range(3)]
-  return params, loss_fn, chunks
+  ds, _, params, loss_fn, _ = digits_mlp((8,), BATCH)
+  return params, loss_fn, host_batches(ds, M, BATCH, 3)   # three steps' batches
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,18 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from jaxgc import assignments, data, models, protocols, timing  # pylint: disable=wrong-import-position
+from jaxgc import assignments, protocols, timing  # pylint: disable=wrong-import-position
 from jaxgc.ray_backend import RayStep, WorkerPool  # pylint: disable=wrong-import-position
 from jaxgc.ray_faults import KillLoop  # pylint: disable=wrong-import-position
+from tests.helpers import digits_mlp, host_batches  # pylint: disable=wrong-import-position
 
 M, LOAD, BATCH, LR, SCALE = 4, 3, 64, 0.5, 0.005
 
 
 @pytest.fixture(scope="module")
 def problem():
-  ds = data.load("digits")
-  model = models.get_model("mlp", ds.num_classes, (16,))
-  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
-  loss_fn = models.chunk_loss_fn(model.apply, BATCH)
-  n = len(ds.x_train) // BATCH
-  batches = [(ds.x_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M, -1),
-              ds.y_train[s * BATCH:(s + 1) * BATCH].reshape(M, BATCH // M)) for s in range(n)]
+  ds, model, params, loss_fn, _ = digits_mlp((16,), BATCH)
+  batches = host_batches(ds, M, BATCH, len(ds.x_train) // BATCH)
   proto = protocols.get_protocol("partial_straggler", assignments.cyclic(M, LOAD), 1)
   accuracy = jax.jit(lambda p: jnp.mean(
       jnp.argmax(model.apply({"params": p}, ds.x_test), -1) == ds.y_test))
