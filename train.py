@@ -6,7 +6,7 @@
 
 The work is done by :mod:`jaxgc.experiment` (``train_and_evaluate(config, workdir)``);
 this file only parses flags. ``--config.<field>=value`` overrides any config field
-(old flat names such as ``--config.ell`` still work). Rerunning the same command
+(shortcuts such as ``--config.ell`` set the common fields). Rerunning the same command
 resumes the run in ``--workdir``; ``--restart`` starts it over.
 
 SIGTERM (preemption) or Ctrl-C stop after the current step, save it, and exit with

@@ -25,7 +25,7 @@ to the library) takes its options on the command line,
 An option called ``seed`` left unset takes ``config.seed`` (where the
 constructor's signature shows one).
 
-:data:`ALIASES` keeps the flat flag names of earlier versions working
+:data:`ALIASES` are shortcut flags for the common fields
 (``--config.ell``, ``--config.protocol=original``, ``--config.straggler.shift``, ...).
 """
 from __future__ import annotations
@@ -57,8 +57,8 @@ NON_RESULT_FIELDS = (
     "process_id", "distributed_timeout", "ray.address", "memory_budget_gb", "mesh.model",
 )
 
-# Old flat field -> its place now. "<name>" is the block's chosen name, resolved
-# once every override is applied.
+# Shortcut flags: the short names users type (--config.ell) -> the field they set.
+# "<name>" is the block's chosen name, resolved once every override is applied.
 ALIASES = {
     "mode": "step.mode",
     "deadline": "step.deadline",
