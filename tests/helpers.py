@@ -1,4 +1,6 @@
 """Small test helpers (no chex: plain tree asserts)."""
+import contextlib
+
 import jax
 import numpy as np
 
@@ -53,3 +55,18 @@ def digits_mlp(hidden, batch_size, seed=0):
   params = models.init_params(model, jax.random.key(seed), ds.x_train[:1])
   loss_fn = models.chunk_loss_fn(model.apply, batch_size)
   return ds, model, params, loss_fn, (jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+
+
+@contextlib.contextmanager
+def local_ray_pool(num_cpus: int, num_actors: int):
+  """A local Ray instance with a :class:`jaxgc.ray_backend.WorkerPool`, always shut down."""
+  import ray
+
+  from jaxgc.ray_backend import WorkerPool
+  ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+           log_to_driver=False)
+  try:
+    with WorkerPool(num_actors) as pool:
+      yield pool
+  finally:
+    ray.shutdown()

@@ -7,7 +7,7 @@ import pytest
 
 from jaxgc import assignments, backends, parallel, protocols, timing
 from jaxgc.errors import ParamError
-from tests.helpers import digits_mlp, host_batches
+from tests.helpers import digits_mlp, host_batches, local_ray_pool
 
 M, LOAD, BATCH = 4, 3, 32
 KEY = jax.random.key(11)
@@ -91,14 +91,9 @@ def test_spmd_step_skips_a_non_finite_update(setup):
 
 @pytest.fixture(scope="module")
 def pool():
-  ray = pytest.importorskip("ray")
-  from jaxgc.ray_backend import WorkerPool  # pylint: disable=import-outside-toplevel
-  ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-  try:
-    with WorkerPool(1) as p:
-      yield p
-  finally:
-    ray.shutdown()
+  pytest.importorskip("ray")
+  with local_ray_pool(num_cpus=2, num_actors=1) as p:
+    yield p
 
 
 def test_ray_step_is_a_step_backend_and_draws_what_the_spmd_step_draws(pool, setup):

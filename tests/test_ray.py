@@ -15,20 +15,16 @@ from jax.sharding import PartitionSpec as P
 ray = pytest.importorskip("ray")
 
 from jaxgc import assignments, parallel, protocols, timing  # pylint: disable=wrong-import-position
-from jaxgc.ray_backend import RayStep, WorkerPool, measured_durations  # pylint: disable=wrong-import-position
-from tests.helpers import digits_mlp, host_batches  # pylint: disable=wrong-import-position
+from jaxgc.ray_backend import RayStep, measured_durations  # pylint: disable=wrong-import-position
+from tests.helpers import digits_mlp, host_batches, local_ray_pool  # pylint: disable=wrong-import-position
 
 M, LOAD, BATCH = 4, 3, 32
 
 
 @pytest.fixture(scope="module")
 def pool():
-  ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-  try:
-    with WorkerPool(2) as p:     # workers 0, 2 on actor 0; 1, 3 on actor 1
-      yield p
-  finally:
-    ray.shutdown()
+  with local_ray_pool(num_cpus=4, num_actors=2) as p:   # workers 0, 2 on actor 0; 1, 3 on 1
+    yield p
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 from jaxgc import assignments, protocols, timing  # pylint: disable=wrong-import-position
 from jaxgc.ray_backend import RayStep, WorkerPool  # pylint: disable=wrong-import-position
 from jaxgc.ray_faults import KillLoop  # pylint: disable=wrong-import-position
-from tests.helpers import digits_mlp, host_batches  # pylint: disable=wrong-import-position
+from tests.helpers import digits_mlp, host_batches, local_ray_pool  # pylint: disable=wrong-import-position
 
 M, LOAD, BATCH, LR, SCALE = 4, 3, 64, 0.5, 0.005
 
@@ -83,12 +83,8 @@ class TestLocal:
 
   @pytest.fixture(scope="class")
   def pool(self):
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-      with WorkerPool(2) as p:     # workers 0, 2 on actor 0; 1, 3 on actor 1
-        yield p
-    finally:
-      ray.shutdown()
+    with local_ray_pool(num_cpus=3, num_actors=2) as p:   # workers 0, 2 on actor 0; 1, 3 on 1
+      yield p
 
   def test_fail_at_kills_the_actor_and_it_rejoins(self, pool, problem):
     _, loss_fn, _, proto, _ = problem
