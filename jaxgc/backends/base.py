@@ -10,14 +10,18 @@ once and both call it:
   model's state before step 0, from the base key;
 - :func:`draw_step`: one step's durations ``τ [m, max_load]`` and injected
   message faults (lost, NaN), from the step's key ``fold_in(key, step)``;
-- :func:`check_step_args`: the mode, deadline, timeout and fault-probability checks;
+- :class:`TrainState`: what a step updates (parameters, optimizer state, the
+  simulated clock, the straggler model's and the adaptive PS's states);
+- :func:`check_step_args` and :func:`check_straggler`: the mode, deadline,
+  timeout, fault-probability and straggler-model checks;
 - :func:`optimizer_update` and :func:`keep_if`: the ``optax`` update and the
   rule "a non-finite update never touches the parameters".
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +31,8 @@ from jaxgc import protocols as _protocols
 from jaxgc import timing
 
 __all__ = [
-    "StepBackend", "STRAGGLER_INIT", "straggler_init_key", "init_straggler_state", "StepDraw",
-    "draw_step", "check_step_args", "optimizer_update", "keep_if",
+    "StepBackend", "TrainState", "STRAGGLER_INIT", "straggler_init_key", "init_straggler_state",
+    "StepDraw", "draw_step", "check_step_args", "check_straggler", "optimizer_update", "keep_if",
 ]
 
 # fold_in data of the straggler model's initial-state key; steps use 0, 1, 2, ...
@@ -52,7 +56,7 @@ class StepBackend(Protocol):
   layout: Any
 
   def init_state(self, params, key) -> Any:
-    """A fresh :class:`jaxgc.parallel.TrainState` (``key``: the run's base key)."""
+    """A fresh :class:`TrainState` (``key``: the run's base key)."""
     ...
 
   def update(self, state, chunks, key) -> tuple[Any, dict]:
@@ -74,6 +78,59 @@ class StepBackend(Protocol):
   def close(self) -> None:
     """Releases what the step holds (actors); the step may not run afterwards."""
     ...
+
+
+# -- the state -------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+  """Replicated training state.
+
+  Attributes:
+    step: int32 scalar, steps taken (skipped ones included).
+    params: model parameter pytree.
+    opt_state: optax state.
+    sim_time: float32 scalar, cumulative simulated wall-clock seconds.
+    num_skipped: int32, steps whose update was dropped (undecodable / non-finite).
+    num_erasures: int32, cumulative erased messages.
+    plan: the :class:`jaxgc.parallel.Plan` of step ``step``, made during the
+      previous step; ``None`` (:meth:`create`): the step plans itself first.
+    straggler_state: the straggler model's state after the durations of the
+      latest planned step (``()`` for i.i.d. models), so a model with memory
+      advances with the steps and is checkpointed with them.
+    adaptive_state: the adaptive PS's :class:`jaxgc.adaptive.AdaptiveState`
+      after observing the latest planned step (``()`` without one): its
+      placement is that of the step after ``plan``'s.
+    model_state: the model's variables that are not trained (batch-norm running
+      statistics), ``()`` for none; the loss receives it as its first extra
+      argument, and :meth:`jaxgc.parallel.CodedStep.update` replaces it by the
+      chunk mean of the loss's ``aux`` (ghost batch norm, PROTOCOL.md §12).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  sim_time: jax.Array
+  num_skipped: jax.Array
+  num_erasures: jax.Array
+  plan: Any = None
+  straggler_state: Any = ()
+  adaptive_state: Any = ()
+  model_state: Any = ()
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, plan=None,
+             straggler_state=(), adaptive_state=(), model_state=()) -> TrainState:
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               sim_time=jnp.zeros((), jnp.float32), num_skipped=jnp.zeros((), jnp.int32),
+               num_erasures=jnp.zeros((), jnp.int32), plan=plan,
+               straggler_state=straggler_state, adaptive_state=adaptive_state,
+               model_state=model_state)
+
+  if TYPE_CHECKING:
+    # Added at run time by flax.struct.dataclass; declared here for the type checker.
+    def replace(self, **changes: Any) -> TrainState:
+      """A copy with the fields in ``changes`` replaced."""
+      ...
 
 
 # -- keys and draws --------------------------------------------------------------------
@@ -133,6 +190,23 @@ def check_step_args(protocol, mode: str, deadline, timeout, message_loss_prob: f
                   ("nan_message_prob", nan_message_prob)):
     if not 0.0 <= p <= 1.0:
       raise ValueError(f"{name} must be in [0, 1], got {p}.")
+
+
+def check_straggler(straggler) -> None:
+  """Refuses, when the step is built, a straggler model that cannot draw durations.
+
+  A model is a :class:`jaxgc.timing.StragglerModel` (it has ``sample``); one with
+  memory across steps (``stateful = True``) needs ``sample_step`` only.
+  """
+  if getattr(straggler, "stateful", False):
+    ok = callable(getattr(straggler, "sample_step", None))
+  else:
+    ok = isinstance(straggler, timing.StragglerModel)
+  if not ok:
+    raise ValueError(
+        f"straggler must be a straggler model with sample(key, assignment) (or, with memory, "
+        f"sample_step), got {type(straggler).__name__} {straggler!r}; build one with "
+        "jaxgc.timing.get_straggler_model(name) or e.g. jaxgc.timing.Slowdown(...).")
 
 
 # -- the update ------------------------------------------------------------------------

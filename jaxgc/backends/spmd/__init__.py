@@ -3,10 +3,13 @@
 Devices and meshes (:mod:`~jaxgc.backends.spmd.devices`), the per-worker input
 layout (:mod:`~jaxgc.backends.spmd.layout`), where parameters live on a
 ``workers × model`` mesh (:mod:`~jaxgc.backends.spmd.sharding`), and the step
-(:mod:`~jaxgc.backends.spmd.step`). The public path :mod:`jaxgc.parallel`
+(:mod:`~jaxgc.backends.spmd.step`: its plan in :mod:`~jaxgc.backends.spmd.plan`, its
+gradient in :mod:`~jaxgc.backends.spmd.gradient`). The public path :mod:`jaxgc.parallel`
 re-exports the same names.
 """
+from jaxgc.backends.base import TrainState
 from jaxgc.backends.spmd.chunk_fn import chunk_keys
+from jaxgc.backends.spmd.collectives import decode_sharded, pvary
 from jaxgc.backends.spmd.devices import (
   AXIS,
   MODEL_AXIS,
@@ -17,6 +20,8 @@ from jaxgc.backends.spmd.devices import (
   workers_per_device,
 )
 from jaxgc.backends.spmd.layout import WorkerChunks, WorkerLayout
+from jaxgc.backends.spmd.plain import PlainStep, make_plain_step
+from jaxgc.backends.spmd.plan import Plan, Solve
 from jaxgc.backends.spmd.sharding import (
   MessageLayout,
   Placement,
@@ -24,18 +29,7 @@ from jaxgc.backends.spmd.sharding import (
   fsdp_rule,
   place_params,
 )
-from jaxgc.backends.spmd.step import (
-  MODES,
-  CodedStep,
-  PlainStep,
-  Plan,
-  Solve,
-  TrainState,
-  decode_sharded,
-  make_coded_step,
-  make_plain_step,
-  pvary,
-)
+from jaxgc.backends.spmd.step import MODES, CodedStep, make_coded_step
 from jaxgc.backends.spmd.value_and_grad import coded_value_and_grad
 
 __all__ = [

@@ -119,6 +119,14 @@ class WorkerLayout:
             "with this step's shard_chunks(chunks) (or from_process_chunks).")
 
   # -- building the per-worker input ----------------------------------------------
+  def worker_chunks(self, chunks) -> WorkerChunks:
+    """``chunks`` ``[N, ...]`` laid out per worker (:meth:`shard_chunks`), or, already
+    :class:`WorkerChunks`, checked against this layout (:meth:`check`)."""
+    if isinstance(chunks, WorkerChunks):
+      self.check(chunks)
+      return chunks
+    return self.shard_chunks(chunks)
+
   def shard_chunks(self, chunks) -> WorkerChunks:
     """Lays the step's chunks ``[N, ...]`` out per worker, sharded along ``workers``.
 
