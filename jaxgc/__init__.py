@@ -21,7 +21,7 @@ from jaxgc import (
 from jaxgc.assignments import Assignment
 
 # Device plumbing: kept at the top level for existing scripts, documented under jaxgc.parallel.
-from jaxgc.parallel import (  # noqa: F401
+from jaxgc.backends.spmd import (  # noqa: F401
                              CodedStep,
                              PlainStep,
                              TrainState,

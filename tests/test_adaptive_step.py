@@ -82,7 +82,7 @@ def test_adaptive_beats_static_under_adjacent_slow_workers(setup, run):
   step ``s`` depends on ``fold_in(KEY, s)`` only, so all are planned at once.
   """
   static = setup[4](None)
-  plans = jax.jit(jax.vmap(lambda s: static.init_plan(KEY, s)[0].stop))(jnp.arange(STEPS))
+  plans = jax.jit(jax.vmap(lambda s: static.plan_step(KEY, s)[0].stop))(jnp.arange(STEPS))
   static_mean = float(np.mean(np.asarray(plans)))
   adaptive_mean = float(np.mean([float(m["step_sim_time"]) for m in run[3]]))
   assert adaptive_mean < 0.85 * static_mean, (adaptive_mean, static_mean)

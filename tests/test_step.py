@@ -12,7 +12,7 @@ from helpers import digits_mlp
 from jax.sharding import PartitionSpec as P
 
 from jaxgc import assignments, data, models, parallel, protocols, timing
-from jaxgc.parallel import step as step_lib
+from jaxgc.backends.spmd import collectives
 
 M, LOAD, BATCH = 20, 4, 160
 
@@ -247,7 +247,7 @@ def test_psum_packed_roundtrip():
   def body(t):
     mine = jax.lax.axis_index("workers") == 2
     t = jax.tree.map(lambda x: jnp.where(mine, x, jnp.zeros_like(x)), t)
-    return step_lib._psum_packed(t, "workers")  # pylint: disable=protected-access
+    return collectives.psum_packed(t, "workers")
 
   out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()))(tree)
   assert out["b"].dtype == jnp.bool_ and out["c"].dtype == jnp.int32
@@ -432,11 +432,11 @@ def test_undecodable_step_costs_the_timeout(setup):
   mesh, _, _, _, loss_fn = setup
   proto = protocols.PartialStraggler(assignments.cyclic(SM, SLOAD), 1)
   dead = timing.get_model("shifted_exponential", failure_prob=1.0)
-  plan, _ = parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1), mesh,
-                                     timeout=5.0).init_plan(jax.random.key(0))
+  plan = parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1), mesh,
+                                  timeout=5.0).plan_step(jax.random.key(0))[0]
   assert float(plan.stop) == 5.0 and not np.asarray(plan.solve.senders).any()
-  plan, _ = parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1),
-                                     mesh).init_plan(jax.random.key(0))
+  plan = parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1),
+                                  mesh).plan_step(jax.random.key(0))[0]
   assert float(plan.stop) == 0.0       # without a timeout: the last finish, none here
   with pytest.raises(ValueError, match="timeout"):
     parallel.make_coded_step(proto, dead, loss_fn, optax.sgd(0.1), mesh, timeout=-1.0)

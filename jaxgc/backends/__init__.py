@@ -1,10 +1,10 @@
 """Step backends: one declared interface (:class:`StepBackend`), one registry.
 
-``"spmd"``: :func:`jaxgc.parallel.make_coded_step` (one ``shard_map`` program,
-simulated time). ``"ray"``: :class:`jaxgc.ray_backend.RayStep` (Ray actors, real
-time). Both are built as ``get_backend(name)(protocol, straggler, loss_fn, tx,
-mesh, **options)``; each is imported when built, so using jaxgc without Ray
-never imports it.
+``"spmd"``: :func:`jaxgc.backends.spmd.make_coded_step` (one ``shard_map``
+program, simulated time; public path :mod:`jaxgc.parallel`). ``"ray"``:
+:class:`jaxgc.ray_backend.RayStep` (Ray actors, real time). Both are built as
+``get_backend(name)(protocol, straggler, loss_fn, tx, mesh, **options)``; each is
+imported when built, so using jaxgc without Ray never imports it.
 """
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from jaxgc.backends.base import (
   STRAGGLER_INIT,
   StepBackend,
   StepDraw,
+  TrainState,
   check_step_args,
+  check_straggler,
   draw_step,
   init_straggler_state,
   keep_if,
@@ -25,17 +27,19 @@ from jaxgc.backends.base import (
 from jaxgc.registry import Registry
 
 __all__ = [
-    "BACKENDS", "get_backend", "StepBackend", "STRAGGLER_INIT", "StepDraw", "check_step_args",
-    "draw_step", "init_straggler_state", "keep_if", "optimizer_update", "straggler_init_key",
+    "BACKENDS", "get_backend", "StepBackend", "TrainState", "STRAGGLER_INIT", "StepDraw",
+    "check_step_args", "check_straggler", "draw_step", "init_straggler_state", "keep_if",
+    "optimizer_update", "straggler_init_key",
 ]
 
 BACKENDS: Registry[StepBackend] = Registry("backend")
 
 
+# Named spmd_step, not spmd: that name is the subpackage jaxgc.backends.spmd.
 @BACKENDS.register("spmd")
-def spmd(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
-  """The SPMD step: :func:`jaxgc.parallel.make_coded_step` with ``options``."""
-  from jaxgc.parallel import make_coded_step  # pylint: disable=import-outside-toplevel
+def spmd_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
+  """The SPMD step: :func:`jaxgc.backends.spmd.make_coded_step` with ``options``."""
+  from jaxgc.backends.spmd import make_coded_step  # pylint: disable=import-outside-toplevel
   return make_coded_step(protocol, straggler, loss_fn, tx, mesh, **options)
 
 

@@ -13,7 +13,9 @@ import functools
 import jax
 import numpy as np
 
-from jaxgc import data, parallel
+from jaxgc import data
+from jaxgc.backends import spmd
+from jaxgc.backends.base import TrainState
 
 __all__ = ["keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
            "train_step", "StepInput"]
@@ -61,7 +63,7 @@ def step_chunks(train_data, step, perm, *, seed: int, batch_size: int, num_chunk
   return data.step_chunks(train_data, keys(seed)[1], step, batch_size, num_chunks, perm=perm)
 
 
-def train_step(state: parallel.TrainState, train_data, perm, *, coded_step, batch_size: int,
+def train_step(state: TrainState, train_data, perm, *, coded_step, batch_size: int,
                seed: int):
   """One coded step on the batch of step ``state.step`` (jit this), drawn in the graph.
 
@@ -95,7 +97,7 @@ class StepInput:
   """
 
   def __init__(self, train_data, *, seed: int, batch_size: int, num_chunks: int,
-               layout: parallel.WorkerLayout | None = None):
+               layout: spmd.WorkerLayout | None = None):
     self.train_data = jax.tree.map(np.asarray, train_data)
     self.num_train = int(jax.tree.leaves(self.train_data)[0].shape[0])
     data.check_chunking(batch_size, num_chunks)

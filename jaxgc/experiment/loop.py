@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxgc import models, parallel
+from jaxgc import models
+from jaxgc.backends import spmd
+from jaxgc.backends.base import TrainState
 from jaxgc.experiment import resilience, runs
 from jaxgc.experiment.build import Experiment, build, make_assignment, make_protocol, setup_devices
 from jaxgc.experiment.config import ConfigError, check_config
@@ -125,7 +127,7 @@ def _step_input(exp: Experiment, rep):
   """``step -> input`` of the step object: per-worker for a step with a layout, host
   chunks for a step that is not traced (Ray), else the replicated chunks ``[N, ...]``."""
   cfg, ds = exp.config, exp.dataset
-  layout = exp.step.layout if isinstance(exp.step.layout, parallel.WorkerLayout) else None
+  layout = exp.step.layout if isinstance(exp.step.layout, spmd.WorkerLayout) else None
   inputs = StepInput((ds.x_train, ds.y_train), seed=cfg.seed, batch_size=cfg.batch_size,
                      num_chunks=exp.assignment.num_chunks, layout=layout)
   if layout is None and exp.step.traced:
@@ -136,7 +138,7 @@ def _step_input(exp: Experiment, rep):
 
 def _input_bytes_per_device(inputs: StepInput, first) -> int | None:
   """Input bytes of one step on one device (``None``: host input, the Ray step)."""
-  if isinstance(first, parallel.WorkerChunks) and inputs.layout is not None:
+  if isinstance(first, spmd.WorkerChunks) and inputs.layout is not None:
     return inputs.layout.device_bytes(first)
   leaves = jax.tree.leaves(first)
   if leaves and isinstance(leaves[0], jax.Array):
@@ -183,7 +185,7 @@ def _write_outputs(exp: Experiment, workdir: str, state, summary: dict) -> None:
   print(json.dumps(summary), flush=True)
 
 
-def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.TrainState:
+def train(exp: Experiment, workdir: str, restart: bool = False) -> TrainState:
   """Runs a built :class:`Experiment` in ``workdir``: resume, train, evaluate, checkpoint,
   summarise (see :func:`train_and_evaluate`, which checks the workdir first).
 
@@ -205,7 +207,7 @@ def train(exp: Experiment, workdir: str, restart: bool = False) -> parallel.Trai
     exp.step.close()
 
 
-def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
+def _train(exp: Experiment, workdir: str, restart: bool) -> TrainState:
   from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
@@ -256,7 +258,7 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> parallel.TrainState:
     # The summary's scores are the final state's (not logged: a resume logs them on time).
     ev = evaluate(exp.model.apply, state.params, test_data, ds.is_regression, cfg.batch_size,
                   getattr(state, "model_state", ()))
-  param_bytes = parallel.device_bytes((state.params, state.opt_state))
+  param_bytes = spmd.device_bytes((state.params, state.opt_state))
   if not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)):
     # Sharded over a group: every process needs whole parameters to write them out.
     state = state.replace(params=jax.jit(lambda p: p, out_shardings=rep)(state.params))
@@ -361,7 +363,7 @@ class _Steps:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       restart: bool = False) -> parallel.TrainState:
+                       restart: bool = False) -> TrainState:
   """Trains and evaluates; writes metrics, checkpoints and a summary to ``workdir``.
 
   A workdir holds one run: rerunning resumes it (from the newest checkpoint that

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgc import parallel
+from jaxgc.backends import spmd
 from jaxgc.experiment import runs
 from jaxgc.experiment.config import ConfigError
 
@@ -94,7 +94,7 @@ _WORKER_AXES = ((("lost",), 0), (("corrupt",), 0), (("solve", "enc"), 0), (("sol
 
 def _map_plan(state, layout, fn):
   plan = state.plan
-  if not isinstance(plan, parallel.Plan) or not isinstance(layout, parallel.WorkerLayout):
+  if not isinstance(plan, spmd.Plan) or not isinstance(layout, spmd.WorkerLayout):
     return state
   for path, axis in _WORKER_AXES:
     if len(path) == 1:
@@ -128,7 +128,7 @@ def layout_state(state, layout, sharding=None):
 
 def _layout(exp):
   layout = exp.step.layout
-  return layout if isinstance(layout, parallel.WorkerLayout) else None
+  return layout if isinstance(layout, spmd.WorkerLayout) else None
 
 
 def restore(exp, workdir: str, state, sharding, lead: bool):
