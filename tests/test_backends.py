@@ -48,6 +48,40 @@ def test_spmd_step_is_a_step_backend(setup):
   assert jax.tree.structure(g) == jax.tree.structure(setup[0])
 
 
+def test_jaxgc_parallel_and_its_old_submodules_name_the_spmd_backends_objects():
+  import importlib
+  import inspect
+
+  from jaxgc.backends import spmd
+  assert parallel.__all__ == spmd.__all__
+  assert all(getattr(parallel, n) is getattr(spmd, n) for n in spmd.__all__)
+  assert parallel.TrainState is backends.TrainState
+  for sub in ("step", "devices", "layout", "sharding", "chunk_fn", "value_and_grad"):
+    old = importlib.import_module(f"jaxgc.parallel.{sub}")
+    assert old.__all__ and all(hasattr(old, n) for n in old.__all__), sub
+    for name in old.__all__:
+      obj = getattr(old, name)
+      if inspect.isclass(obj) or inspect.isfunction(obj):
+        assert obj.__module__.startswith("jaxgc.backends."), (sub, name, obj.__module__)
+
+
+class _OnlySampleStep:
+  """A model with memory that implements sample_step only."""
+  stateful = True
+
+  def sample_step(self, key, state, assignment):
+    raise NotImplementedError
+
+
+def test_check_straggler_accepts_models_and_refuses_other_objects():
+  backends.check_straggler(timing.ShiftedExponential(1.0, 1.0))
+  backends.check_straggler(timing.GilbertElliott())
+  backends.check_straggler(_OnlySampleStep())
+  assert isinstance(timing.Slowdown(), timing.StragglerModel)
+  for bad in ("slowdown", object(), type("Stateful", (), {"stateful": True})()):
+    with pytest.raises(ValueError, match="straggler must be a straggler model"):
+      backends.check_straggler(bad)
+
 def test_both_backends_refuse_bad_arguments_alike(setup):
   _, loss_fn, _, proto, straggler = setup
   for kw, word in ((dict(mode="fast"), "unknown mode"), (dict(mode="deadline"), "deadline"),
