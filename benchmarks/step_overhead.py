@@ -132,7 +132,7 @@ def main():
     # The PS plan of one step (durations, state, coefficient solve) on its own: on
     # real devices it overlaps the gradient work; simulated devices share the
     # host's cores, so there it adds to the step.
-    plan = jax.jit(lambda key, step: coded.plan_step(key, step)[0])
+    plan = jax.jit(coded.plan_step)
     jax.block_until_ready(plan(step_key, 1))
     pt = []
     for it in range(100):
