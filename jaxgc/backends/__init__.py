@@ -1,7 +1,7 @@
 """Step backends: one declared interface (:class:`StepBackend`), one registry.
 
 ``"spmd"``: :func:`jaxgc.parallel.make_coded_step` (one ``shard_map`` program,
-simulated time). ``"ray"``: :class:`jaxgc.ray_backend.RayStep` (Ray actors, real
+simulated time). ``"ray"``: :class:`jaxgc.backends.ray.RayStep` (Ray actors, real
 time). Both are built as ``get_backend(name)(protocol, straggler, loss_fn, tx,
 mesh, **options)``; each is imported when built, so using jaxgc without Ray
 never imports it.
@@ -39,12 +39,13 @@ def spmd(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBac
   return make_coded_step(protocol, straggler, loss_fn, tx, mesh, **options)
 
 
+# (not named `ray`: importing the subpackage jaxgc.backends.ray would rebind that name)
 @BACKENDS.register("ray")
-def ray(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
-  """The Ray step: :class:`jaxgc.ray_backend.RayStep` with ``options`` (``mesh`` unused:
+def ray_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
+  """The Ray step: :class:`jaxgc.backends.ray.RayStep` with ``options`` (``mesh`` unused:
   the workers are actors)."""
   del mesh
-  from jaxgc.ray_backend import RayStep  # pylint: disable=import-outside-toplevel
+  from jaxgc.backends.ray import RayStep  # pylint: disable=import-outside-toplevel
   return RayStep(protocol, straggler, loss_fn, tx, **options)
 
 

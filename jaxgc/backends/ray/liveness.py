@@ -1,25 +1,21 @@
-"""Ray actors under faults: which actors are alive, their restarts, and a kill loop.
+"""Which Ray actors are alive, and each actor outage from its death to its first report again.
 
-The PS of :class:`jaxgc.ray_backend.RayStep` asks Ray's control store (the GCS)
+The PS of :class:`jaxgc.backends.ray.RayStep` asks Ray's control store (the GCS)
 at the start of each step which actors are alive. A worker whose actor is dead
 or restarting gets no work and counts in the step's ``dead_workers``; its actor
 gets the current parameters again in the first step after it is back. Each
 outage is one :class:`Restart`: when the actor went down, when the GCS saw it
 alive again, and when its first chunk report reached the PS (the moment it is
 useful again), in steps and in seconds.
-
-:class:`KillLoop` is the chaos: a background thread that kills a random live
-actor every ``Exp(mtbf)`` seconds, for tests and ``benchmarks/chaos.py``.
 """
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import numpy as np
 
-__all__ = ["ActorLiveness", "KillLoop", "Restart", "actor_state"]
+__all__ = ["ActorLiveness", "Restart", "actor_state"]
 
 # An actor erased for an error but never seen restarting (a transient fault, not a
 # death): alive again after this many seconds of the GCS calling it ALIVE.
@@ -139,55 +135,15 @@ class ActorLiveness:
     if ev is not None:
       ev.first_report_step, ev.first_report_s = int(step), time.perf_counter() - ev.down_at
 
+  def wait_alive(self, step: int, timeout: float) -> np.ndarray:
+    """:meth:`poll`; with no actor alive, polls again for up to ``timeout`` seconds.
 
-class KillLoop:
-  """Kills a random live actor of ``actors`` every ``Exp(mtbf)`` seconds, in a thread.
-
-  Ray restarts a killed actor (``max_restarts``). Use as a context manager, or
-  ``start()`` / ``stop()``; ``kills`` lists ``(seconds since start, actor)``.
-
-  Args:
-    ray: the ``ray`` module.
-    actors: actor handles (e.g. ``WorkerPool.actors``).
-    mtbf: mean seconds between kills (exponential gaps).
-    seed: of the gaps and the choice of actor.
-    min_gap: seconds added to every gap (no two kills closer than this).
-  """
-
-  def __init__(self, ray, actors, mtbf: float, *, seed: int = 0, min_gap: float = 0.0):
-    if not np.isfinite(mtbf) or mtbf <= 0:
-      raise ValueError(f"mtbf must be a positive number of seconds, got {mtbf!r}.")
-    self.ray, self.actors, self.mtbf, self.min_gap = ray, list(actors), float(mtbf), min_gap
-    self.rng = np.random.default_rng(seed)
-    self.kills: list[tuple[float, int]] = []
-    self._stop = threading.Event()
-    self._thread: threading.Thread | None = None
-
-  def _loop(self) -> None:
-    t0 = time.perf_counter()
-    while not self._stop.wait(self.min_gap + self.rng.exponential(self.mtbf)):
-      live = [h for h, a in enumerate(self.actors) if actor_state(self.ray, a)[0] == "ALIVE"]
-      if not live:
-        continue
-      h = int(self.rng.choice(live))
-      try:
-        self.ray.kill(self.actors[h], no_restart=False)
-      except Exception:  # pylint: disable=broad-except
-        continue
-      self.kills.append((time.perf_counter() - t0, h))
-
-  def start(self) -> KillLoop:
-    self._thread = threading.Thread(target=self._loop, daemon=True, name="jaxgc-kill-loop")
-    self._thread.start()
-    return self
-
-  def stop(self) -> None:
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
-
-  def __enter__(self):
-    return self.start()
-
-  def __exit__(self, *exc):
-    self.stop()
+    A step with no live actor could only be skipped; a restart takes seconds, so
+    the PS waits for one instead of skipping a burst of steps.
+    """
+    alive = self.poll(step)
+    until = time.perf_counter() + timeout
+    while not alive.any() and len(self.lost) < len(alive) and time.perf_counter() < until:
+      time.sleep(0.05)
+      alive = self.poll(step)
+    return alive
