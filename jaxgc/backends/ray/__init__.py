@@ -44,7 +44,7 @@ Times: ``step_sim_time`` is the simulator's stop time for the injected durations
 (the same number the SPMD backend reports for the same key), ``wall_time`` the
 real seconds of the step. Each step's measured chunk finish times are kept in
 :attr:`RayStep.last_record`; :func:`measured_durations` turns one into durations
-for :class:`jaxgc.timing.Trace`, so a real run replays in the simulator.
+for :class:`jaxgc.timing.RecordedDurations`, so a real run replays in the simulator.
 
 Modules, one idea each: ``connect`` (joining Ray, the lazy import and install
 hint), ``actor`` (the worker host actor), ``pool`` (:class:`WorkerPool`),

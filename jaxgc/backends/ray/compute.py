@@ -46,6 +46,7 @@ def work_slots(protocol) -> list[np.ndarray]:
 
 
 _PS_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The PS's decode: ĝ [d] from the messages [m, ⌈d/ℓ⌉] and dec [ℓ, m] (d static).
 decode = jax.jit(_protocols.decode, static_argnums=2)
 
 
@@ -76,7 +77,7 @@ def ps_functions(protocol):
 
 @functools.partial(jax.jit, static_argnums=tuple(range(7)))
 def draw(protocol, straggler, mode, deadline, timeout, loss_prob, nan_prob, key, step,
-          straggler_state):
+         straggler_state):
   """One step's injected durations, faults and simulated stop, from ``fold_in(key, step)``.
 
   The SPMD step's draw (:func:`jaxgc.backends.base.draw_step`), so both backends

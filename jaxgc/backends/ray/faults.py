@@ -66,11 +66,13 @@ class KillLoop:
       self.kills.append((time.perf_counter() - t0, h))
 
   def start(self) -> KillLoop:
+    """Starts the killing thread; returns ``self``."""
     self._thread = threading.Thread(target=self._loop, daemon=True, name="jaxgc-kill-loop")
     self._thread.start()
     return self
 
   def stop(self) -> None:
+    """Stops the thread and waits for it (no kill after this returns)."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()

@@ -41,7 +41,7 @@ class RayStep:
   """A coded gradient step whose workers are Ray actors and whose PS is this process.
 
   The step interface of :class:`jaxgc.parallel.CodedStep` (``init_state``,
-  ``update``, ``jit``), run on the host in real time; see the module docstring.
+  ``update``, ``jit``), run on the host in real time; the phases are :mod:`jaxgc.backends.ray`'s.
 
   Args:
     protocol: a :mod:`jaxgc.protocols` protocol.
@@ -137,12 +137,13 @@ class RayStep:
     host = jax.device_get(params)
     self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)))
     draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
-          self.message_loss_prob, self.nan_message_prob, jax.random.key(0), 0,
-          () if straggler_state is None else straggler_state)
+         self.message_loss_prob, self.nan_message_prob, jax.random.key(0), 0,
+         () if straggler_state is None else straggler_state)
     apply_update(self.tx, params, self.tx.init(params),
-                  np.zeros(sum(int(np.size(x)) for x in jax.tree.leaves(host)), np.float32))
+                 np.zeros(sum(int(np.size(x)) for x in jax.tree.leaves(host)), np.float32))
 
   def _warmup(self, params_ref, chunks):
+    """Each actor compiles on one chunk (restarting: waited for; dead: skipped), then the PS."""
     ray, a = self.ray, self.assignment
     one = jax.tree.map(lambda x: np.asarray(x[0]), chunks)
     pending, until = list(self.pool.actors), time.perf_counter() + self.pool.startup_timeout
@@ -304,8 +305,8 @@ class RayStep:
     """Phases 3-4: solve for the observed state, collect messages, erase and redo once."""
     m, ell = self.assignment.num_workers, self.protocol.ell
     out = Rounds(counts=seen.counts.copy(), nbytes=np.zeros(m, np.int64),
-                  transfer_s=np.full(m, np.nan),
-                  msgs=np.zeros((m, _protocols.base.num_blocks(d, ell)), np.float32))
+                 transfer_s=np.full(m, np.nan),
+                 msgs=np.zeros((m, _protocols.base.num_blocks(d, ell)), np.float32))
     for attempt in range(2):
       s0 = time.perf_counter()
       enc, out.dec, condition = (np.asarray(x) for x in

@@ -17,10 +17,10 @@ __all__ = ["Rounds", "Seen", "measured_durations"]
 def measured_durations(record) -> np.ndarray:
   """Durations ``[m, max_load]`` in simulated seconds, as the PS observed them in one step.
 
-  From the arrival times of the chunk reports (:attr:`RayStep.last_record`),
-  divided by ``time_scale``; chunks that did not arrive are ``inf``. Replay with
-  ``jaxgc.timing.Trace(measured_durations(record))``: its completion time is when
-  the PS saw the state become decodable.
+  From the arrival times of the chunk reports (``RayStep.last_record``), divided
+  by ``time_scale``; chunks that did not arrive are ``inf``. Replay with
+  ``jaxgc.timing.RecordedDurations(measured_durations(record))``: its completion
+  time is when the PS saw the state become decodable.
   """
   f = np.asarray(record["finish_wall"], np.float64) / record["time_scale"]
   prev = np.concatenate([np.zeros_like(f[:, :1]), f[:, :-1]], axis=1)
