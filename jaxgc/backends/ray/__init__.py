@@ -50,9 +50,10 @@ Modules, one idea each: ``connect`` (joining Ray, the lazy import and install
 hint), ``actor`` (the worker host actor), ``pool`` (:class:`WorkerPool`),
 ``liveness`` (which actors are alive, :class:`Restart`), ``faults``
 (``fail_at`` kills, :class:`KillLoop`), ``compute`` (the PS's jitted draw,
-solve, stop test, decode, update), ``records`` (what a step saw),
-``messages`` (phase 3 on the wire) and ``ps`` (:class:`RayStep`). Ray itself is
-imported only when a pool is built, so importing this package needs no Ray.
+solve, stop test, decode, update), ``records`` (what a step saw), ``watch``
+(phase 2), ``messages`` (phase 3 on the wire) and ``ps`` (:class:`RayStep`).
+Ray itself is imported only when a pool is built, so importing this package
+needs no Ray.
 """
 from __future__ import annotations
 

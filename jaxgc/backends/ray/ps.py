@@ -28,10 +28,11 @@ from jaxgc.backends.ray.compute import (
   work_slots,
 )
 from jaxgc.backends.ray.faults import kill_scheduled
-from jaxgc.backends.ray.liveness import ActorLiveness, actor_state
+from jaxgc.backends.ray.liveness import ActorLiveness
 from jaxgc.backends.ray.messages import collect
 from jaxgc.backends.ray.pool import WorkerPool
 from jaxgc.backends.ray.records import Rounds, Seen
+from jaxgc.backends.ray.watch import watch
 from jaxgc.parallel import TrainState
 
 __all__ = ["RayStep"]
@@ -241,10 +242,6 @@ class RayStep:
 
   def _watch(self, step, gens, workers_of, t0, alive) -> Seen:
     """Phase 2: reports as they come; stop at completion, the deadline or nothing left."""
-    ray, a = self.ray, self.assignment
-    seen = Seen(a.num_workers, a.max_load, a.num_chunks)
-    for h in np.flatnonzero(~alive):
-      seen.dead[workers_of[h]] = True
     if self.mode == "deadline":
       assert self.deadline is not None     # __init__ requires one in deadline mode
       limit = self.deadline * self.time_scale
@@ -254,52 +251,8 @@ class RayStep:
       # message_timeout more wall seconds before giving up on a step.
       limit = np.inf if self.timeout is None else (self.timeout * self.time_scale
                                                    + self.message_timeout)
-    live = dict(gens)
-    arrived = np.full((a.num_workers, a.max_load), np.inf, np.float32)  # the stop test's view
-    complete = bool(self._complete(arrived))
-    while live and not complete:
-      left = limit - (time.perf_counter() - t0)
-      if left <= 0:
-        break
-      ready, _ = ray.wait(list(live), num_returns=1, timeout=min(left, 0.1))
-      if not ready:
-        # Ray tells a generator of its actor's death a second or more late; the GCS
-        # knows within milliseconds.
-        for g in [g for g, h in live.items() if actor_state(
-            ray, self.pool.actors[h])[0] in ("RESTARTING", "DEAD")]:
-          self._lose(step, live.pop(g), seen, arrived, workers_of)
-      for g in ready:
-        h = live[g]
-        try:
-          j, n, loss, comp, took, at = ray.get(next(g))
-        except StopIteration:
-          del live[g]
-          continue
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-          self._lose(step, live.pop(g), seen, arrived, workers_of)
-          continue
-        if seen.dead[j]:
-          continue
-        self.liveness.reported(h, step)
-        seen.counts[j] = n + 1
-        seen.finish[j, n] = arrived[j, n] = time.perf_counter() - t0
-        seen.chunk_s[j, n], seen.compute_s[j, n], seen.worker_t[j, n] = took, comp, at
-        chunk = a.order[j, self.slots[j][n]]
-        if np.isnan(seen.losses[chunk]):
-          seen.losses[chunk] = loss
-      complete = bool(self._complete(arrived))
-    seen.stop_wall = time.perf_counter() - t0
-    seen.observed = seen.counts.copy()
-    return seen
-
-  def _lose(self, step, h, seen, arrived, workers_of):
-    """Actor ``h`` died in the watch: its workers are dead, counted work is erased."""
-    self.liveness.failed(h, step)
-    gone = np.asarray(workers_of[h])
-    seen.erased[gone] |= seen.counts[gone] > 0     # counted work never to be sent
-    seen.dead[gone] = True
-    seen.counts[gone] = 0
-    arrived[gone] = np.inf
+    return watch(self.pool, self.liveness, self.assignment, self.slots, self._complete, step,
+                 gens, workers_of, t0, alive, limit)
 
   def _round(self, step, seen, workers_of, lost, corrupt, d) -> Rounds:
     """Phases 3-4: solve for the observed state, collect messages, erase and redo once."""
