@@ -20,7 +20,7 @@ PUBLIC = sorted({f"jaxgc.{n}" for n in jaxgc.__all__
                  if isinstance(getattr(jaxgc, n), types.ModuleType)}
                 | {"jaxgc", "jaxgc.experiment", "jaxgc.ray_backend", "jaxgc.ray_faults",
                    "jaxgc.registry", "jaxgc.errors", "jaxgc.faults",
-                   "jaxgc.backends"})
+                   "jaxgc.backends", "jaxgc.backends.ray"})
 
 
 def test_the_api_page_documents_every_public_module():

@@ -1,4 +1,9 @@
 """jaxgc.backends: the declared step interface, the registry, and the code both steps share."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +98,10 @@ def test_both_backends_refuse_bad_arguments_alike(setup):
       spmd_step(setup, **kw)
     with pytest.raises(ValueError, match=word):     # before any actor starts
       backends.get_backend("ray")(proto, straggler, loss_fn, optax.sgd(0.1), **kw)
+  # A straggler model given by name is refused when the step is built, by both.
+  for build in (backends.get_backend("spmd"), backends.get_backend("ray")):
+    with pytest.raises(ValueError, match="straggler must be a straggler model"):
+      build(proto, "slowdown", loss_fn, optax.sgd(0.1))
 
 
 # -- the shared update -------------------------------------------------------------------
@@ -166,3 +175,26 @@ def test_ray_step_skips_a_non_finite_update(pool, setup):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                state.params, params)
   ray_step.close()
+
+
+# Without Ray: every import works (the old names too); building a pool asks for Ray.
+NO_RAY = """
+import sys
+sys.modules["ray"] = None          # what `import ray` sees where Ray is not installed
+import jaxgc.ray_backend, jaxgc.ray_faults
+from jaxgc.backends.ray import KillLoop, RayStep, WorkerPool
+assert jaxgc.ray_backend.RayStep is RayStep and jaxgc.ray_faults.KillLoop is KillLoop
+try:
+  WorkerPool(1)
+except ValueError as err:
+  print(err)
+"""
+
+
+def test_the_ray_backend_imports_without_ray_and_asks_for_it_when_a_pool_is_built():
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  env = dict(os.environ, PYTHONPATH=root)
+  out = subprocess.run([sys.executable, "-c", NO_RAY], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "the Ray backend needs Ray: pip install 'jaxgc[ray]'"

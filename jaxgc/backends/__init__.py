@@ -2,7 +2,7 @@
 
 ``"spmd"``: :func:`jaxgc.backends.spmd.make_coded_step` (one ``shard_map``
 program, simulated time; public path :mod:`jaxgc.parallel`). ``"ray"``:
-:class:`jaxgc.ray_backend.RayStep` (Ray actors, real time). Both are built as
+:class:`jaxgc.backends.ray.RayStep` (Ray actors, real time). Both are built as
 ``get_backend(name)(protocol, straggler, loss_fn, tx, mesh, **options)``; each is
 imported when built, so using jaxgc without Ray never imports it.
 """
@@ -43,12 +43,13 @@ def spmd_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> St
   return make_coded_step(protocol, straggler, loss_fn, tx, mesh, **options)
 
 
+# Named ray_step, not ray: that name is the subpackage jaxgc.backends.ray.
 @BACKENDS.register("ray")
-def ray(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
-  """The Ray step: :class:`jaxgc.ray_backend.RayStep` with ``options`` (``mesh`` unused:
+def ray_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
+  """The Ray step: :class:`jaxgc.backends.ray.RayStep` with ``options`` (``mesh`` unused:
   the workers are actors)."""
   del mesh
-  from jaxgc.ray_backend import RayStep  # pylint: disable=import-outside-toplevel
+  from jaxgc.backends.ray import RayStep  # pylint: disable=import-outside-toplevel
   return RayStep(protocol, straggler, loss_fn, tx, **options)
 
 

@@ -1,0 +1,147 @@
+"""The Ray actor: one process hosting several jaxgc workers, and what it keeps per step.
+
+:class:`WorkerHost` is the actor class (:class:`jaxgc.backends.ray.WorkerPool`
+makes it remote). Its ``run`` streams each worker's chunk reports to the PS as
+they finish (real compute, then the injected sleep); ``encode`` turns the kept
+chunk gradients into the workers' messages with the PS's coefficients, and stops
+the step. Ray pickles this class by its module path, so the actors import
+``jaxgc.backends.ray.actor`` from the same installed package as the driver.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+
+import jax
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jaxgc import protocols as _protocols
+
+__all__ = ["ACTOR_XLA_FLAGS", "WorkerHost"]
+
+# Each actor is one CPU-sized worker: one XLA thread, one CPU device.
+ACTOR_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=1"
+
+class _Program:
+  """What an actor compiles once per step object: the chunk gradient and the encode."""
+
+  def __init__(self, loss_fn):
+    def chunk_grad(params, chunk):
+      loss, g = jax.value_and_grad(loss_fn)(params, chunk)
+      return loss, ravel_pytree(g)[0]
+    self.grad = jax.jit(chunk_grad)
+    self.encode = jax.jit(_protocols.encode)
+
+
+class _Run:
+  """An actor's state for one step: its workers' chunk gradients and the stop signal."""
+
+  def __init__(self, step: int, program: _Program):
+    self.step, self.program = step, program
+    self.stop = asyncio.Event()
+    self.grads: dict[int, np.ndarray] = {}
+
+
+class WorkerHost:
+  """One Ray actor hosting several jaxgc workers; they overlap their injected sleeps."""
+
+  def __init__(self, xla_flags: str | None):
+    if xla_flags is not None:      # before this process's JAX starts its backend
+      os.environ["XLA_FLAGS"] = xla_flags
+    self.programs: dict[str, _Program] = {}
+    self.runs: dict[str, _Run] = {}
+
+  def ready(self):
+    """``(hostname, pid, Ray node id)`` of this actor."""
+    import ray  # pylint: disable=import-outside-toplevel
+    return socket.gethostname(), os.getpid(), ray.get_runtime_context().get_node_id()
+
+  async def _program(self, token, setup) -> _Program:
+    if token not in self.programs:
+      # ``setup`` is a one-element list so that Ray hands over the reference,
+      # which is fetched only on first use (and again after a restart).
+      self.programs[token] = _Program(await setup[0])
+    return self.programs[token]
+
+  async def warmup(self, token, setup, params, chunk, max_load: int, ell: int):
+    """Compiles the gradient and the encode, so that no step's clock pays for it."""
+    prog = await self._program(token, setup)
+    _, g = prog.grad(params, chunk)
+    prog.encode(np.zeros((max_load, g.shape[0]), np.float32), np.zeros((max_load, ell), np.float32))
+    return True
+
+  async def run(self, token, setup, key: str, step: int, params, chunks, work, max_load: int):
+    """Step ``step`` of run ``key``'s workers: yields ``(j, n, loss, compute_s, chunk_s, t)``.
+
+    ``work``: ``[(j, rows, slots, sleeps)]``: worker ``j`` computes ``chunks[rows[n]]``
+    into list slot ``slots[n]``, then sleeps ``sleeps[n]`` seconds (``inf``: it fails).
+    ``t`` is the finish time since this call started.
+    """
+    prog = await self._program(token, setup)
+    old = self.runs.get(key)
+    if old is not None:
+      old.stop.set()
+    run = self.runs[key] = _Run(step, prog)
+    params = jax.device_put(params)
+    d = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    queue: asyncio.Queue = asyncio.Queue()
+    start = time.perf_counter()
+
+    async def worker(j, rows, slots, sleeps):
+      grads = run.grads[j] = np.zeros((max_load, d), np.float32)
+      for n, (row, slot, pause) in enumerate(zip(rows, slots, sleeps, strict=True)):
+        if run.stop.is_set() or not np.isfinite(pause):
+          break
+        c0 = time.perf_counter()
+        loss, g = prog.grad(params, jax.tree.map(lambda a, r=row: a[r], chunks))
+        g = np.asarray(g)
+        compute = time.perf_counter() - c0
+        if pause > 0:
+          # An interruptible sleep: the PS may stop the step meanwhile.
+          with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(run.stop.wait(), pause)
+        if run.stop.is_set():
+          break
+        grads[slot] = g        # kept before the report, so a counted chunk can be encoded
+        now = time.perf_counter()
+        queue.put_nowait((j, n, float(loss), compute, now - c0, now - start))
+        await asyncio.sleep(0)   # let the report go out before the next compute
+      queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(worker(*w)) for w in work]
+    left = len(tasks)
+    while left:
+      item = await queue.get()
+      if item is None:
+        left -= 1
+      else:
+        yield item
+    await asyncio.gather(*tasks)
+
+  async def encode(self, key: str, step: int, rows, stop: bool = True):
+    """``({j: z_j}, sent)``: messages for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops.
+
+    ``sent`` is ``time.time()`` as the messages leave, for the PS's transfer time.
+
+    ``fault`` injects what the network or the worker might do: ``"lost"`` (no
+    message arrives) or ``"nan"`` (a corrupted one). ``None`` for a worker that
+    holds no gradients for this step (e.g. restarted since): the PS erases it.
+    """
+    run = self.runs.get(key)
+    if run is None or run.step != step:
+      return {j: None for j in rows}, time.time()
+    if stop:
+      run.stop.set()
+    prog = run.program
+    out: dict[int, np.ndarray | None] = {}
+    for j, (enc, fault) in rows.items():
+      if fault == "lost" or j not in run.grads:
+        out[j] = None
+        continue
+      z = np.asarray(prog.encode(run.grads[j], enc))
+      out[j] = np.full_like(z, np.nan) if fault == "nan" else z
+    return out, time.time()

@@ -1,0 +1,378 @@
+"""The parameter server: :class:`RayStep`, one coded step on Ray actors in real time.
+
+The step runs in the phases of :mod:`jaxgc.backends.ray`: dispatch, watch,
+round (with the erasure redo) and decode, each one method here; the update is
+:meth:`RayStep.update`'s.
+"""
+from __future__ import annotations
+
+import collections
+import time
+import uuid
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxgc import faults as _faults
+from jaxgc import protocols as _protocols
+from jaxgc.backends import base as _backend
+from jaxgc.backends.ray.compute import (
+  apply_update,
+  decode,
+  draw,
+  ps_functions,
+  unravel,
+  work_slots,
+)
+from jaxgc.backends.ray.faults import kill_scheduled
+from jaxgc.backends.ray.liveness import ActorLiveness
+from jaxgc.backends.ray.messages import collect
+from jaxgc.backends.ray.pool import WorkerPool
+from jaxgc.backends.ray.records import Rounds, Seen
+from jaxgc.backends.ray.watch import watch
+from jaxgc.errors import ParamError
+from jaxgc.parallel import TrainState
+
+__all__ = ["RayStep"]
+
+
+class RayStep:
+  """A coded gradient step whose workers are Ray actors and whose PS is this process.
+
+  The step interface of :class:`jaxgc.parallel.CodedStep` (``init_state``,
+  ``update``, ``jit``), run on the host in real time; the phases are :mod:`jaxgc.backends.ray`'s.
+
+  Args:
+    protocol: a :mod:`jaxgc.protocols` protocol.
+    straggler: a :mod:`jaxgc.timing` model; its durations become injected sleeps.
+    loss_fn: ``loss(params, chunk) -> scalar`` (:func:`jaxgc.models.chunk_loss_fn`).
+    tx: an ``optax.GradientTransformation``.
+    mode: ``"exact"`` or ``"deadline"``.
+    deadline: ``T`` in simulated seconds (deadline mode): the PS stops at
+      ``T · time_scale`` wall seconds after dispatch.
+    timeout: exact mode, simulated seconds after which a step that cannot decode
+      stops anyway (default: once nothing more can arrive).
+    num_actors: Ray actors (ignored when ``pool`` is given).
+    time_scale: wall seconds per simulated second of injected delay.
+    address: Ray cluster to join; ``None`` starts a local instance.
+    message_loss_prob: probability that a message is lost (injected, round 1).
+    nan_message_prob: probability that a message arrives as NaN (injected, round 1).
+    pool: a :class:`WorkerPool` to run on (shared, not closed by :meth:`close`).
+    message_timeout: wall seconds to wait for messages; later ones are erased.
+    keep_records: how many recent steps :attr:`records` keeps.
+    fail_at: ``[(worker, step), ...]`` (:func:`jaxgc.faults.fault_schedule`): at the
+      start of ``step`` the actor hosting ``worker`` is killed for real (so all of
+      that actor's workers fail, until Ray has restarted it).
+    report_condition: add ``condition_number`` (the final solve's) to the metrics
+      where the protocol reports one, as the SPMD step does.
+
+  Attributes:
+    liveness: the PS's :class:`jaxgc.backends.ray.ActorLiveness`; its ``restarts``
+      lists each actor outage and how many steps and seconds it cost.
+  """
+
+  # A jaxgc.backends.StepBackend that runs on the host: no trace, host chunks, host params.
+  traced = False
+  layout = None
+
+  def __init__(self, protocol, straggler, loss_fn: Callable, tx: optax.GradientTransformation, *,
+               mode: str = "exact", deadline: float | None = None, timeout: float | None = None,
+               num_actors: int = 4, time_scale: float = 0.01, address: str | None = None,
+               message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
+               pool: WorkerPool | None = None, message_timeout: float = 60.0,
+               keep_records: int = 1000, fail_at=None, report_condition: bool = True):
+    _backend.check_step_args(protocol, mode, deadline, timeout, message_loss_prob,
+                             nan_message_prob)
+    _backend.check_straggler(straggler)
+    if not np.isfinite(time_scale) or time_scale <= 0:
+      raise ParamError(f"time_scale must be positive (wall seconds per simulated second), got "
+                       f"{time_scale!r}; pass e.g. time_scale=0.01.", "time_scale")
+    self.protocol, self.assignment = protocol, protocol.assignment
+    self.straggler, self.loss_fn, self.tx = straggler, loss_fn, tx
+    self.mode = mode
+    self.deadline = None if deadline is None else float(deadline)
+    self.timeout = None if timeout is None else float(timeout)
+    self.time_scale = float(time_scale)
+    self.message_loss_prob = float(message_loss_prob)
+    self.nan_message_prob = float(nan_message_prob)
+    self.message_timeout = float(message_timeout)
+    self.slots = work_slots(protocol)
+    self.faults = _faults.fault_schedule(fail_at, protocol.assignment.num_workers)
+    self.report_condition = bool(report_condition) and protocol.reports_condition
+    self.closed = False
+    self.owns_pool = pool is None
+    self.pool = WorkerPool(num_actors, address=address) if pool is None else pool
+    self.ray = self.pool.ray
+    self.token, self.setup = self.pool.program(loss_fn)
+    self.key = uuid.uuid4().hex
+    self.records: collections.deque = collections.deque(maxlen=keep_records)
+    self.last_record: dict | None = None
+    self._warm = False
+    self._straggler_state = None
+    self._decodable, self._coefficients, self._coverage, self._complete = ps_functions(protocol)
+    self.liveness = ActorLiveness(self.ray, self.pool.actors)
+
+  def _check_open(self):
+    if self.closed:
+      raise ValueError("this RayStep is closed (its actors are gone); make a new one.")
+
+  # -- state ------------------------------------------------------------------------
+  def init_state(self, params, key) -> TrainState:
+    """A fresh :class:`jaxgc.parallel.TrainState` (``plan`` unused: the PS plans in real time)."""
+    state = TrainState.create(params, self.tx)
+    s0 = _backend.init_straggler_state(self.straggler, key, self.assignment.num_workers)
+    if hasattr(state, "straggler_state"):
+      state = state.replace(straggler_state=s0)
+    else:      # a TrainState without the field: the model's memory lives here
+      self._straggler_state = s0
+    return state
+
+  def warmup(self, params, chunks, straggler_state=None):
+    """Compiles every actor's programs and the PS's, outside any step's clock.
+
+    The first :meth:`update` or :meth:`gradient` calls it; call it earlier to
+    keep compilation out of a measurement. Waits for restarting actors.
+    """
+    self._check_open()
+    host = jax.device_get(params)
+    self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)))
+    draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
+         self.message_loss_prob, self.nan_message_prob, jax.random.key(0), 0,
+         () if straggler_state is None else straggler_state)
+    apply_update(self.tx, params, self.tx.init(params),
+                 np.zeros(sum(int(np.size(x)) for x in jax.tree.leaves(host)), np.float32))
+
+  def _warmup(self, params_ref, chunks):
+    """Each actor compiles on one chunk (restarting: waited for; dead: skipped), then the PS."""
+    ray, a = self.ray, self.assignment
+    one = jax.tree.map(lambda x: np.asarray(x[0]), chunks)
+    pending, until = list(self.pool.actors), time.perf_counter() + self.pool.startup_timeout
+    while pending:
+      refs = [(h, h.warmup.remote(self.token, self.setup, params_ref, one, a.max_load,
+                                  self.protocol.ell)) for h in pending]
+      pending = []
+      for h, ref in refs:
+        try:
+          ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:     # restarting: wait for it
+          if time.perf_counter() > until:
+            raise
+          pending.append(h)
+        except ray.exceptions.RayActorError:     # dead for good: the steps run without it
+          pass
+      time.sleep(0.1 if pending else 0)
+    counts = jnp.asarray(a.loads, jnp.int32)
+    never = np.full((a.num_workers, a.max_load), np.inf, np.float32)
+    jax.block_until_ready((self._decodable(counts), self._coefficients(counts),
+                           self._complete(never)))
+    self._warm = True
+
+  def gradient(self, params, chunks, key, step: int = 0, straggler_state=None):
+    """Runs the workers and the PS for one step: ``(ĝ as a pytree, metrics)``.
+
+    ``ĝ`` may be NaN only when ``metrics['skipped']``. The step's record goes to
+    :attr:`last_record` and :attr:`records`.
+    """
+    g, metrics, _ = self._gradient(params, chunks, key, step, straggler_state)
+    return unravel(params, g), metrics
+
+  def _gradient(self, params, chunks, key, step, straggler_state):
+    """One step in the phases of the module docstring: ``(g [d], metrics, straggler_state)``."""
+    self._check_open()
+    wall0 = time.perf_counter()
+    tau, lost, corrupt, sim_stop, straggler_state = draw(
+        self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
+        self.message_loss_prob, self.nan_message_prob, key, step,
+        () if straggler_state is None else straggler_state)
+    tau, lost, corrupt = np.asarray(tau, np.float64), np.asarray(lost), np.asarray(corrupt)
+    host_params = jax.device_get(params)
+    d = sum(int(np.size(x)) for x in jax.tree.leaves(host_params))
+    chunks = jax.tree.map(np.asarray, jax.device_get(chunks))
+    params_ref = self.ray.put(host_params)
+    if not self._warm:
+      self._warmup(params_ref, chunks)
+      wall0 = time.perf_counter()
+    injected = kill_scheduled(self.liveness, self.faults, step)
+    a0 = time.perf_counter()
+    alive = self.liveness.wait_alive(step, self.message_timeout)
+    alive_wait = time.perf_counter() - a0
+    t0, gens, workers_of = self._dispatch(step, tau, chunks, params_ref, alive)
+    seen = self._watch(step, gens, workers_of, t0, alive)
+    rounds = self._round(step, seen, workers_of, lost, corrupt, d)
+    g, metrics = self._decode(seen, rounds, d)
+    metrics.update(step_sim_time=float(sim_stop), faults_injected=injected,
+                   alive_wait_s=alive_wait)
+    self.last_record = {
+        "step": int(step), "time_scale": self.time_scale, "durations": tau,
+        "lost": lost, "corrupt": corrupt,
+        "finish_wall": seen.finish, "chunk_wall": seen.chunk_s, "compute_wall": seen.compute_s,
+        "worker_wall": seen.worker_t, "counts_observed": seen.observed, "counts": rounds.counts,
+        "stop_wall": seen.stop_wall, "sim_stop": float(sim_stop), "erased": seen.erased,
+        "dead": seen.dead, "dispatch_s": t0 - wall0, "message_bytes": rounds.nbytes,
+        "transfer_s": rounds.transfer_s,
+    }
+    self.records.append(self.last_record)
+    return g, metrics, straggler_state
+
+  def _dispatch(self, step, tau, chunks, params_ref, alive):
+    """Phase 1: each live actor gets its workers' lists, sleeps, chunks and the parameters.
+
+    Returns ``(t0, {generator: actor}, workers_of)``; ``workers_of[h]`` lists actor
+    ``h``'s workers (worker ``j`` on actor ``j mod num_actors``).
+    """
+    a, m, num_actors = self.assignment, self.assignment.num_workers, len(self.pool.actors)
+    chunk_of = [a.order[j, self.slots[j]] for j in range(m)]
+    workers_of = [list(range(h, m, num_actors)) for h in range(num_actors)]
+    gens = {}
+    t0 = time.perf_counter()
+    for h, actor in enumerate(self.pool.actors):
+      if not alive[h]:
+        continue
+      mine = workers_of[h]
+      ids = np.unique(np.concatenate([chunk_of[j] for j in mine] + [np.zeros(0, np.int32)]))
+      row = {int(i): r for r, i in enumerate(ids)}
+      work = [(j, np.array([row[int(i)] for i in chunk_of[j]], np.int32), self.slots[j],
+               tau[j, :len(self.slots[j])] * self.time_scale) for j in mine]
+      sub = jax.tree.map(lambda x, ids=ids: x[ids], chunks)
+      gen = actor.run.options(num_returns="streaming").remote(
+          self.token, self.setup, self.key, step, params_ref, sub, work, a.max_load)
+      gens[gen] = h
+    return t0, gens, workers_of
+
+  def _watch(self, step, gens, workers_of, t0, alive) -> Seen:
+    """Phase 2: reports as they come; stop at completion, the deadline or nothing left."""
+    if self.mode == "deadline":
+      assert self.deadline is not None     # __init__ requires one in deadline mode
+      limit = self.deadline * self.time_scale
+    else:
+      # The timeout is simulated seconds of injected delay; the workers' real compute
+      # comes on top (it dominates at a small time_scale), so the PS waits
+      # message_timeout more wall seconds before giving up on a step.
+      limit = np.inf if self.timeout is None else (self.timeout * self.time_scale
+                                                   + self.message_timeout)
+    return watch(self.pool, self.liveness, self.assignment, self.slots, self._complete, step,
+                 gens, workers_of, t0, alive, limit)
+
+  def _round(self, step, seen, workers_of, lost, corrupt, d) -> Rounds:
+    """Phases 3-4: solve for the observed state, collect messages, erase and redo once."""
+    m, ell = self.assignment.num_workers, self.protocol.ell
+    out = Rounds(counts=seen.counts.copy(), nbytes=np.zeros(m, np.int64),
+                 transfer_s=np.full(m, np.nan),
+                 msgs=np.zeros((m, _protocols.base.num_blocks(d, ell)), np.float32))
+    for attempt in range(2):
+      s0 = time.perf_counter()
+      enc, out.dec, condition = (np.asarray(x) for x in
+                                 self._coefficients(jnp.asarray(out.counts)))
+      out.condition = float(condition)
+      out.senders = np.any(enc != 0, axis=(1, 2)) & ~seen.dead
+      out.solve_s += time.perf_counter() - s0
+      r0 = time.perf_counter()
+      got, bad = collect(self.pool, self.liveness, self.key, step, enc, out.senders,
+                         workers_of, seen.dead, lost if attempt == 0 else None,
+                         corrupt if attempt == 0 else None, stop=attempt == 0, out=out,
+                         timeout=self.message_timeout)
+      out.round_s += time.perf_counter() - r0
+      for j, z in got.items():
+        out.msgs[j] = z
+      if not bad.any():
+        break
+      if attempt == 1:
+        out.failed_again = True
+        break
+      seen.erased |= bad
+      out.counts = np.where(bad, 0, out.counts)
+      out.msgs[:] = 0
+    return out
+
+  def _decode(self, seen, rounds, d):
+    """Phase 5 (the update is :meth:`update`'s): ``(g [d], metrics)`` from the messages."""
+    a, ell = self.assignment, self.protocol.ell
+    g = np.asarray(decode(rounds.msgs, rounds.dec, d))
+    skipped = bool(rounds.failed_again or not rounds.senders.any() or not np.isfinite(g).all())
+    exact = bool(self._decodable(rounds.counts)) and not skipped
+    known = np.isfinite(seen.losses)
+    loss = (float(np.sum(seen.losses[known]) * a.num_chunks / known.sum()) if known.any()
+            else np.nan)
+    coverage = np.asarray(self._coverage(rounds.counts))
+    sent = rounds.nbytes > 0
+    metrics = {
+        "loss": loss, "skipped": skipped, "exact": exact,
+        "erasures": int(seen.erased.sum()), "dead_workers": int(seen.dead.sum()),
+        "senders": int(rounds.senders.sum()), "min_coverage": int(coverage.min()),
+        "chunks_below_ell": int(np.sum(coverage < ell)),
+        "stop_wall": seen.stop_wall, "solve_s": rounds.solve_s, "round_s": rounds.round_s,
+        "compute_s": float(np.nansum(seen.compute_s)),
+        "message_bytes": int(rounds.nbytes.max(initial=0)),
+        "message_transfer_s": float(np.median(rounds.transfer_s[sent])) if sent.any() else 0.0,
+        "message_transfer_max_s": float(rounds.transfer_s[sent].max(initial=0.0)),
+    }
+    if self.report_condition:
+      metrics["condition_number"] = float(rounds.condition)
+    return g, metrics
+
+  def update(self, state: TrainState, chunks, key):
+    """One optimizer step: ``(new_state, metrics)``; never writes NaN into the parameters.
+
+    Args:
+      state: from :meth:`init_state`.
+      chunks: pytree with leaves ``[N, chunk_batch, ...]`` (host or JAX arrays).
+      key: the *base* key; step ``s`` draws from ``fold_in(key, s)``, so a run is a
+        function of ``(key, data)`` and resumes exactly from a checkpoint.
+    """
+    if not self._warm:
+      self.warmup(state.params, chunks, getattr(state, "straggler_state", self._straggler_state))
+    wall0 = time.perf_counter()
+    step = int(state.step)
+    s_state = getattr(state, "straggler_state", self._straggler_state)
+    g, metrics, s_state = self._gradient(state.params, chunks, key, step, s_state)
+    params, opt_state, finite = apply_update(self.tx, state.params, state.opt_state, g)
+    skip = bool(metrics["skipped"] or not bool(finite))
+    params, opt_state = _backend.keep_if(skip, (state.params, state.opt_state),
+                                         (params, opt_state))
+    sim_time = state.sim_time + jnp.float32(metrics["step_sim_time"])
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        sim_time=sim_time, num_skipped=state.num_skipped + int(skip),
+                        num_erasures=state.num_erasures + metrics["erasures"])
+    if hasattr(state, "straggler_state"):
+      new = new.replace(straggler_state=s_state)
+    else:
+      self._straggler_state = s_state
+    metrics = dict(metrics, skipped=skip, exact=metrics["exact"] and not skip,
+                   sim_time=float(sim_time), wall_time=time.perf_counter() - wall0)
+    return new, metrics
+
+  def jit(self, donate: bool = False):
+    """``update`` itself: the PS runs on the host in real time, there is nothing to trace."""
+    del donate
+    return self.update
+
+  def placement(self, params) -> None:
+    """``None``: the parameters live on the PS host (each actor gets a copy per step)."""
+    del params
+
+  def state_sharding(self, state) -> None:
+    """``None``: the state is the PS's, on the host; the caller places it as it likes."""
+    del state
+
+  @property
+  def restarts(self) -> list:
+    """Every actor outage seen so far (:class:`jaxgc.backends.ray.Restart`)."""
+    return self.liveness.restarts
+
+  def close(self):
+    """Stops the actors (unless the pool was passed in) and a Ray instance this step started.
+
+    The step cannot run afterwards; :attr:`pool` stays, closed if this step owned it.
+    """
+    if self.owns_pool and not self.closed:
+      self.pool.close()
+    self.closed = True
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

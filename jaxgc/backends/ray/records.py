@@ -1,0 +1,58 @@
+"""What one step of the PS saw: reports per worker and slot, the message rounds, and a replay.
+
+:class:`Seen` is the watch phase's view (arrivals ``[m, max_load]``, deaths,
+erasures), :class:`Rounds` the message rounds' outcome; the step's record
+(:attr:`jaxgc.backends.ray.RayStep.last_record`) keeps both, and
+:func:`measured_durations` turns it into durations the simulator replays.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["Rounds", "Seen", "measured_durations"]
+
+
+def measured_durations(record) -> np.ndarray:
+  """Durations ``[m, max_load]`` in simulated seconds, as the PS observed them in one step.
+
+  From the arrival times of the chunk reports (``RayStep.last_record``), divided
+  by ``time_scale``; chunks that did not arrive are ``inf``. Replay with
+  ``jaxgc.timing.RecordedDurations(measured_durations(record))``: its completion
+  time is when the PS saw the state become decodable.
+  """
+  f = np.asarray(record["finish_wall"], np.float64) / record["time_scale"]
+  prev = np.concatenate([np.zeros_like(f[:, :1]), f[:, :-1]], axis=1)
+  tau = f - prev
+  return np.where(np.isfinite(tau), tau, np.inf)
+
+
+class Seen:
+  """What the PS saw in the watch phase, per worker and list slot (``[m, max_load]``)."""
+
+  def __init__(self, m: int, width: int, num_chunks: int):
+    self.counts = np.zeros(m, np.int32)
+    self.finish = np.full((m, width), np.nan)      # arrival at the PS, s since dispatch
+    self.chunk_s = np.full((m, width), np.nan)     # worker-measured chunk time (compute + sleep)
+    self.compute_s = np.full((m, width), np.nan)   # of which real compute
+    self.worker_t = np.full((m, width), np.nan)    # finish as the worker saw it, s since its start
+    self.losses = np.full(num_chunks, np.nan)
+    self.dead, self.erased = np.zeros(m, bool), np.zeros(m, bool)
+    self.stop_wall = 0.0
+    self.observed = self.counts
+
+
+@dataclasses.dataclass
+class Rounds:
+  """The message rounds' outcome: final ``counts [m]``, messages, coefficients, sizes, timings."""
+  counts: np.ndarray
+  nbytes: np.ndarray           # [m] bytes of each worker's message as sent (0: none)
+  transfer_s: np.ndarray       # [m] its actor's send to the PS's receipt (nan: none)
+  msgs: np.ndarray
+  dec: np.ndarray | None = None
+  condition: float = 1.0
+  senders: np.ndarray | None = None
+  failed_again: bool = False
+  solve_s: float = 0.0
+  round_s: float = 0.0
