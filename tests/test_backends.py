@@ -101,7 +101,7 @@ def test_both_backends_refuse_bad_arguments_alike(setup):
   # A straggler model given by name is refused when the step is built, by both.
   for build in (backends.get_backend("spmd"), backends.get_backend("ray")):
     with pytest.raises(ValueError, match="straggler must be a straggler model"):
-      build(proto, "slowdown", loss_fn, optax.sgd(0.1))
+      build(proto, "slowdown", loss_fn, optax.sgd(0.1), parallel.make_mesh(1))
 
 
 # -- the shared update -------------------------------------------------------------------
