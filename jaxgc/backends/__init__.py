@@ -22,6 +22,7 @@ from jaxgc.backends.base import (
   optimizer_update,
   straggler_init_key,
 )
+from jaxgc.backends.capabilities import Capabilities, declare
 from jaxgc.registry import Registry
 
 __all__ = [
@@ -33,6 +34,7 @@ BACKENDS: Registry[StepBackend] = Registry("backend")
 
 
 @BACKENDS.register("spmd")
+@declare(Capabilities(adaptive=True, model_state=True, model_axis=True, network_model=True))
 def spmd(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
   """The SPMD step: :func:`jaxgc.parallel.make_coded_step` with ``options``."""
   from jaxgc.parallel import make_coded_step  # pylint: disable=import-outside-toplevel
@@ -40,6 +42,7 @@ def spmd(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBac
 
 
 @BACKENDS.register("ray")
+@declare(Capabilities(requires="ray", install="Ray: pip install 'jaxgc[ray]'"))
 def ray(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
   """The Ray step: :class:`jaxgc.ray_backend.RayStep` with ``options`` (``mesh`` unused:
   the workers are actors)."""
