@@ -85,9 +85,10 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
   """Re-raises a library ``ValueError`` as a :class:`ConfigError` naming the flag.
 
   The flag is the field of ``fields`` (dotted config paths) named by the error's
-  ``param`` (:class:`jaxgc.errors.ParamError`), else the first whose last name the
-  message mentions, else ``default`` (``<block>.name`` if empty). A ``TypeError``
-  for an unknown keyword names the option's flag.
+  ``param`` (:class:`jaxgc.errors.ParamError`; the chosen choice's option before a
+  block field of the same name; ``"name"`` is ``<block>.name``), else the first whose
+  last name the message mentions, else ``default`` (``<block>.name`` if empty). A
+  ``TypeError`` for an unknown keyword names the option's flag.
   """
   name = config[block].name if block in config and "name" in config[block] else None
   try:
@@ -111,8 +112,8 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
     named = [f for f in fields if f.split(".")[-1] == param]
     hits = [(mt.start(), f) for f in fields
             for mt in [re.search(rf"\b{re.escape(f.split('.')[-1])}\b", msg)] if mt]
-    if named:
-      path = named[0]
+    if named:   # the chosen choice's own option before a block field of the same name
+      path = max(named, key=lambda f: f.count("."))
     elif param == "name":
       path = f"{block}.name"
     else:
