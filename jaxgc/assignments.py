@@ -213,14 +213,14 @@ class Assignment:
   def check_ell(self, ell: int) -> None:
     """Raises ``ValueError`` unless every chunk is held by at least ``ell`` workers."""
     if not isinstance(ell, (int, np.integer)) or ell < 1:
-      raise ValueError(f"ell must be a positive integer, got {ell!r}.")
+      raise ParamError(f"ell must be a positive integer, got {ell!r}.", "ell")
     rmin = int(self.replication.min())
     if ell > rmin:
       i = int(np.argmin(self.replication))
-      raise ValueError(
+      raise ParamError(
           f"ell={ell} is larger than the replication of chunk {i}, which is held by "
           f"only {rmin} worker(s); exact recovery would be impossible. Use ell <= {rmin}, "
-          "or an assignment with a larger load.")
+          "or an assignment with a larger load.", "ell")
 
   def with_order(self, order) -> Assignment:
     """Same chunk sets per worker, new processing order (raises if the sets differ)."""

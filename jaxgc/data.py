@@ -94,14 +94,15 @@ def _text_windows(tokens, seq_len: int, test_fraction: float) -> _Splits:
   ``test_fraction`` of the text is the validation split (a contiguous tail, so no
   window straddles the two)."""
   if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-    raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
+    raise ParamError(f"seq_len must be a positive integer, got {seq_len!r}.", "seq_len")
   if not 0.0 < test_fraction < 1.0:
     raise ParamError(f"test_fraction must be in (0, 1), got {test_fraction}.", "test_fraction")
   n = (len(tokens) - 1) // seq_len
   n_test = max(1, int(round(test_fraction * n)))
   if n - n_test < 1:
-    raise ValueError(f"the corpus of {len(tokens)} bytes holds only {n} windows of "
-                     f"seq_len={seq_len}; lower --config.seq_len or raise --config.corpus_bytes.")
+    raise ParamError(f"the corpus of {len(tokens)} bytes holds only {n} windows of "
+                     f"seq_len={seq_len}; lower --config.seq_len or raise --config.corpus_bytes.",
+                     "seq_len")
   tokens = tokens.astype(np.int32)
   x = tokens[: n * seq_len].reshape(n, seq_len)
   y = tokens[1: n * seq_len + 1].reshape(n, seq_len)
@@ -118,10 +119,10 @@ def check_chunking(batch_size: int, num_chunks: int, seq_len: int | None = None)
     return
   unit = f" sequences of seq_len={seq_len}" if seq_len else " examples"
   fix = num_chunks * max(1, batch_size // num_chunks)
-  raise ValueError(
+  raise ParamError(
       f"batch_size={batch_size}{unit} is not a multiple of the number of chunks "
       f"{num_chunks}, so it does not split into equal chunks; use a multiple of "
-      f"{num_chunks}, e.g. --config.batch_size={fix}.")
+      f"{num_chunks}, e.g. --config.batch_size={fix}.", "batch_size")
 
 
 DATASETS: Registry[Dataset] = Registry("dataset")
