@@ -105,10 +105,6 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
   except ValueError as e:
     msg = str(e)
     param = getattr(e, "param", None)     # a jaxgc.errors.ParamError names its parameter
-    # A registry's "Did you mean 'x'?" becomes the flag's spelling below.
-    near = re.search(r" Did you mean '([\w\-]+)'\?", msg)
-    if near:
-      msg = msg[:near.start()] + msg[near.end():]
     named = [f for f in fields if f.split(".")[-1] == param]
     hits = [(mt.start(), f) for f in fields
             for mt in [re.search(rf"\b{re.escape(f.split('.')[-1])}\b", msg)] if mt]
@@ -120,6 +116,10 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
       path = min(hits)[1] if hits else (default or f"{block}.name")
     hint = ""
     if path.endswith(".name") and name is not None:
+      # A registry's own "Did you mean 'x'?" becomes the flag to type.
+      near = re.search(r" Did you mean '([\w\-]+)'\?", msg)
+      if near:
+        msg = msg[:near.start()] + msg[near.end():]
       close = [near[1]] if near else difflib.get_close_matches(
           name, [w for w in re.findall(r"'([\w\-]+)'", msg) if w != name], n=1)
       hint = f" Did you mean --config.{path}={close[0]}?" if close else ""
