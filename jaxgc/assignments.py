@@ -15,6 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxgc.errors import ParamError
+from jaxgc.registry import Registry
+
 __all__ = [
     "Assignment",
     "cyclic",
@@ -24,7 +27,12 @@ __all__ = [
     "from_biadjacency",
     "from_graph",
     "random_regular",
+    "ASSIGNMENTS",
 ]
+
+ASSIGNMENTS: Registry[Assignment] = Registry("assignment", positional=2)
+"""Name -> builder ``(num_workers, load, **options) -> Assignment`` (a config's
+``assignment.name``)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -205,14 +213,14 @@ class Assignment:
   def check_ell(self, ell: int) -> None:
     """Raises ``ValueError`` unless every chunk is held by at least ``ell`` workers."""
     if not isinstance(ell, (int, np.integer)) or ell < 1:
-      raise ValueError(f"ell must be a positive integer, got {ell!r}.")
+      raise ParamError(f"ell must be a positive integer, got {ell!r}.", "ell")
     rmin = int(self.replication.min())
     if ell > rmin:
       i = int(np.argmin(self.replication))
-      raise ValueError(
+      raise ParamError(
           f"ell={ell} is larger than the replication of chunk {i}, which is held by "
           f"only {rmin} worker(s); exact recovery would be impossible. Use ell <= {rmin}, "
-          "or an assignment with a larger load.")
+          "or an assignment with a larger load.", "ell")
 
   def with_order(self, order) -> Assignment:
     """Same chunk sets per worker, new processing order (raises if the sets differ)."""
@@ -299,6 +307,7 @@ def from_lists(lists: Sequence[Sequence[int]], num_chunks: int | None = None) ->
   return from_order(order, num_chunks)
 
 
+@ASSIGNMENTS.register("cyclic")
 def cyclic(num_workers: int, load: int) -> Assignment:
   """Cyclic assignment, ``N = m``: worker ``j`` holds ``j, j+1, …, j+load-1 (mod m)``."""
   _check_sizes(num_workers, load)
@@ -307,6 +316,7 @@ def cyclic(num_workers: int, load: int) -> Assignment:
   return Assignment((j + t) % num_workers, num_workers, "cyclic")
 
 
+@ASSIGNMENTS.register("fractional_repetition")
 def fractional_repetition(num_workers: int, load: int) -> Assignment:
   """Fractional repetition: groups of ``load`` workers share the same ``load`` chunks.
 
@@ -315,9 +325,9 @@ def fractional_repetition(num_workers: int, load: int) -> Assignment:
   """
   _check_sizes(num_workers, load)
   if num_workers % load:
-    raise ValueError(
+    raise ParamError(
         f"fractional repetition needs load to divide num_workers, got load={load}, "
-        f"num_workers={num_workers}. Pick a divisor of num_workers, or use cyclic().")
+        f"num_workers={num_workers}. Pick a divisor of num_workers, or use cyclic().", "load")
   j = np.arange(num_workers)[:, None]
   t = np.arange(load)[None, :]
   group, r = j // load, j % load
@@ -355,6 +365,7 @@ def from_graph(graph, workers: Sequence | None = None,
   return from_biadjacency(np.asarray(adj.todense()) != 0)
 
 
+@ASSIGNMENTS.register("random_regular")
 def random_regular(num_workers: int, load: int, seed: int = 0,
                    num_swaps: int | None = None) -> Assignment:
   """A uniformly-mixed random ``load``-regular bipartite graph with ``N = m``.
@@ -383,12 +394,14 @@ def random_regular(num_workers: int, load: int, seed: int = 0,
 
 def _check_sizes(num_workers, load):
   if not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
-    raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}.")
+    raise ParamError(f"num_workers must be a positive integer, got {num_workers!r}.",
+                     "num_workers")
   if not isinstance(load, (int, np.integer)) or not 1 <= load <= num_workers:
-    raise ValueError(
-        f"load must be an integer in 1..num_workers={num_workers}, got {load!r}.")
+    raise ParamError(
+        f"load must be an integer in 1..num_workers={num_workers}, got {load!r}.", "load")
 
 
+@ASSIGNMENTS.register("expander")
 def expander(num_workers: int, load: int, seed: int = 0) -> Assignment:
   """A Ramanujan ``load``-regular bipartite assignment, ``N = m``: worker ``j`` holds its
   neighbours.
@@ -410,10 +423,10 @@ def expander(num_workers: int, load: int, seed: int = 0) -> Assignment:
   import networkx as nx  # pylint: disable=import-outside-toplevel
   _check_sizes(num_workers, load)
   if load % 2 or load < 2 or load >= num_workers:
-    raise ValueError(
+    raise ParamError(
         f"expander needs an even load with 2 <= load < num_workers={num_workers} (it is "
         f"built from load/2 permutations), got load={load}. Use an even load, or "
-        "random_regular() for an odd one.")
+        "random_regular() for an odd one.", "load")
   # Its rejection sampler needs ~e^{load} tries for disjoint cycles; networkx allows 100.
   graph = nx.random_regular_expander_graph(num_workers, load, seed=seed, max_tries=100_000)
   adj = nx.to_numpy_array(graph, nodelist=range(num_workers)) != 0

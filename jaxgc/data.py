@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import os
 import sysconfig
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgc.errors import ParamError
+from jaxgc.registry import Registry
+
 __all__ = ["Dataset", "load", "steps_per_epoch", "epoch_permutation", "batch_indices",
-           "step_chunks", "DATASETS", "stdlib_corpus", "check_chunking"]
-
-DATASETS = ("digits", "synthetic_logistic", "synthetic_linear", "pystdlib")
-
+           "step_chunks", "DATASETS", "stdlib_corpus", "check_chunking", "load_digits",
+           "load_synthetic_logistic", "load_synthetic_linear", "load_pystdlib"]
 
 class Dataset(NamedTuple):
   """A train/test split held as host NumPy arrays.
@@ -57,7 +58,7 @@ _Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 def _split(x, y, test_fraction: float, seed: int) -> _Splits:
   if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    raise ParamError(f"test_fraction must be in (0, 1), got {test_fraction}.", "test_fraction")
   perm = np.random.default_rng(seed).permutation(len(x))
   n_test = max(1, int(round(test_fraction * len(x))))
   te, tr = perm[:n_test], perm[n_test:]
@@ -93,14 +94,15 @@ def _text_windows(tokens, seq_len: int, test_fraction: float) -> _Splits:
   ``test_fraction`` of the text is the validation split (a contiguous tail, so no
   window straddles the two)."""
   if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-    raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
+    raise ParamError(f"seq_len must be a positive integer, got {seq_len!r}.", "seq_len")
   if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    raise ParamError(f"test_fraction must be in (0, 1), got {test_fraction}.", "test_fraction")
   n = (len(tokens) - 1) // seq_len
   n_test = max(1, int(round(test_fraction * n)))
   if n - n_test < 1:
-    raise ValueError(f"the corpus of {len(tokens)} bytes holds only {n} windows of "
-                     f"seq_len={seq_len}; lower --config.seq_len or raise --config.corpus_bytes.")
+    raise ParamError(f"the corpus of {len(tokens)} bytes holds only {n} windows of "
+                     f"seq_len={seq_len}; lower --config.seq_len or raise --config.corpus_bytes.",
+                     "seq_len")
   tokens = tokens.astype(np.int32)
   x = tokens[: n * seq_len].reshape(n, seq_len)
   y = tokens[1: n * seq_len + 1].reshape(n, seq_len)
@@ -117,58 +119,87 @@ def check_chunking(batch_size: int, num_chunks: int, seq_len: int | None = None)
     return
   unit = f" sequences of seq_len={seq_len}" if seq_len else " examples"
   fix = num_chunks * max(1, batch_size // num_chunks)
-  raise ValueError(
+  raise ParamError(
       f"batch_size={batch_size}{unit} is not a multiple of the number of chunks "
       f"{num_chunks}, so it does not split into equal chunks; use a multiple of "
-      f"{num_chunks}, e.g. --config.batch_size={fix}.")
+      f"{num_chunks}, e.g. --config.batch_size={fix}.", "batch_size")
 
 
-def load(name: str, *, test_fraction: float = 0.2, split_seed: int = 0,
-         num_examples: int = 4000, dim: int = 32, noise: float = 0.1,
-         data_seed: int = 0, seq_len: int = 64, max_bytes: int | None = 2_000_000) -> Dataset:
-  """Loads a dataset by name.
+DATASETS: Registry[Dataset] = Registry("dataset")
+"""Name -> loader; each takes only its own options (see :func:`load`)."""
 
-  Args:
-    name: ``"digits"`` (sklearn 8×8 digits, 1797 images, 10 classes, pixels
-      scaled to [0, 1]); ``"synthetic_logistic"`` (binary logistic-regression
-      data: ``x ~ N(0, I/dim)``, ``P(y=1) = σ(x·w*)`` with ``‖w*‖ = 4√dim`` so
-      the classes are learnable but not separable); ``"synthetic_linear"``
-      (``y = x·w* + noise·ε``, a regression task); ``"pystdlib"`` (next-byte
-      prediction on :func:`stdlib_corpus`: int32 windows ``[n, seq_len]``, vocabulary 256).
-    test_fraction: share of examples held out for testing (for text: the tail of
-      the corpus, the validation split; ``split_seed`` is unused).
-    split_seed: seed of the train/test permutation.
-    num_examples: examples in a synthetic task.
-    dim: features of a synthetic task.
-    noise: label noise of ``synthetic_linear``.
-    data_seed: seed of the synthetic data.
-    seq_len: window length of ``pystdlib``.
-    max_bytes: corpus size of ``pystdlib`` (``None``: the whole standard library).
+
+@DATASETS.register("digits")
+def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+  """scikit-learn's 8×8 digits: 1797 images ``[64]`` with pixels in [0, 1], 10 classes.
+
+  ``test_fraction`` of the examples (a permutation from ``split_seed``) is held out.
   """
-  if name == "pystdlib":
-    return Dataset(*_text_windows(stdlib_corpus(max_bytes), seq_len, test_fraction),
-                   num_classes=256)
-  if name == "digits":
-    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-    d = load_digits()
-    x = (d.data / 16.0).astype(np.float32)
-    y = d.target.astype(np.int32)
-    return Dataset(*_split(x, y, test_fraction, split_seed), num_classes=10)
-  if name in ("synthetic_logistic", "synthetic_linear"):
-    if num_examples < 2 or dim < 1:
-      raise ValueError(f"synthetic data needs num_examples >= 2 and dim >= 1, got "
-                       f"{num_examples}, {dim}.")
-    rng = np.random.default_rng(data_seed)
-    x = rng.standard_normal((num_examples, dim)).astype(np.float32) / np.sqrt(dim)
-    w = rng.standard_normal(dim).astype(np.float32)
-    w *= 4.0 * np.sqrt(dim) / np.linalg.norm(w)
-    z = x @ w
-    if name == "synthetic_logistic":
-      y = (rng.uniform(size=num_examples) < 1.0 / (1.0 + np.exp(-z))).astype(np.int32)
-      return Dataset(*_split(x, y, test_fraction, split_seed), num_classes=2)
-    y = (z + noise * rng.standard_normal(num_examples)).astype(np.float32)
-    return Dataset(*_split(x, y, test_fraction, split_seed), num_classes=0)
-  raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}.")
+  from sklearn.datasets import load_digits as sklearn_digits  # pylint: disable=import-outside-toplevel
+  d = sklearn_digits()
+  x = (d.data / 16.0).astype(np.float32)
+  y = d.target.astype(np.int32)
+  return Dataset(*_split(x, y, test_fraction, split_seed), num_classes=10)
+
+
+def _synthetic(num_examples: int, dim: int, data_seed: int):
+  """``x [n, dim] ~ N(0, I/dim)``, ``z = x·w*`` with ``‖w*‖ = 4√dim``, and the generator."""
+  if num_examples < 2 or dim < 1:
+    param = "num_examples" if num_examples < 2 else "dim"
+    raise ParamError(f"synthetic data needs num_examples >= 2 and dim >= 1, got "
+                     f"{num_examples}, {dim}.", param)
+  rng = np.random.default_rng(data_seed)
+  x = rng.standard_normal((num_examples, dim)).astype(np.float32) / np.sqrt(dim)
+  w = rng.standard_normal(dim).astype(np.float32)
+  w *= 4.0 * np.sqrt(dim) / np.linalg.norm(w)
+  return x, x @ w, rng
+
+
+@DATASETS.register("synthetic_logistic")
+def load_synthetic_logistic(num_examples: int = 4000, dim: int = 32, data_seed: int = 0,
+                            test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+  """Binary logistic-regression data: ``x ~ N(0, I/dim)``, ``P(y=1) = σ(x·w*)`` with
+  ``‖w*‖ = 4√dim``, so the classes are learnable but not separable (seed ``data_seed``)."""
+  x, z, rng = _synthetic(num_examples, dim, data_seed)
+  y = (rng.uniform(size=num_examples) < 1.0 / (1.0 + np.exp(-z))).astype(np.int32)
+  return Dataset(*_split(x, y, test_fraction, split_seed), num_classes=2)
+
+
+@DATASETS.register("synthetic_linear")
+def load_synthetic_linear(num_examples: int = 4000, dim: int = 32, noise: float = 0.1,
+                          data_seed: int = 0, test_fraction: float = 0.2,
+                          split_seed: int = 0) -> Dataset:
+  """A regression task: ``y = x·w* + noise·ε``, ``x`` and ``w*`` as in
+  :func:`load_synthetic_logistic` (``num_classes=0``)."""
+  x, z, rng = _synthetic(num_examples, dim, data_seed)
+  y = (z + noise * rng.standard_normal(num_examples)).astype(np.float32)
+  return Dataset(*_split(x, y, test_fraction, split_seed), num_classes=0)
+
+
+@DATASETS.register("pystdlib")
+def load_pystdlib(seq_len: int = 64, max_bytes: int | None = 2_000_000,
+                  test_fraction: float = 0.2) -> Dataset:
+  """Next-byte prediction on :func:`stdlib_corpus` (its first ``max_bytes`` bytes;
+  ``None``: all): int32 windows ``[n, seq_len]``, vocabulary 256. The last
+  ``test_fraction`` of the text is the validation split (so no seed)."""
+  return Dataset(*_text_windows(stdlib_corpus(max_bytes), seq_len, test_fraction),
+                 num_classes=256)
+
+
+def load(name: str, **options: Any) -> Dataset:
+  """Loads the dataset registered as ``name`` in :data:`DATASETS` with its ``options``.
+
+  ``"digits"`` (:func:`load_digits`), ``"synthetic_logistic"``
+  (:func:`load_synthetic_logistic`), ``"synthetic_linear"``
+  (:func:`load_synthetic_linear`), ``"pystdlib"`` (:func:`load_pystdlib`). All take
+  ``test_fraction`` (share held out for testing); those with a random split take
+  ``split_seed``; each takes only its own options besides.
+
+  Raises:
+    jaxgc.errors.ParamError: (a ``ValueError``) an unknown name (``param="name"``) or an
+      option the dataset does not take (``param`` is the option), listing the valid ones.
+  """
+  return DATASETS.build(name, **options)
 
 
 def steps_per_epoch(num_train: int, batch_size: int) -> int:

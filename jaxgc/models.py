@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["MLP", "CNN", "CNNBN", "TransformerLM", "MODELS", "get_model", "init_params",
+from jaxgc.errors import ParamError
+from jaxgc.registry import Registry
+
+__all__ = ["MLP", "CNN", "CNNBN", "TransformerLM", "MODELS", "get_model", "mlp", "linear", "cnn",
+           "cnn_bn", "transformer_lm", "init_params",
            "init_variables", "chunk_loss_fn", "stateful_chunk_loss_fn", "predict_metrics",
            "MemoryEstimate", "memory_estimate", "check_memory", "device_memory_budget"]
-
-MODELS = ("mlp", "linear", "cnn", "cnn_bn", "transformer_lm")
 
 
 class MLP(nn.Module):
@@ -120,43 +122,76 @@ class TransformerLM(nn.Module):
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
 
 
+MODELS: Registry[nn.Module] = Registry("model", positional=1)
+"""Name -> constructor ``(num_classes, **options) -> nn.Module``; ``num_classes=0``
+(regression) gives one output."""
+
+
+def _outputs(num_classes: int) -> int:
+  return max(int(num_classes), 1)
+
+
+@MODELS.register("mlp")
+def mlp(num_classes: int, hidden: Sequence[int] = (64, 64)) -> MLP:
+  """:class:`MLP` with hidden layer widths ``hidden``."""
+  return MLP(tuple(hidden), _outputs(num_classes))
+
+
+@MODELS.register("linear")
+def linear(num_classes: int) -> MLP:
+  """Logistic (or, for regression, linear) regression: an :class:`MLP` with no hidden layer."""
+  return MLP((), _outputs(num_classes))
+
+
+@MODELS.register("cnn")
+def cnn(num_classes: int) -> CNN:
+  """:class:`CNN` for square grey images."""
+  return CNN(num_outputs=_outputs(num_classes))
+
+
+@MODELS.register("cnn_bn")
+def cnn_bn(num_classes: int, dropout: float = CNNBN.dropout) -> CNNBN:
+  """:class:`CNNBN` (batch norm, and ``dropout`` in ``[0, 1)`` before the output)."""
+  rate = float(dropout)
+  if not 0.0 <= rate < 1.0:
+    raise ParamError(f"dropout={rate} must be in [0, 1).", "dropout")
+  return CNNBN(num_outputs=_outputs(num_classes), dropout=rate)
+
+
+@MODELS.register("transformer_lm")
+def transformer_lm(num_classes: int, d_model: int = TransformerLM.d_model,
+                   num_heads: int = TransformerLM.num_heads,
+                   num_layers: int = TransformerLM.num_layers,
+                   seq_len: int = TransformerLM.seq_len,
+                   mlp_ratio: int = TransformerLM.mlp_ratio) -> TransformerLM:
+  """:class:`TransformerLM` with vocabulary ``num_classes``; ``num_heads`` must divide
+  ``d_model``."""
+  if d_model % num_heads:
+    raise ParamError(f"d_model={d_model} is not a multiple of num_heads={num_heads}; "
+                     "pick num_heads dividing d_model.", "num_heads")
+  return TransformerLM(vocab=_outputs(num_classes), d_model=d_model, num_heads=num_heads,
+                       num_layers=num_layers, seq_len=seq_len, mlp_ratio=mlp_ratio)
+
+
 def get_model(name: str, num_classes: int, hidden: Sequence[int] = (64, 64),
-              **options) -> nn.Module:
-  """``"mlp"``, ``"linear"`` (logistic/linear regression), ``"cnn"``, ``"cnn_bn"`` (with batch
-  norm and dropout, option ``dropout``) or ``"transformer_lm"``.
+              **options: Any) -> nn.Module:
+  """The model registered as ``name`` in :data:`MODELS`: ``"mlp"``, ``"linear"``
+  (logistic/linear regression), ``"cnn"``, ``"cnn_bn"`` (with batch norm and dropout,
+  option ``dropout``) or ``"transformer_lm"``.
 
   ``num_classes=0`` (regression) gives one output; for ``transformer_lm`` it is
   the vocabulary, and ``options`` are :class:`TransformerLM`'s fields
   (``d_model``, ``num_heads``, ``num_layers``, ``seq_len``, ``mlp_ratio``).
+  ``hidden``: the widths of a model with option ``hidden`` (the ``mlp``), unused by
+  the others.
+
+  Raises:
+    jaxgc.errors.ParamError: (a ``ValueError``) an unknown name (``param="name"``),
+      an option the model does not take, or a bad value; ``param`` names it.
   """
-  out = max(int(num_classes), 1)
-  if name == "transformer_lm":
-    unknown = set(options) - {"d_model", "num_heads", "num_layers", "seq_len", "mlp_ratio"}
-    if unknown:
-      raise ValueError(f"unknown transformer_lm option(s) {sorted(unknown)}; it takes d_model, "
-                       "num_heads, num_layers, seq_len, mlp_ratio.")
-    lm = TransformerLM(vocab=out, **options)
-    if lm.d_model % lm.num_heads:
-      raise ValueError(f"d_model={lm.d_model} is not a multiple of num_heads={lm.num_heads}; "
-                       "pick num_heads dividing d_model.")
-    return lm
-  if name == "cnn_bn":
-    unknown = set(options) - {"dropout"}
-    if unknown:
-      raise ValueError(f"unknown cnn_bn option(s) {sorted(unknown)}; it takes dropout.")
-    rate = float(options.get("dropout", CNNBN.dropout))
-    if not 0.0 <= rate < 1.0:
-      raise ValueError(f"dropout={rate} must be in [0, 1).")
-    return CNNBN(num_outputs=out, dropout=rate)
-  if options:
-    raise ValueError(f"model {name!r} takes no options, got {sorted(options)}.")
-  if name == "mlp":
-    return MLP(tuple(hidden), out)
-  if name == "linear":
-    return MLP((), out)
-  if name == "cnn":
-    return CNN(num_outputs=out)
-  raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}.")
+  if "hidden" in MODELS.options(name):
+    options.setdefault("hidden", hidden)
+  return MODELS.build(name, num_classes, **options)
 
 
 def _example_losses(logits, y, regression: bool):

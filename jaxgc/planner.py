@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +95,7 @@ def candidates(num_workers: int, names=DEFAULT_PROTOCOLS, loads=DEFAULT_LOADS,
   for name in names:
     if name not in protocols.PROTOCOLS:
       raise ValueError(f"unknown protocol {name!r}; choose from {sorted(protocols.PROTOCOLS)}.")
-    if not protocols.PROTOCOLS[name].has_exact_mode:
+    if not cast("type[protocols.Protocol]", protocols.PROTOCOLS[name]).has_exact_mode:
       raise ValueError(f"{name} has no exact mode, so no step time to plan with; the planner "
                        "ranks exact protocols and backup_workers.")
     if name == "uncoded":

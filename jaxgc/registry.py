@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar, overload
 
 from jaxgc.errors import ParamError
 
 __all__ = ["Registry", "signature_options"]
 
 T = TypeVar("T")
+D = TypeVar("D")
+_MISSING: Any = object()
 _KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
@@ -75,12 +77,36 @@ class Registry(Generic[T]):
   def __len__(self) -> int:
     return len(self._entries)
 
+  def __getitem__(self, name: str) -> Callable[..., T]:
+    """``registry[name]``: the constructor, as a dict gives it (``KeyError`` if unknown)."""
+    if name not in self._entries:
+      raise KeyError(name)
+    return self._entries[name]
+
+  def __setitem__(self, name: str, fn: Callable[..., T]) -> None:
+    """``registry[name] = fn`` registers or replaces ``fn``, as in a dict
+    (:meth:`register` refuses to replace)."""
+    self._declared.pop(name, None)
+    self._entries[name] = fn
+
+  def __delitem__(self, name: str) -> None:
+    del self._entries[name]
+    self._declared.pop(name, None)
+
   def names(self) -> list[str]:
     """The registered names, sorted."""
     return sorted(self._entries)
 
-  def get(self, name: str) -> Callable[..., T]:
-    """The constructor registered as ``name``; an unknown name raises ``ParamError("name")``."""
+  @overload
+  def get(self, name: str) -> Callable[..., T]: ...
+  @overload
+  def get(self, name: str, default: D) -> Callable[..., T] | D: ...
+
+  def get(self, name: str, default: Any = _MISSING) -> Any:
+    """The constructor registered as ``name``; an unknown name raises ``ParamError("name")``,
+    or returns ``default`` if one is given (as a dict's ``get`` does)."""
+    if name not in self._entries and default is not _MISSING:
+      return default
     if name not in self._entries:
       near = difflib.get_close_matches(str(name), self.names(), n=1)
       hint = f" Did you mean {near[0]!r}?" if near else ""
@@ -115,12 +141,18 @@ class Registry(Generic[T]):
     it and the valid options listed.
     """
     fn = self.get(name)
-    valid = self.options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown and not self._open(name):
+    unknown = self.unknown(name, options)
+    if unknown:
       raise ParamError(f"{self.kind} {name!r} takes no parameter(s) {unknown}; it takes "
-                       f"{list(valid)}.", unknown[0])
+                       f"{list(self.options(name))}.", unknown[0])
     return fn(*args, **options)
+
+  def unknown(self, name: str, options: Iterable[str]) -> list[str]:
+    """The names in ``options`` that ``name`` does not take, sorted; ``[]`` when its
+    constructor takes ``**kwargs`` and declares no options (it decides itself).
+    An unknown ``name`` raises ``ParamError("name")``."""
+    unknown = sorted(set(options) - set(self.options(name)))
+    return [] if self._open(name) else unknown
 
   def __repr__(self) -> str:
     return f"Registry({self.kind!r}, {self.names()})"

@@ -1,6 +1,16 @@
-"""jaxgc.registry: names to constructors, options from signatures, errors that list the valid."""
+"""jaxgc.registry: names to constructors, options from signatures, errors that list the valid;
+and the library's registries (protocols, models, datasets, assignments, straggler models,
+backends and their declared capabilities)."""
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from jaxgc import assignments, backends, data, models, protocols, timing
+from jaxgc.backends import capabilities
 from jaxgc.errors import ParamError
 from jaxgc.registry import Registry
 
@@ -76,3 +86,117 @@ def test_declared_options_for_a_constructor_that_takes_kwargs():
     reg.build("coded", "asg", 2, colour=1)
   # Undeclared **options: the constructor itself decides what it accepts.
   assert reg.build("open", "asg", colour=1) == {"colour": 1}
+
+
+# -- the library's registries ---------------------------------------------------------------
+
+ASG = assignments.cyclic(6, 3)
+# Each registry's entry point, called as a user does: (name, **options) -> object.
+ENTRIES = {
+    "protocol": (protocols.PROTOCOLS, lambda n, **o: protocols.get_protocol(n, ASG, 1, **o)),
+    "model": (models.MODELS, lambda n, **o: models.get_model(n, 10, **o)),
+    "dataset": (data.DATASETS, data.load),
+    "assignment": (assignments.ASSIGNMENTS,
+                   lambda n, **o: assignments.ASSIGNMENTS.build(n, 8, 4, **o)),
+    "straggler model": (timing.STRAGGLER_MODELS, timing.get_straggler_model),
+}
+CASES = [(kind, name) for kind, (reg, _) in ENTRIES.items() for name in reg]
+
+
+@pytest.mark.parametrize("kind", [*ENTRIES, "backend"])
+def test_every_registry_refuses_an_unknown_name_listing_the_valid_ones(kind):
+  if kind == "backend":
+    reg, build = backends.BACKENDS, backends.get_backend
+  else:
+    reg, build = ENTRIES[kind]
+  assert isinstance(reg, Registry) and reg.kind == kind and len(reg) >= 2
+  with pytest.raises(ParamError, match=rf"unknown {kind} 'nope'; choose one of "
+                     rf"{re.escape(str(reg.names()))}") as e:
+    build("nope")
+  assert e.value.param == "name"
+
+
+@pytest.mark.parametrize("kind,name", CASES)
+def test_every_entry_refuses_an_unknown_option_by_name(kind, name):
+  reg, build = ENTRIES[kind]
+  with pytest.raises(ParamError, match=r"\['colour'\]") as e:
+    build(name, colour=3)
+  assert e.value.param == "colour"
+  assert "colour" not in reg.options(name) and reg.unknown(name, ["colour"]) == ["colour"]
+
+
+@pytest.mark.parametrize("name,other", [
+    (a, b) for a, b in itertools.permutations(data.DATASETS.names(), 2)
+    if set(data.DATASETS.options(b)) - set(data.DATASETS.options(a))])
+def test_a_dataset_refuses_another_datasets_options(name, other):
+  """Each loader takes only its own options: ``noise`` is synthetic_linear's alone,
+  ``seq_len`` pystdlib's, ``split_seed`` only where the split is random."""
+  for option in sorted(set(data.DATASETS.options(other)) - set(data.DATASETS.options(name))):
+    with pytest.raises(ParamError, match=rf"dataset '{name}' takes no parameter\(s\) "
+                       rf"\['{option}'\]") as e:
+      data.load(name, **{option: 1})
+    assert e.value.param == option
+
+
+def test_the_synthetic_tasks_share_their_features():
+  """The loaders split from one generator: logistic and linear see the same ``x``."""
+  logistic = data.load_synthetic_logistic(num_examples=50, dim=3, data_seed=4)
+  linear = data.load("synthetic_linear", num_examples=50, dim=3, data_seed=4, noise=0.0)
+  np.testing.assert_array_equal(logistic.x_train, linear.x_train)
+  assert logistic.num_classes == 2 and linear.num_classes == 0
+  assert set(np.unique(logistic.y_train)) <= {0, 1}
+
+
+@pytest.mark.parametrize("name", data.DATASETS.names())
+def test_every_dataset_loads_with_its_defaults(name):
+  ds = data.load(name)
+  n = ds.num_train + len(ds.x_test)
+  assert ds.x_train.shape[1:] == ds.x_test.shape[1:] and len(ds.y_train) == ds.num_train
+  assert abs(len(ds.x_test) / n - 0.2) < 0.01          # the default test_fraction
+  if ds.num_classes:
+    assert ds.y_train.min() >= 0 and ds.y_train.max() < ds.num_classes
+
+
+@pytest.mark.parametrize("name", models.MODELS.names())
+def test_every_model_builds_with_its_defaults(name):
+  model = models.get_model(name, 10)
+  x = (jnp.zeros((2, 8), jnp.int32) if name == "transformer_lm"
+       else jnp.zeros((2, 64), jnp.float32))
+  variables = jax.eval_shape(lambda k: model.init(k, x), jax.random.key(0))
+  out = jax.eval_shape(lambda v: model.apply(v, x), variables)
+  assert out.shape == ((2, 8, 10) if name == "transformer_lm" else (2, 10))
+
+
+@pytest.mark.parametrize("name", assignments.ASSIGNMENTS.names())
+def test_every_assignment_builds_a_regular_one(name):
+  a = assignments.ASSIGNMENTS.build(name, 8, 4)
+  counts = np.bincount(a.order[a.order >= 0], minlength=a.num_chunks)
+  assert a.num_workers == 8 and a.num_chunks == 8
+  assert (np.asarray(a.loads) == 4).all() and (counts == 4).all()
+
+
+@pytest.mark.parametrize("name", protocols.PROTOCOLS.names())
+def test_every_protocol_builds_with_its_defaults(name):
+  proto = protocols.get_protocol(name, ASG)
+  assert isinstance(proto, protocols.PROTOCOLS[name]) and proto.ell == 1
+  assert sorted(protocols.PROTOCOLS.options(name)) == type(proto).option_names()
+
+
+def test_old_uses_of_the_names_keep_working():
+  """They were a dict and tuples: ``in``, iteration, ``[name]``, ``.get(name, default)``."""
+  assert "mlp" in models.MODELS and "digits" in data.DATASETS
+  assert protocols.PROTOCOLS["uncoded"] is protocols.Uncoded
+  assert protocols.PROTOCOLS.get("nope", None) is None
+  assert list(data.DATASETS) == sorted(["digits", "synthetic_logistic", "synthetic_linear",
+                                        "pystdlib"])
+  with pytest.raises(KeyError):
+    protocols.PROTOCOLS["nope"]
+
+
+def test_every_backend_declares_its_capabilities():
+  for name in backends.BACKENDS:
+    assert isinstance(backends.BACKENDS[name].capabilities, capabilities.Capabilities)
+  assert capabilities.of("spmd") == capabilities.Capabilities(True, True, True, True)
+  assert capabilities.supporting("adaptive") == ["spmd"] and capabilities.of("ray").requires
+  with pytest.raises(ParamError):
+    capabilities.of("mpi")

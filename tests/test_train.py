@@ -44,11 +44,75 @@ def final_params(workdir):
     (("num_devices=6", "num_processes=4"), r"split evenly"),
     (("straggler.slowdown.bogus=1",), r"--config.straggler.slowdown.bogus.*'bogus'"),
     (("num_workers=2000", "batch_size=2000"), r"--config.batch_size=2000"),
+    # An option the chosen protocol / model / dataset / assignment does not take: its flag.
+    (("protocol.partial_straggler.colour=3",), r"^--config.protocol.partial_straggler.colour=3: "
+     r"unknown option\(s\) \['colour'\] for protocol 'partial_straggler'; valid options"),
+    (("model.mlp.dropout=0.5",), r"^--config.model.mlp.dropout=0.5: model 'mlp' takes no "
+     r"parameter\(s\) \['dropout'\]; it takes \['hidden'\]"),
+    (("dataset=synthetic_logistic", "synthetic.noise=0.5"), r"^--config.data.synthetic_logistic."
+     r"noise=0.5: dataset 'synthetic_logistic' takes no parameter\(s\) \['noise'\]"),
+    (("dataset=pystdlib", "data.pystdlib.split_seed=3"), r"^--config.data.pystdlib.split_seed=3:"
+     r" dataset 'pystdlib' takes no parameter\(s\) \['split_seed'\]"),
+    (("assignment.cyclic.seed=3",), r"^--config.assignment.cyclic.seed=3: assignment 'cyclic' "
+     r"takes no parameter\(s\) \['seed'\]"),
+    (("model=cnn_bn", "model.cnn_bn.dropout=1.5"), r"^--config.model.cnn_bn.dropout=1.5: "
+     r"dropout=1.5 must be in \[0, 1\)"),
+    # An unknown name: the registry's suggestion, once, as the flag to type.
+    (("model=cnnn",), r"^--config.model.name='cnnn': unknown model 'cnnn'; choose one of "
+     r"\[.*\]\. Did you mean --config.model.name=cnn\?$"),
+    (("assignment=cyclc",), r"^--config.assignment.name='cyclc': unknown assignment.* Did you "
+     r"mean --config.assignment.name=cyclic\?$"),
 ])
 def test_bad_configs_fail_at_startup(tmp_path, flags, match):
-  with pytest.raises(experiment.ConfigError, match=match):
+  with pytest.raises(experiment.ConfigError, match=match) as e:
     experiment.train_and_evaluate(small_config(*flags), str(tmp_path / "run"))
+  assert "\n" not in str(e.value) and str(e.value).count("Did you mean") <= 1
   assert not (tmp_path / "run").exists()          # nothing written for a bad config
+
+
+def test_backends_declare_what_a_config_may_ask_of_them(monkeypatch):
+  """make_step asks the backend's declared capabilities, not its name: a new backend
+  gets the options it declares, and a feature it lacks is one line naming the flag."""
+  from jaxgc import backends  # pylint: disable=import-outside-toplevel
+  from jaxgc.backends import capabilities  # pylint: disable=import-outside-toplevel
+
+  def backend(caps):
+    @capabilities.declare(caps)
+    def build(protocol, straggler, loss_fn, tx, mesh=None, **options):
+      return options                  # builds nothing: shows what make_step passed
+    return build
+  monkeypatch.setitem(backends.BACKENDS, "probe",
+                      backend(capabilities.Capabilities(network_model=True)))
+  monkeypatch.setitem(backends.BACKENDS, "needy", backend(capabilities.Capabilities(
+      requires="jaxgc_no_such_module", install="Needy: pip install needy")))
+
+  def step(*flags, has_aux=False):
+    config = small_config(*flags)
+    proto = experiment.make_protocol(config, experiment.make_assignment(config))
+    return experiment.make_step(config, proto, experiment.make_straggler_model(config),
+                                None, experiment.make_optimizer(config), None, has_aux=has_aux)
+
+  net = ("network.name=ps", "network.bandwidth=1e9")
+  options = step("backend=probe", *net)
+  assert options["network"].bandwidth == 1e9 and options["mode"] == "exact"
+  assert not {"adaptive", "has_aux", "num_actors"} & set(options)
+  cases = [
+      (("backend=probe", "adaptive=True"), False, r"--config.adaptive: backend 'probe' does "
+       r"not support the adaptive PS \(the spmd backend does\); use --config.backend=spmd or "
+       r"--config.adaptive=False\."),
+      (("backend=probe", "mesh.model=2"), False, r"--config.mesh.model: backend 'probe' does not "
+       r"support workers that are groups of devices .*--config.mesh.model=1\."),
+      (("backend=probe",), True, r"--config.model.name='mlp': backend 'probe' does not support a "
+       r"model with state \(batch norm\) \(the spmd backend does\); use --config.backend=spmd\."),
+      (("backend=ray", *net), False, r"--config.network.name='ps': backend 'ray' does not "
+       r"support a network model \(the probe and spmd backends do\); use --config.backend=probe "
+       r"or --config.network.name=none\."),
+      (("backend=needy",), False, r"--config.backend=needy: --config.backend=needy needs Needy: "
+       r"pip install needy"),
+  ]
+  for flags, has_aux, match in cases:
+    with pytest.raises(experiment.ConfigError, match=rf"^{match}$"):
+      step(*flags, has_aux=has_aux)
 
 
 def test_library_decides_original_with_no_stragglers():

@@ -24,6 +24,7 @@ from jaxgc.backends.base import (
   optimizer_update,
   straggler_init_key,
 )
+from jaxgc.backends.capabilities import Capabilities, declare
 from jaxgc.registry import Registry
 
 __all__ = [
@@ -37,6 +38,7 @@ BACKENDS: Registry[StepBackend] = Registry("backend")
 
 # Named spmd_step, not spmd: that name is the subpackage jaxgc.backends.spmd.
 @BACKENDS.register("spmd")
+@declare(Capabilities(adaptive=True, model_state=True, model_axis=True, network_model=True))
 def spmd_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
   """The SPMD step: :func:`jaxgc.backends.spmd.make_coded_step` with ``options``."""
   from jaxgc.backends.spmd import make_coded_step  # pylint: disable=import-outside-toplevel
@@ -45,6 +47,7 @@ def spmd_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> St
 
 # Named ray_step, not ray: that name is the subpackage jaxgc.backends.ray.
 @BACKENDS.register("ray")
+@declare(Capabilities(requires="ray", install="Ray: pip install 'jaxgc[ray]'"))
 def ray_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
   """The Ray step: :class:`jaxgc.backends.ray.RayStep` with ``options`` (``mesh`` unused:
   the workers are actors)."""

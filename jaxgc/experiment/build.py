@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
 import inspect
 import re
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 import jax
@@ -18,6 +20,7 @@ import optax
 
 from jaxgc import adaptive, assignments, backends, data, models, parallel, protocols, timing
 from jaxgc import network as network_models
+from jaxgc.backends import capabilities
 from jaxgc.experiment.config import ConfigError
 
 __all__ = [
@@ -48,17 +51,23 @@ class Experiment(NamedTuple):
 
 # -- naming the flag -----------------------------------------------------------------
 
-def _options(block: ml_collections.ConfigDict, fn, seed: int) -> dict[str, Any]:
-  """The chosen choice's options; unset ones dropped, an unset ``seed`` is ``config.seed``."""
+def _options(block: ml_collections.ConfigDict, takes: Collection[str],
+             seed: int) -> dict[str, Any]:
+  """The chosen choice's options; unset ones dropped, an unset ``seed`` is ``config.seed``
+  when the choice ``takes`` one."""
   sub = block.get(block.name)
   opts = {} if sub is None else {k: v for k, v in sub.to_dict().items() if v is not None}
-  try:
-    params = inspect.signature(fn).parameters if fn is not None else {}
-  except (TypeError, ValueError):
-    params = {}
-  if "seed" in params and "seed" not in opts:
+  if "seed" in takes and "seed" not in opts:
     opts["seed"] = seed
   return {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+
+
+def _parameters(fn) -> tuple[str, ...]:
+  """``fn``'s parameter names (``()`` where Python cannot read them)."""
+  try:
+    return tuple(inspect.signature(fn).parameters)
+  except (TypeError, ValueError):
+    return ()
 
 
 def _flag(path: str, config) -> str:
@@ -76,9 +85,10 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
   """Re-raises a library ``ValueError`` as a :class:`ConfigError` naming the flag.
 
   The flag is the field of ``fields`` (dotted config paths) named by the error's
-  ``param`` (:class:`jaxgc.errors.ParamError`), else the first whose last name the
-  message mentions, else ``default`` (``<block>.name`` if empty). A ``TypeError``
-  for an unknown keyword names the option's flag.
+  ``param`` (:class:`jaxgc.errors.ParamError`; the chosen choice's option before a
+  block field of the same name; ``"name"`` is ``<block>.name``), else the first whose
+  last name the message mentions, else ``default`` (``<block>.name`` if empty). A
+  ``TypeError`` for an unknown keyword names the option's flag.
   """
   name = config[block].name if block in config and "name" in config[block] else None
   try:
@@ -98,17 +108,21 @@ def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: 
     named = [f for f in fields if f.split(".")[-1] == param]
     hits = [(mt.start(), f) for f in fields
             for mt in [re.search(rf"\b{re.escape(f.split('.')[-1])}\b", msg)] if mt]
-    if named:
-      path = named[0]
+    if named:   # the chosen choice's own option before a block field of the same name
+      path = max(named, key=lambda f: f.count("."))
     elif param == "name":
       path = f"{block}.name"
     else:
       path = min(hits)[1] if hits else (default or f"{block}.name")
     hint = ""
     if path.endswith(".name") and name is not None:
-      near = difflib.get_close_matches(name, [w for w in re.findall(r"'([\w\-]+)'", msg)
-                                              if w != name], n=1)
-      hint = f" Did you mean --config.{path}={near[0]}?" if near else ""
+      # A registry's own "Did you mean 'x'?" becomes the flag to type.
+      near = re.search(r" Did you mean '([\w\-]+)'\?", msg)
+      if near:
+        msg = msg[:near.start()] + msg[near.end():]
+      close = [near[1]] if near else difflib.get_close_matches(
+          name, [w for w in re.findall(r"'([\w\-]+)'", msg) if w != name], n=1)
+      hint = f" Did you mean --config.{path}={close[0]}?" if close else ""
     raise ConfigError(_flag(path, config), msg + hint) from None
 
 
@@ -148,42 +162,32 @@ def setup_devices(config):
 # -- building blocks -----------------------------------------------------------------------
 
 def make_dataset(config) -> data.Dataset:
+  """The dataset ``config.data.name`` from :data:`jaxgc.data.DATASETS`, with the block's
+  ``test_fraction`` and ``split_seed`` where its loader takes them."""
   d = config.data
   with blame(config, "data", "dataset", _fields(config, "data")):
-    ds = data.load(d.name, test_fraction=d.test_fraction, split_seed=d.split_seed,
-                   **_options(d, data.load, config.seed))
+    takes = data.DATASETS.options(d.name)
+    split = {k: d[k] for k in ("test_fraction", "split_seed") if k in takes}
+    ds = data.load(d.name, **split, **_options(d, takes, config.seed))
   with blame(config, "data", "dataset", ("batch_size",), "batch_size"):
     data.steps_per_epoch(ds.num_train, config.batch_size)
   return ds
 
 
-def _assignment_builder(name: str):
-  fn = getattr(assignments, name, None) if name in assignments.__all__ else None
-  if fn is None or not callable(fn) or isinstance(fn, type):
-    return None
-  params = list(inspect.signature(fn).parameters)
-  return fn if params[:2] == ["num_workers", "load"] else None
-
-
 def make_assignment(config) -> assignments.Assignment:
+  """``config.assignment.name`` from :data:`jaxgc.assignments.ASSIGNMENTS`."""
   a = config.assignment
-  fn = _assignment_builder(a.name)
-  if fn is None:
-    names = [n for n in assignments.__all__ if _assignment_builder(n)]
-    near = difflib.get_close_matches(a.name, names, n=1)
-    hint = f" Did you mean --config.assignment.name={near[0]}?" if near else ""
-    raise ConfigError(_flag("assignment.name", config),
-                      f"unknown assignment {a.name!r}; choose one of {names}.{hint}")
   with blame(config, "assignment", "assignment", _fields(config, "assignment")):
-    return fn(a.num_workers, a.load, **_options(a, fn, config.seed))
+    opts = _options(a, assignments.ASSIGNMENTS.options(a.name), config.seed)
+    return assignments.ASSIGNMENTS.build(a.name, a.num_workers, a.load, **opts)
 
 
 def make_protocol(config, assignment):
   p = config.protocol
-  cls = protocols.PROTOCOLS.get(p.name)
   with blame(config, "protocol", "protocol",
              _fields(config, "protocol") + ("assignment.load", "assignment.num_workers")):
-    return protocols.get_protocol(p.name, assignment, p.ell, **_options(p, cls, config.seed))
+    opts = _options(p, protocols.PROTOCOLS.options(p.name), config.seed)
+    return protocols.get_protocol(p.name, assignment, p.ell, **opts)
 
 
 def make_straggler_model(config, failure_prob: float | None = None):
@@ -191,7 +195,7 @@ def make_straggler_model(config, failure_prob: float | None = None):
   s = config.straggler
   fp = s.failure_prob if failure_prob is None else failure_prob
   with blame(config, "straggler", "straggler model", _fields(config, "straggler")):
-    return timing.get_model(s.name, failure_prob=fp, **_options(s, None, config.seed))
+    return timing.get_model(s.name, failure_prob=fp, **_options(s, (), config.seed))
 
 
 def sequence_length(ds: data.Dataset) -> int | None:
@@ -203,9 +207,10 @@ def make_model(config, num_classes: int, seq_len: int | None = None):
   """The model; ``seq_len`` (the data's, see :func:`sequence_length`) goes to a model
   whose options list ``seq_len``, where it must agree with any value set there."""
   m = config.model
-  opts = _options(m, models.get_model, config.seed)
-  sub = m.get(m.name)
-  if seq_len is not None and isinstance(sub, ml_collections.ConfigDict) and "seq_len" in sub:
+  with blame(config, "model", "model", _fields(config, "model")):
+    takes = models.MODELS.options(m.name)
+  opts = _options(m, takes, config.seed)
+  if seq_len is not None and "seq_len" in takes:
     configured = opts.setdefault("seq_len", seq_len)
     if configured != seq_len:
       data_flag = (f"--config.data.{config.data.name}.seq_len"
@@ -228,7 +233,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
                       f"optax has no optimizer {o.name!r} (any optax.<name>(learning_rate, "
                       f"...) works).{hint}")
   with blame(config, "optimizer", "optimizer", _fields(config, "optimizer")):
-    tx = fn(o.learning_rate, **_options(o, fn, config.seed))
+    tx = fn(o.learning_rate, **_options(o, _parameters(fn), config.seed))
   if not isinstance(tx, optax.GradientTransformation):
     raise ConfigError(_flag("optimizer.name", config),
                       f"optax.{o.name} is not an optimizer (it returned {type(tx).__name__}).")
@@ -268,54 +273,81 @@ def make_network(config) -> network_models.Network:
     return network_models.get_network(n.name, n.bandwidth, n.latency)
 
 
+def _requested_features(config, network, has_aux: bool) -> list[tuple[str, str, str]]:
+  """``(capability, flag, how to stop asking)`` for each optional backend feature
+  (:data:`jaxgc.backends.capabilities.FEATURES`) the config asks for."""
+  asked = []
+  if config.adaptive:
+    asked.append(("adaptive", "--config.adaptive", "--config.adaptive=False"))
+  if has_aux:
+    asked.append(("model_state", _flag("model.name", config), ""))
+  if config.mesh.model != 1:
+    asked.append(("model_axis", "--config.mesh.model", "--config.mesh.model=1"))
+  if not isinstance(network, network_models.NoNetwork):
+    asked.append(("network_model", _flag("network.name", config), "--config.network.name=none"))
+  return asked
+
+
+def _check_backend(config, network, has_aux: bool) -> capabilities.Capabilities:
+  """The backend's declared capabilities, after checking that it has every feature the
+  config asks for and that what it requires imports."""
+  name = config.backend
+  caps = capabilities.of(name)
+  for feature, flag, instead in _requested_features(config, network, has_aux):
+    if getattr(caps, feature):
+      continue
+    able = capabilities.supporting(feature)
+    fixes = [f"--config.backend={b}" for b in able[:1]] + ([instead] if instead else [])
+    where = (f"the {' and '.join(able)} backend{'s do' if len(able) > 1 else ' does'}"
+             if able else "no backend does")
+    raise ConfigError(flag, f"backend {name!r} does not support {capabilities.FEATURES[feature]}"
+                      f" ({where}); use {' or '.join(fixes)}.")
+  if caps.requires:
+    try:
+      importlib.import_module(caps.requires)
+    except ImportError:
+      raise ConfigError(f"--config.backend={name}",
+                        f"--config.backend={name} needs {caps.install or caps.requires}"
+                        ) from None
+  return caps
+
+
 def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_aux=False):
   """The coded step of ``config.backend``, from :data:`jaxgc.backends.BACKENDS`:
   :func:`jaxgc.parallel.make_coded_step` (``spmd``) or the Ray step (``ray``).
 
-  ``has_aux``: the loss returns ``(loss, new model state)`` (batch norm).
+  A feature the config asks for (the adaptive PS, model state, a model axis, a
+  network model) must be one the backend declares
+  (:mod:`jaxgc.backends.capabilities`). A config block named after the backend
+  (``config.ray``) holds its own options. ``has_aux``: the loss returns
+  ``(loss, new model state)`` (batch norm).
   """
   s = config.step
-  kwargs: dict[str, Any] = dict(mode=s.mode, deadline=s.deadline,
-                                message_loss_prob=s.message_loss_prob,
-                                nan_message_prob=s.nan_message_prob)
-  fail_at = s.get("fail_at", ())
-  if fail_at:   # simulated in the spmd step, a real kill on Ray
-    kwargs["fail_at"] = fail_at
   if not isinstance(config.adaptive, bool):
     raise ConfigError("--config.adaptive", f"must be True or False, got {config.adaptive!r}.")
   net = make_network(config)
-  if config.backend == "ray":
-    if config.adaptive:
-      raise ConfigError("--config.adaptive", "the adaptive PS runs in the spmd step only; use "
-                        "--config.backend=spmd or --config.adaptive=False.")
-    if has_aux:
-      raise ConfigError(_flag("model.name", config), "a model with state (batch norm) runs in "
-                        "the spmd step only; use --config.backend=spmd.")
-    if config.mesh.model != 1:
-      raise ConfigError("--config.mesh.model", "workers that are groups of devices run in the "
-                        "spmd step only; use --config.backend=spmd or --config.mesh.model=1.")
-    try:
-      from jaxgc import ray_backend  # noqa: F401  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ConfigError("--config.backend=ray",
-                        "--config.backend=ray needs Ray: pip install 'jaxgc[ray]'") from None
-    if not isinstance(net, network_models.NoNetwork):
-      raise ConfigError(_flag("network.name", config), "the Ray backend measures its own "
-                        "messages; use --config.backend=spmd for a network model.")
-    kwargs.setdefault("report_condition", s.report_condition)
-    with blame(config, "step", "step", _fields(config, "step") + _fields(config, "ray"),
-               "backend"):
-      return backends.get_backend("ray")(protocol, straggler, loss_fn, tx, mesh,
-                                         timeout=timeout, **kwargs, **config.ray.to_dict())
+  caps = _check_backend(config, net, has_aux)
+  kwargs: dict[str, Any] = dict(mode=s.mode, deadline=s.deadline,
+                                message_loss_prob=s.message_loss_prob,
+                                nan_message_prob=s.nan_message_prob,
+                                report_condition=s.report_condition)
+  fail_at = s.get("fail_at", ())
+  if fail_at:   # simulated in the spmd step, a real kill on Ray
+    kwargs["fail_at"] = fail_at
   if timeout is not None:
     kwargs["timeout"] = timeout
   if has_aux:
     kwargs["has_aux"] = True
-  with blame(config, "step", "step", _fields(config, "step"), "step.mode"):
-    return backends.get_backend(config.backend)(
-        protocol, straggler, loss_fn, tx, mesh, report_condition=s.report_condition,
-        adaptive=adaptive.AdaptivePS(protocol) if config.adaptive else None, network=net,
-        **kwargs)
+  if caps.adaptive:
+    kwargs["adaptive"] = adaptive.AdaptivePS(protocol) if config.adaptive else None
+  if caps.network_model:
+    kwargs["network"] = net
+  own = config.get(config.backend)
+  own = own.to_dict() if isinstance(own, ml_collections.ConfigDict) else {}
+  fields = _fields(config, "step") + (_fields(config, config.backend) if own else ())
+  with blame(config, "step", "step", fields, "backend" if own else "step.mode"):
+    return backends.get_backend(config.backend)(protocol, straggler, loss_fn, tx, mesh,
+                                                **kwargs, **own)
 
 
 def _check_batches(config, ds, num_chunks: int):

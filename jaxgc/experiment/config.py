@@ -9,7 +9,7 @@ block          built with
 ``data``       ``jaxgc.data.load(name, test_fraction=, split_seed=, **data.<name>)``
 ``model``      ``jaxgc.models.get_model(name, num_classes, **model.<name>)``
 ``optimizer``  ``optax.<name>(learning_rate, **optimizer.<name>)``
-``assignment`` ``jaxgc.assignments.<name>(num_workers, load, **assignment.<name>)``
+``assignment`` ``jaxgc.assignments.ASSIGNMENTS.build(name, num_workers, load, **...)``
 ``protocol``   ``jaxgc.protocols.get_protocol(name, assignment, ell, **protocol.<name>)``
 ``straggler``  ``jaxgc.timing.get_model(name, failure_prob, **straggler.<name>)``
 ``step``       ``jaxgc.parallel.make_coded_step(..., **step)`` (or the Ray step)
@@ -17,13 +17,21 @@ block          built with
 ``ray``        ``jaxgc.ray_backend.RayStep(..., **ray)`` when ``backend="ray"``
 =============  ==============================================================
 
+``test_fraction`` and ``split_seed`` go to the datasets whose loader takes them
+(``pystdlib``'s split is the text's tail: no seed).
+
+Each name is looked up in the library's registry (``DATASETS``, ``MODELS``,
+``ASSIGNMENTS``, ``PROTOCOLS``, ``STRAGGLER_MODELS``, ``BACKENDS``); a backend's
+optional features (the adaptive PS, model state, a model axis, a network model)
+are the capabilities it declares (:mod:`jaxgc.backends.capabilities`).
+
 A *choice block* has a ``name`` and one sub-block of options per choice; only
 the chosen one is used, so switching ``--config.straggler.name`` needs no other
 edit. A choice that the config file does not list (say a straggler model added
 to the library) takes its options on the command line,
 ``--config.straggler.<name>.<option>=value``; the library rejects unknown ones.
 An option called ``seed`` left unset takes ``config.seed`` (where the
-constructor's signature shows one).
+choice's options list one).
 
 :data:`ALIASES` are shortcut flags for the common fields
 (``--config.ell``, ``--config.protocol=original``, ``--config.straggler.shift``, ...).
@@ -107,10 +115,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 320                # examples per step, split into num_chunks chunks
 
   # Data: digits ships with scikit-learn, the synthetic tasks are generated.
-  synthetic = dict(num_examples=4000, dim=32, noise=0.1, data_seed=0)
+  # Each dataset's block holds its loader's options (jaxgc.data.DATASETS); only the
+  # regression task has label noise.
+  synthetic = dict(num_examples=4000, dim=32, data_seed=0)
   c.data = ml_collections.ConfigDict(dict(
       name="digits", test_fraction=0.2, split_seed=0,
-      digits={}, synthetic_logistic=dict(synthetic), synthetic_linear=dict(synthetic),
+      digits={}, synthetic_logistic=dict(synthetic),
+      synthetic_linear=dict(synthetic, noise=0.1),
       # Next-byte prediction on the stdlib's source: seq_len bytes per sequence,
       # the first max_bytes bytes of the corpus.
       pystdlib=dict(seq_len=64, max_bytes=2_000_000)))

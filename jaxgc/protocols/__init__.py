@@ -3,6 +3,10 @@
 Internals of the sharded step (``split_blocks``, ``weighted_sum``,
 ``decode_blocks``, ...) live in :mod:`jaxgc.protocols.base`.
 """
+from typing import Any
+
+from jaxgc.assignments import Assignment
+from jaxgc.errors import ParamError
 from jaxgc.protocols.backup_workers import BackupWorkers
 from jaxgc.protocols.base import (
   MODES,
@@ -18,6 +22,7 @@ from jaxgc.protocols.graph_code import GraphCode
 from jaxgc.protocols.original import Original
 from jaxgc.protocols.partial_straggler import PartialStraggler
 from jaxgc.protocols.uncoded import IgnoreStragglers, Uncoded
+from jaxgc.registry import Registry
 
 __all__ = [
     "Protocol",
@@ -38,27 +43,26 @@ __all__ = [
     "expected_mse",
 ]
 
-PROTOCOLS: dict[str, type[Protocol]] = {
-    "partial_straggler": PartialStraggler,
-    "original": Original,
-    "uncoded": Uncoded,
-    "ignore_stragglers": IgnoreStragglers,
-    "graph_code": GraphCode,
-    "backup_workers": BackupWorkers,
-}
+PROTOCOLS: Registry[Protocol] = Registry("protocol", positional=2)
+"""Name -> protocol class; each is built as ``cls(assignment, ell, **options)``."""
+
+for _cls in (PartialStraggler, Original, Uncoded, IgnoreStragglers, GraphCode, BackupWorkers):
+  # Their constructors pass ``**options`` up to ``Protocol``, so declare the real ones.
+  PROTOCOLS.register(_cls.name, options=_cls.option_names())(_cls)
+del _cls
 
 
-def get_protocol(name: str, assignment, ell: int = 1, **options) -> Protocol:
+def get_protocol(name: str, assignment: Assignment, ell: int = 1, **options: Any) -> Protocol:
   """Builds the protocol registered as ``name`` in :data:`PROTOCOLS`.
 
-  Every protocol takes ``(assignment, ell, **options)``; an unknown option is a
-  ``ValueError`` that lists the valid ones.
+  Every protocol takes ``(assignment, ell, **options)``.
+
+  Raises:
+    jaxgc.errors.ParamError: (a ``ValueError``) an unknown name (``param="name"``) or
+      option (``param`` is the option); the message lists the valid ones.
   """
-  if name not in PROTOCOLS:
-    raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}.")
-  cls = PROTOCOLS[name]
-  unknown = sorted(set(options) - set(cls.option_names()))
+  unknown = PROTOCOLS.unknown(name, options)
   if unknown:
-    raise ValueError(f"unknown option(s) {unknown} for protocol {name!r}; valid options: "
-                     f"{cls.option_names()}.")
-  return cls(assignment, ell, **options)
+    raise ParamError(f"unknown option(s) {unknown} for protocol {name!r}; valid options: "
+                     f"{sorted(PROTOCOLS.options(name))}.", unknown[0])
+  return PROTOCOLS.build(name, assignment, ell, **options)

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
+from jaxgc.errors import ParamError
 
 __all__ = [
     "Coefficients",
@@ -223,9 +224,9 @@ class Protocol:
 
   def __init__(self, assignment: Assignment, ell: int = 1, *, dtype=jnp.float32, **options):
     if options:
-      raise ValueError(
+      raise ParamError(
           f"unknown option(s) {sorted(options)} for {type(self).__name__}; valid options: "
-          f"{type(self).option_names()}.")
+          f"{type(self).option_names()}.", sorted(options)[0])
     if not isinstance(assignment, Assignment):
       raise TypeError(
           f"expected a jaxgc.Assignment, got {type(assignment).__name__}; build one with "
