@@ -6,7 +6,7 @@ backend support X" (:func:`of`, :func:`supporting`) instead of testing its name:
 
     @BACKENDS.register("spmd")
     @declare(Capabilities(adaptive=True, model_state=True))
-    def spmd(protocol, straggler, loss_fn, tx, mesh=None, **options): ...
+    def spmd_step(protocol, straggler, loss_fn, tx, mesh=None, **options): ...
 """
 from __future__ import annotations
 
