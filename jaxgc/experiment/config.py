@@ -428,6 +428,10 @@ def result_fields_differ(saved: dict, requested: dict) -> list[tuple[str, Any, A
   # A field added after the run was saved holds its default there.
   default = effective(default_config().to_dict())
   a = {**{k: v for k, v in default.items() if k in b and k not in a}, **a}
+  # A field removed since (an option its choice no longer takes) decided nothing then
+  # that the remaining fields don't, unless the request still names it.
+  known = set(flatten(default_config().to_dict()))
+  a = {k: v for k, v in a.items() if k in b or k in known}
   # Where a choice differs, its name says it all: its options are another choice's.
   switched = tuple(k[:-len("name")] for k in a
                    if k.count(".") == 1 and k.endswith(".name") and a[k] != b.get(k))
