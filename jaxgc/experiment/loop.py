@@ -20,7 +20,6 @@ import json
 import math
 import os
 import time
-import weakref
 from typing import Any
 
 import jax
@@ -44,6 +43,7 @@ from jaxgc.experiment.inputs import (
   train_step,
 )
 from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
+from jaxgc.memo import per_object
 
 __all__ = [
     "keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
@@ -94,24 +94,12 @@ def _to_python(tree) -> dict:
   return out
 
 
-# Jitted functions per step object, so that training one built Experiment again (several
-# workdirs, a longer num_steps) compiles nothing new.
-_COMPILED: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
-
-
-def _per_step(step, key, make):
-  held = _COMPILED.setdefault(step, {})
-  if key not in held:
-    held[key] = make()
-  return held[key]
-
-
 def _make_update(exp: Experiment):
   """``(state, step input) -> (state, metrics)``: the jitted shard_map step on
   :class:`jaxgc.parallel.WorkerChunks`, or the step's own (host) update for the Ray
   backend on host chunks."""
   cfg = exp.config
-  return _per_step(exp.step, ("update", exp.step.traced, cfg.seed), lambda: _build_update(exp))
+  return per_object(exp.step, ("update", exp.step.traced, cfg.seed), lambda: _build_update(exp))
 
 
 def _build_update(exp: Experiment):
@@ -161,7 +149,7 @@ def _init_state(exp: Experiment, sharding):
   if traced:   # sharded over a group of devices on a 2-D mesh
     placed = exp.step.state_sharding(jax.eval_shape(init))
     sharding = sharding if placed is None else placed
-  out = _per_step(exp.step, ("init", traced, model, seed, example.shape, example.dtype),
+  out = per_object(exp.step, ("init", traced, model, seed, example.shape, example.dtype),
                   lambda: jax.jit(init, out_shardings=sharding))()
   return out if traced else exp.step.init_state(out, keys(seed)[2])
 

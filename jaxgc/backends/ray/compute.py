@@ -16,6 +16,7 @@ from jax.flatten_util import ravel_pytree
 
 from jaxgc import protocols as _protocols
 from jaxgc.backends import base as _backend
+from jaxgc.memo import per_object
 
 __all__ = ["apply_update", "decode", "draw", "ps_functions", "unravel", "work_slots"]
 
@@ -45,7 +46,6 @@ def work_slots(protocol) -> list[np.ndarray]:
   return out
 
 
-_PS_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # The PS's decode: ĝ [d] from the messages [m, ⌈d/ℓ⌉] and dec [ℓ, m] (d static).
 decode = jax.jit(_protocols.decode, static_argnums=2)
 
@@ -57,22 +57,19 @@ def ps_functions(protocol):
   chunks not arrived) and asks the simulator's own rule: is ``completion_time``
   of those durations already finite?
   """
-  if protocol not in _PS_FUNCTIONS:
-    ref = weakref.ref(protocol)     # a strong one in the values would keep every key alive
+  ref = weakref.ref(protocol)     # a strong one in the value would keep the protocol alive
 
-    def live():
-      p = ref()
-      assert p is not None            # the entry goes with its key, so p outlives its uses
-      return p
+  def live():
+    p = ref()
+    assert p is not None            # the entry goes with its owner, so p outlives its uses
+    return p
 
-    def complete(f):
-      tau = jnp.diff(f, axis=1, prepend=0.0)
-      return jnp.isfinite(live().completion_time(jnp.where(jnp.isfinite(f), tau, jnp.inf)))
-    _PS_FUNCTIONS[protocol] = (jax.jit(lambda c: live().is_decodable(c)),
-                               jax.jit(lambda c: _solve(live(), c)),
-                               jax.jit(lambda c: live().coverage(c)),
-                               jax.jit(complete))
-  return _PS_FUNCTIONS[protocol]
+  def complete(f):
+    tau = jnp.diff(f, axis=1, prepend=0.0)
+    return jnp.isfinite(live().completion_time(jnp.where(jnp.isfinite(f), tau, jnp.inf)))
+  return per_object(protocol, "ps_functions", lambda: (
+      jax.jit(lambda c: live().is_decodable(c)), jax.jit(lambda c: _solve(live(), c)),
+      jax.jit(lambda c: live().coverage(c)), jax.jit(complete)))
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(7)))

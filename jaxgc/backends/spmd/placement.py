@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxgc.backends.spmd.sharding import Placement, place_params
+from jaxgc.memo import per_object
 
 __all__ = ["check_mesh", "placement", "state_sharding", "keep_placed"]
 
@@ -30,11 +31,8 @@ def placement(step, params) -> Placement:
   """``place_params`` of the step's mesh and rule, cached per parameter structure."""
   leaves, treedef = jax.tree.flatten(params)
   key = (treedef, tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves))
-  held = step.__dict__.setdefault("_placements", {})
-  if key not in held:
-    held[key] = place_params(params, step.mesh, step.param_sharding,
-                             workers_axis=step.axis_name)
-  return held[key]
+  return per_object(step, ("placement", key), lambda: place_params(
+      params, step.mesh, step.param_sharding, workers_axis=step.axis_name))
 
 
 def state_sharding(step, state):
