@@ -114,6 +114,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_steps = 300
   c.batch_size = 320                # examples per step, split into num_chunks chunks
 
+  _add_problem(c)
+  _add_coding(c)
+  _add_runtime(c)
+  return c
+
+
+def _add_problem(c: ml_collections.ConfigDict) -> None:
+  """The data, the model and the optimizer."""
   # Data: digits ships with scikit-learn, the synthetic tasks are generated.
   # Each dataset's block holds its loader's options (jaxgc.data.DATASETS); only the
   # regression task has label noise.
@@ -134,6 +142,9 @@ def default_config() -> ml_collections.ConfigDict:
       name="adam", learning_rate=3e-3, adam={}, sgd=dict(momentum=None)))
   c.optimizer.sgd.momentum = config_dict.placeholder(float)
 
+
+def _add_coding(c: ml_collections.ConfigDict) -> None:
+  """Gradient coding: assignment, protocol, stragglers, the PS's stop rule, network, adaptive PS."""
   # Gradient coding: N = m chunks per step, each held by `load` workers.
   c.assignment = ml_collections.ConfigDict(dict(
       name="cyclic", num_workers=20, load=4, cyclic={}, fractional_repetition={},
@@ -174,6 +185,9 @@ def default_config() -> ml_collections.ConfigDict:
   # (jaxgc.adaptive.AdaptivePS of the protocol); the code and exactness are unchanged.
   c.adaptive = False
 
+
+def _add_runtime(c: ml_collections.ConfigDict) -> None:
+  """Where and how the step runs: backend, memory, devices, the loop's cadence."""
   # Where the step runs: "spmd" (one shard_map program) or "ray" (one actor per worker).
   c.backend = "spmd"
   c.ray = ml_collections.ConfigDict(dict(num_actors=4, time_scale=0.01, address=None))
@@ -200,7 +214,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 50           # 0 disables checkpoints
   c.max_checkpoints = 2
   c.target_accuracy = 0.95          # reported, and marked on the plots
-  return c
 
 
 # -- loading and overriding ---------------------------------------------------------
