@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
-import inspect
 import re
 from collections.abc import Collection
 from typing import Any, NamedTuple
@@ -22,6 +21,7 @@ from jaxgc import adaptive, assignments, backends, data, models, parallel, proto
 from jaxgc import network as network_models
 from jaxgc.backends import capabilities
 from jaxgc.experiment.config import ConfigError
+from jaxgc.registry import signature_options
 
 __all__ = [
     "Experiment", "build", "setup_devices", "make_dataset", "make_assignment",
@@ -63,9 +63,10 @@ def _options(block: ml_collections.ConfigDict, takes: Collection[str],
 
 
 def _parameters(fn) -> tuple[str, ...]:
-  """``fn``'s parameter names (``()`` where Python cannot read them)."""
+  """``fn``'s keyword options (:func:`jaxgc.registry.signature_options`; ``()`` where
+  Python cannot read its signature)."""
   try:
-    return tuple(inspect.signature(fn).parameters)
+    return signature_options(fn)
   except (TypeError, ValueError):
     return ()
 
