@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 ray = pytest.importorskip("ray")
 
 from jaxgc import assignments, parallel, protocols, timing  # pylint: disable=wrong-import-position
-from jaxgc.ray_backend import RayStep, measured_durations  # pylint: disable=wrong-import-position
+from jaxgc.backends.ray import RayStep, measured_durations  # pylint: disable=wrong-import-position
 from tests.helpers import digits_mlp, host_batches, local_ray_pool  # pylint: disable=wrong-import-position
 
 M, LOAD, BATCH = 4, 3, 32

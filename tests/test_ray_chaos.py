@@ -17,8 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from jaxgc import assignments, protocols, timing  # pylint: disable=wrong-import-position
-from jaxgc.ray_backend import RayStep, WorkerPool  # pylint: disable=wrong-import-position
-from jaxgc.ray_faults import KillLoop  # pylint: disable=wrong-import-position
+from jaxgc.backends.ray import KillLoop, RayStep, WorkerPool  # pylint: disable=wrong-import-position
 from tests.helpers import digits_mlp, host_batches, local_ray_pool  # pylint: disable=wrong-import-position
 
 M, LOAD, BATCH, LR, SCALE = 4, 3, 64, 0.5, 0.005

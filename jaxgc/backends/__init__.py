@@ -4,7 +4,10 @@
 program, simulated time; public path :mod:`jaxgc.parallel`). ``"ray"``:
 :class:`jaxgc.backends.ray.RayStep` (Ray actors, real time). Both are built as
 ``get_backend(name)(protocol, straggler, loss_fn, tx, mesh, **options)``; each is
-imported when built, so using jaxgc without Ray never imports it.
+imported when built, so using jaxgc without Ray never imports it. What both share:
+:mod:`jaxgc.backends.base` (the interface, the state, the draw) and
+:mod:`jaxgc.backends.core` (the step's rules: work slots, decode, erasures, skip,
+metrics, update) and :mod:`jaxgc.precision` (the messages' precision on the wire).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A backend runs one coded training step (PROTOCOL.md §6): the SPMD step
 (:class:`jaxgc.parallel.CodedStep`, one ``shard_map`` program that simulates
-time) and the Ray step (:class:`jaxgc.ray_backend.RayStep`, actors in real time).
+time) and the Ray step (:class:`jaxgc.backends.ray.RayStep`, actors in real time).
 Both must give the same gradient for the same key, so what decides it lives here
 once and both call it:
 
@@ -16,6 +16,9 @@ once and both call it:
   timeout, fault-probability and straggler-model checks;
 - :func:`optimizer_update` and :func:`keep_if`: the ``optax`` update and the
   rule "a non-finite update never touches the parameters".
+
+The rules of the step itself (work slots, decode, erasures, skip, metrics, the
+state's update) are :mod:`jaxgc.backends.core`'s.
 """
 from __future__ import annotations
 

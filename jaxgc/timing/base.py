@@ -1,4 +1,4 @@
-"""What every straggler model shares: the interface, empty slots, parameter checks.
+"""What every straggler model shares: the interface, empty slots, parameter checks, the name table.
 
 A model's durations are ``τ[..., m, max_load]`` (PROTOCOL.md §4); empty slots are
 ``inf``. Models are frozen dataclasses: hashable and equal by value, so a model can
@@ -17,8 +17,15 @@ import numpy as np
 
 from jaxgc.assignments import Assignment
 from jaxgc.errors import ParamError
+from jaxgc.registry import Registry
 
-__all__ = ["StragglerModel", "Rule", "check_params", "param_error", "finalize"]
+__all__ = ["StragglerModel", "Rule", "check_params", "param_error", "finalize",
+           "STRAGGLER_MODELS"]
+
+STRAGGLER_MODELS: Registry[Any] = Registry("straggler model")
+"""Name -> constructor of every registered straggler model. Here, below every model,
+so that a model module registers itself without importing the builder
+(:mod:`jaxgc.timing.registry`, which imports the :class:`~jaxgc.timing.Failures` wrapper)."""
 
 
 @runtime_checkable

@@ -8,8 +8,7 @@ import jax
 
 from jaxgc.assignments import Assignment
 from jaxgc.errors import ParamError
-from jaxgc.timing.base import Rule, check_params, finalize
-from jaxgc.timing.registry import STRAGGLER_MODELS
+from jaxgc.timing.base import STRAGGLER_MODELS, Rule, check_params, finalize
 
 __all__ = ["ShiftedExponential", "Pareto"]
 

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 
 from jaxgc.assignments import Assignment
 from jaxgc.errors import ParamError
-from jaxgc.timing.base import FACTOR, Rule, check_base, check_params
+from jaxgc.timing.base import FACTOR, STRAGGLER_MODELS, Rule, check_base, check_params
 from jaxgc.timing.iid import ShiftedExponential
-from jaxgc.timing.registry import STRAGGLER_MODELS
 
 __all__ = ["GilbertElliott"]
 

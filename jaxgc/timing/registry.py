@@ -12,13 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxgc.errors import ParamError
-from jaxgc.registry import Registry
+from jaxgc.timing.base import STRAGGLER_MODELS
+from jaxgc.timing.failures import Failures
 
 __all__ = ["STRAGGLER_MODELS", "MODEL_PARAMS", "get_straggler_model", "get_model",
            "check_model"]
-
-STRAGGLER_MODELS: Registry[Any] = Registry("straggler model")
-"""Name -> constructor of every registered straggler model."""
 
 MODEL_PARAMS: Mapping[str, tuple[str, ...]] = STRAGGLER_MODELS.table()
 """Options each registered straggler model takes (``--config.straggler.<name>.<option>``);
@@ -54,8 +52,6 @@ def get_straggler_model(name: str, failure_prob: float = 0.0, **params: Any) -> 
   ``shift``/``rate``). An unknown name or option, or an out-of-range value, raises
   :class:`~jaxgc.errors.ParamError` naming the parameter and the fix.
   """
-  from jaxgc.timing.failures import Failures  # a wrapper, not a registered name
-
   model = STRAGGLER_MODELS.build(name, **params)
   if not 0.0 <= failure_prob <= 1.0:
     raise ParamError(f"failure_prob must be in [0, 1], got {failure_prob}; give the "

@@ -11,9 +11,8 @@ import numpy as np
 
 from jaxgc.assignments import Assignment
 from jaxgc.errors import ParamError
-from jaxgc.timing.base import FACTOR, Rule, check_base, check_params
+from jaxgc.timing.base import FACTOR, STRAGGLER_MODELS, Rule, check_base, check_params
 from jaxgc.timing.iid import ShiftedExponential
-from jaxgc.timing.registry import STRAGGLER_MODELS
 
 __all__ = ["Slowdown", "FixedSlowdown"]
 

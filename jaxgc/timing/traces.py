@@ -16,10 +16,9 @@ import numpy as np
 
 from jaxgc.assignments import Assignment
 from jaxgc.errors import ParamError
-from jaxgc.timing.base import check_base, finalize
+from jaxgc.timing.base import STRAGGLER_MODELS, check_base, finalize
 from jaxgc.timing.completion import check_durations
 from jaxgc.timing.iid import ShiftedExponential
-from jaxgc.timing.registry import STRAGGLER_MODELS
 
 __all__ = ["TRACES", "MAPPINGS", "load_trace", "TraceReplay", "RecordedDurations"]
 

@@ -48,19 +48,20 @@ for :class:`jaxgc.timing.RecordedDurations`, so a real run replays in the simula
 
 Modules, one idea each: ``connect`` (joining Ray, the lazy import and install
 hint), ``actor`` (the worker host actor), ``pool`` (:class:`WorkerPool`),
-``liveness`` (which actors are alive, :class:`Restart`), ``faults``
+``liveness`` (which actors are alive, :class:`Restart`), ``kills``
 (``fail_at`` kills, :class:`KillLoop`), ``compute`` (the PS's jitted draw,
-solve, stop test, decode, update), ``records`` (what a step saw), ``watch``
-(phase 2), ``messages`` (phase 3 on the wire) and ``ps`` (:class:`RayStep`).
+solve, stop test, decode, update, on the rules of :mod:`jaxgc.backends.core`),
+``records`` (what a step saw), ``watch`` (phase 2), ``messages`` (phase 3 on the
+wire) and ``ps`` (:class:`RayStep`).
 Ray itself is imported only when a pool is built, so importing this package
 needs no Ray.
 """
 from __future__ import annotations
 
+from jaxgc.backends.core import work_slots
 from jaxgc.backends.ray.actor import ACTOR_XLA_FLAGS
-from jaxgc.backends.ray.compute import work_slots
 from jaxgc.backends.ray.connect import INSTALL_HINT, connect
-from jaxgc.backends.ray.faults import KillLoop, kill_scheduled
+from jaxgc.backends.ray.kills import KillLoop, kill_scheduled
 from jaxgc.backends.ray.liveness import ERROR_GRACE_S, ActorLiveness, Restart, actor_state
 from jaxgc.backends.ray.pool import WorkerPool
 from jaxgc.backends.ray.ps import RayStep

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxgc import precision
 from jaxgc import protocols as _protocols
 
 __all__ = ["ACTOR_XLA_FLAGS", "WorkerHost"]
@@ -35,6 +36,8 @@ class _Program:
       return loss, ravel_pytree(g)[0]
     self.grad = jax.jit(chunk_grad)
     self.encode = jax.jit(_protocols.encode)
+    # The cast to the wire precision (PROTOCOL.md §15), after the float32 encode.
+    self.to_wire = jax.jit(precision.to_wire, static_argnums=1)
 
 
 class _Run:
@@ -67,11 +70,14 @@ class WorkerHost:
       self.programs[token] = _Program(await setup[0])
     return self.programs[token]
 
-  async def warmup(self, token, setup, params, chunk, max_load: int, ell: int):
-    """Compiles the gradient and the encode, so that no step's clock pays for it."""
+  async def warmup(self, token, setup, params, chunk, max_load: int, ell: int,
+                   message_dtype: str = "float32"):
+    """Compiles the gradient, the encode and the cast, so that no step's clock pays for it."""
     prog = await self._program(token, setup)
     _, g = prog.grad(params, chunk)
-    prog.encode(np.zeros((max_load, g.shape[0]), np.float32), np.zeros((max_load, ell), np.float32))
+    z = prog.encode(np.zeros((max_load, g.shape[0]), np.float32),
+                    np.zeros((max_load, ell), np.float32))
+    jax.block_until_ready(prog.to_wire(z, message_dtype))
     return True
 
   async def run(self, token, setup, key: str, step: int, params, chunks, work, max_load: int):
@@ -122,8 +128,12 @@ class WorkerHost:
         yield item
     await asyncio.gather(*tasks)
 
-  async def encode(self, key: str, step: int, rows, stop: bool = True):
+  async def encode(self, key: str, step: int, rows, stop: bool = True,
+                   message_dtype: str = "float32"):
     """``({j: z_j}, sent)``: messages for ``rows = {j: (enc [max_load, ℓ], fault)}``; stops.
+
+    Each ``z_j`` is encoded in float32 and sent in ``message_dtype``
+    (:func:`jaxgc.precision.to_wire`: an array, or int8's ``(q, scales)``).
 
     ``sent`` is ``time.time()`` as the messages leave, for the PS's transfer time.
 
@@ -137,11 +147,13 @@ class WorkerHost:
     if stop:
       run.stop.set()
     prog = run.program
-    out: dict[int, np.ndarray | None] = {}
+    out: dict[int, object] = {}
     for j, (enc, fault) in rows.items():
       if fault == "lost" or j not in run.grads:
         out[j] = None
         continue
-      z = np.asarray(prog.encode(run.grads[j], enc))
-      out[j] = np.full_like(z, np.nan) if fault == "nan" else z
+      z = prog.encode(run.grads[j], enc)
+      if fault == "nan":       # corrupted before the cast, as a faulty worker would send it
+        z = np.full(z.shape, np.nan, np.float32)
+      out[j] = jax.tree.map(np.asarray, prog.to_wire(z, message_dtype))
     return out, time.time()

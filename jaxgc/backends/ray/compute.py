@@ -1,8 +1,10 @@
-"""The PS's computations, none of them Ray's: the draw, work slots, solve, stop test, update.
+"""The PS's computations, none of them Ray's: the draw, solve, stop test, decode, update.
 
 Each is jitted once (per protocol object, or module-level with static settings),
 so that every step sharing them shares one compile, and warmed up outside any
-step's clock by :meth:`jaxgc.backends.ray.RayStep.warmup`.
+step's clock by :meth:`jaxgc.backends.ray.RayStep.warmup`. The rules inside them
+(the decode, the skip rule and the metrics, the state's update) are the SPMD
+step's, from :mod:`jaxgc.backends.core`.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from jax.flatten_util import ravel_pytree
 
 from jaxgc import protocols as _protocols
 from jaxgc.backends import base as _backend
+from jaxgc.backends import core
 from jaxgc.memo import per_object
 
-__all__ = ["apply_update", "decode", "draw", "ps_functions", "unravel", "work_slots"]
+__all__ = ["apply_update", "draw", "ps_functions", "unravel"]
 
 
 def _solve(protocol, counts):
@@ -27,35 +30,23 @@ def _solve(protocol, counts):
   return c.enc, c.dec, c.condition
 
 
-def work_slots(protocol) -> list[np.ndarray]:
-  """Per worker, the list slots it processes, in order; ``k_j`` counts them.
-
-  The uncoded protocols count designated chunks only (each chunk computed once),
-  so their workers skip the rest of their lists. Every other protocol counts
-  along the list, up to its last slot that can ever carry a coefficient (probed
-  at the all-finished state, as the SPMD step does).
-  """
-  a = protocol.assignment
-  if isinstance(protocol, _protocols.Uncoded):
-    return [np.flatnonzero(row).astype(np.int32) for row in protocol.designated]
-  used = protocol.slots_in_use()
-  out = []
-  for j in range(a.num_workers):
-    last = np.flatnonzero(used[j])
-    out.append(np.arange(last[-1] + 1 if last.size else 0, dtype=np.int32))
-  return out
-
-
-# The PS's decode: ĝ [d] from the messages [m, ⌈d/ℓ⌉] and dec [ℓ, m] (d static).
-decode = jax.jit(_protocols.decode, static_argnums=2)
+def _finish(protocol, msgs, dec, counts, senders, condition, erasures, failed_again, d: int,
+            report_condition: bool):
+  """``(ĝ [d], metrics)``: the decode and :func:`jaxgc.backends.core.step_outcome` of the
+  final round (messages ``[m, ⌈d/ℓ⌉]``, ``dec [ℓ, m]``, state ``counts [m]``)."""
+  g = core.decode(msgs, dec).reshape(-1)[:d]
+  return g, core.step_outcome(core.coverage(protocol, counts), senders, condition, g, erasures,
+                              failed_again=failed_again, report_condition=report_condition)
 
 
 def ps_functions(protocol):
-  """The PS's jitted ``is_decodable``, solve, ``coverage`` and stop test, once per protocol object.
+  """The PS's jitted solve, stop test and finish (decode and metrics), once per protocol
+  object.
 
   The stop test takes the arrival times ``F [m, max_load]`` so far (``inf`` for
   chunks not arrived) and asks the simulator's own rule: is ``completion_time``
-  of those durations already finite?
+  of those durations already finite? The finish takes ``d`` and
+  ``report_condition`` as static arguments.
   """
   ref = weakref.ref(protocol)     # a strong one in the value would keep the protocol alive
 
@@ -67,9 +58,10 @@ def ps_functions(protocol):
   def complete(f):
     tau = jnp.diff(f, axis=1, prepend=0.0)
     return jnp.isfinite(live().completion_time(jnp.where(jnp.isfinite(f), tau, jnp.inf)))
+  finish = lambda *args: _finish(live(), *args)
   return per_object(protocol, "ps_functions", lambda: (
-      jax.jit(lambda c: live().is_decodable(c)), jax.jit(lambda c: _solve(live(), c)),
-      jax.jit(lambda c: live().coverage(c)), jax.jit(complete)))
+      jax.jit(lambda c: _solve(live(), c)), jax.jit(complete),
+      jax.jit(finish, static_argnums=(7, 8))))
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(7)))
@@ -90,10 +82,11 @@ def draw(protocol, straggler, mode, deadline, timeout, loss_prob, nan_prob, key,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def apply_update(tx, params, opt_state, g):
-  """``optax`` update from the flat gradient ``g [d]``, and whether it is finite
-  (:func:`jaxgc.backends.base.optimizer_update`, as the SPMD step)."""
-  return _backend.optimizer_update(tx, ravel_pytree(params)[1](g), opt_state, params)
+def apply_update(tx, state, g, outcome):
+  """``(new_state, outcome)``: :func:`jaxgc.backends.core.apply_step` with the flat
+  gradient ``g [d]`` (``outcome``: ``skipped``, ``exact``, ``erasures``,
+  ``step_sim_time``)."""
+  return core.apply_step(state, ravel_pytree(state.params)[1](g), outcome, tx)
 
 
 def unravel(like, flat):

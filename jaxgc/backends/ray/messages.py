@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from jaxgc import precision
 from jaxgc.backends.ray.liveness import ActorLiveness, actor_state
 from jaxgc.backends.ray.pool import WorkerPool
 from jaxgc.backends.ray.records import Rounds
@@ -19,13 +20,16 @@ __all__ = ["collect"]
 
 
 def collect(pool: WorkerPool, liveness: ActorLiveness, key: str, step: int, enc, senders,
-            workers_of, dead, lost, corrupt, *, stop: bool, out: Rounds, timeout: float):
+            workers_of, dead, lost, corrupt, *, stop: bool, out: Rounds, timeout: float,
+            message_dtype: str = "float32"):
   """Sends each sender its coefficients and gathers ``{j: z_j}`` and the erased ``[m]``.
 
   ``enc [m, max_load, ℓ]``: the coefficients; ``senders``, ``dead`` bool ``[m]``;
   ``lost`` and ``corrupt`` bool ``[m]`` inject faults (``None``: none);
-  ``stop`` also stops every actor's run of ``(key, step)``. Writes each
-  message's size and transfer time (its actor's send to its receipt here,
+  ``stop`` also stops every actor's run of ``(key, step)``. The actors send in
+  ``message_dtype`` and ``z_j`` comes back in float32
+  (:func:`jaxgc.precision.from_wire`). Writes each message's size on the
+  wire (int8's scales included) and transfer time (its actor's send to its receipt here,
   ``time.time()`` on both sides) into ``out.nbytes`` and ``out.transfer_s``.
   Waits at most ``timeout`` seconds; what has not come by then is erased.
   """
@@ -39,7 +43,7 @@ def collect(pool: WorkerPool, liveness: ActorLiveness, key: str, step: int, enc,
                  "nan" if corrupt is not None and corrupt[j] else None)
         rows[j] = (enc[j], fault)
     if rows or (stop and not dead[workers_of[h]].all()):
-      ref = actor.encode.remote(key, step, rows, stop)
+      ref = actor.encode.remote(key, step, rows, stop, message_dtype)
       if rows:
         refs[ref], asked[ref] = h, list(rows)
   bad = np.zeros(m, bool)
@@ -68,9 +72,11 @@ def collect(pool: WorkerPool, liveness: ActorLiveness, key: str, step: int, enc,
       liveness.failed(refs[ref], step)
       continue
     received = time.time()
-    for j, z in msgs.items():
-      if z is not None:
-        out.nbytes[j], out.transfer_s[j] = z.nbytes, received - sent
+    for j, wire in msgs.items():
+      z = None
+      if wire is not None:
+        out.nbytes[j], out.transfer_s[j] = precision.wire_nbytes(wire), received - sent
+        z = np.asarray(precision.from_wire(wire), np.float32)
       if z is None or not np.all(np.isfinite(z)):
         bad[j] = True
       else:

@@ -2,7 +2,9 @@
 
 The step runs in the phases of :mod:`jaxgc.backends.ray`: dispatch, watch,
 round (with the erasure redo) and decode, each one method here; the update is
-:meth:`RayStep.update`'s.
+:meth:`RayStep.update`'s. The rules the SPMD step shares (work slots, the erasure
+redo, the decode and skip rule, the metrics, the state's update) are
+:mod:`jaxgc.backends.core`'s.
 """
 from __future__ import annotations
 
@@ -17,24 +19,19 @@ import numpy as np
 import optax
 
 from jaxgc import faults as _faults
+from jaxgc import precision as _precision
 from jaxgc import protocols as _protocols
 from jaxgc.backends import base as _backend
-from jaxgc.backends.ray.compute import (
-  apply_update,
-  decode,
-  draw,
-  ps_functions,
-  unravel,
-  work_slots,
-)
-from jaxgc.backends.ray.faults import kill_scheduled
+from jaxgc.backends import core
+from jaxgc.backends.base import TrainState
+from jaxgc.backends.ray.compute import apply_update, draw, ps_functions, unravel
+from jaxgc.backends.ray.kills import kill_scheduled
 from jaxgc.backends.ray.liveness import ActorLiveness
 from jaxgc.backends.ray.messages import collect
 from jaxgc.backends.ray.pool import WorkerPool
 from jaxgc.backends.ray.records import Rounds, Seen
 from jaxgc.backends.ray.watch import watch
 from jaxgc.errors import ParamError
-from jaxgc.parallel import TrainState
 
 __all__ = ["RayStep"]
 
@@ -68,6 +65,9 @@ class RayStep:
       that actor's workers fail, until Ray has restarted it).
     report_condition: add ``condition_number`` (the final solve's) to the metrics
       where the protocol reports one, as the SPMD step does.
+    message_dtype: the messages' precision on the wire (PROTOCOL.md §15,
+      :mod:`jaxgc.precision`): ``"float32"``, ``"bfloat16"`` or ``"int8"``.
+      The actors encode in float32 and send the cast message; the PS decodes in float32.
 
   Attributes:
     liveness: the PS's :class:`jaxgc.backends.ray.ActorLiveness`; its ``restarts``
@@ -83,7 +83,8 @@ class RayStep:
                num_actors: int = 4, time_scale: float = 0.01, address: str | None = None,
                message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                pool: WorkerPool | None = None, message_timeout: float = 60.0,
-               keep_records: int = 1000, fail_at=None, report_condition: bool = True):
+               keep_records: int = 1000, fail_at=None, report_condition: bool = True,
+               message_dtype: str = "float32"):
     _backend.check_step_args(protocol, mode, deadline, timeout, message_loss_prob,
                              nan_message_prob)
     _backend.check_straggler(straggler)
@@ -99,7 +100,8 @@ class RayStep:
     self.message_loss_prob = float(message_loss_prob)
     self.nan_message_prob = float(nan_message_prob)
     self.message_timeout = float(message_timeout)
-    self.slots = work_slots(protocol)
+    self.message_dtype = _precision.check_message_dtype(message_dtype)
+    self.slots = core.work_slots(protocol)
     self.faults = _faults.fault_schedule(fail_at, protocol.assignment.num_workers)
     self.report_condition = bool(report_condition) and protocol.reports_condition
     self.closed = False
@@ -112,7 +114,7 @@ class RayStep:
     self.last_record: dict | None = None
     self._warm = False
     self._straggler_state = None
-    self._decodable, self._coefficients, self._coverage, self._complete = ps_functions(protocol)
+    self._coefficients, self._complete, self._finish = ps_functions(protocol)
     self.liveness = ActorLiveness(self.ray, self.pool.actors)
 
   def _check_open(self):
@@ -138,21 +140,22 @@ class RayStep:
     """
     self._check_open()
     host = jax.device_get(params)
-    self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)))
+    d = sum(int(np.size(x)) for x in jax.tree.leaves(host))
+    self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)), d)
+    straggler_state = () if straggler_state is None else straggler_state
     draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
-         self.message_loss_prob, self.nan_message_prob, jax.random.key(0), 0,
-         () if straggler_state is None else straggler_state)
-    apply_update(self.tx, params, self.tx.init(params),
-                 np.zeros(sum(int(np.size(x)) for x in jax.tree.leaves(host)), np.float32))
+         self.message_loss_prob, self.nan_message_prob, jax.random.key(0), 0, straggler_state)
+    state = TrainState.create(params, self.tx, straggler_state=straggler_state)
+    apply_update(self.tx, state, np.zeros(d, np.float32), _outcome(False, False, 0, 0.0))
 
-  def _warmup(self, params_ref, chunks):
+  def _warmup(self, params_ref, chunks, d):
     """Each actor compiles on one chunk (restarting: waited for; dead: skipped), then the PS."""
     ray, a = self.ray, self.assignment
     one = jax.tree.map(lambda x: np.asarray(x[0]), chunks)
     pending, until = list(self.pool.actors), time.perf_counter() + self.pool.startup_timeout
     while pending:
       refs = [(h, h.warmup.remote(self.token, self.setup, params_ref, one, a.max_load,
-                                  self.protocol.ell)) for h in pending]
+                                  self.protocol.ell, self.message_dtype)) for h in pending]
       pending = []
       for h, ref in refs:
         try:
@@ -164,10 +167,14 @@ class RayStep:
         except ray.exceptions.RayActorError:     # dead for good: the steps run without it
           pass
       time.sleep(0.1 if pending else 0)
-    counts = jnp.asarray(a.loads, jnp.int32)
+    counts = np.asarray(a.loads, np.int32)
     never = np.full((a.num_workers, a.max_load), np.inf, np.float32)
-    jax.block_until_ready((self._decodable(counts), self._coefficients(counts),
-                           self._complete(never)))
+    enc, dec, condition = (np.asarray(x) for x in self._coefficients(jnp.asarray(counts)))
+    msgs = np.zeros((a.num_workers, _protocols.base.num_blocks(d, self.protocol.ell)),
+                    np.float32)
+    jax.block_until_ready((self._complete(never), self._finish(
+        msgs, dec, counts, np.any(enc != 0, axis=(1, 2)), float(condition), 0, False, d,
+        self.report_condition)))
     self._warm = True
 
   def gradient(self, params, chunks, key, step: int = 0, straggler_state=None):
@@ -193,7 +200,7 @@ class RayStep:
     chunks = jax.tree.map(np.asarray, jax.device_get(chunks))
     params_ref = self.ray.put(host_params)
     if not self._warm:
-      self._warmup(params_ref, chunks)
+      self._warmup(params_ref, chunks, d)
       wall0 = time.perf_counter()
     injected = kill_scheduled(self.liveness, self.faults, step)
     a0 = time.perf_counter()
@@ -257,12 +264,13 @@ class RayStep:
                  gens, workers_of, t0, alive, limit)
 
   def _round(self, step, seen, workers_of, lost, corrupt, d) -> Rounds:
-    """Phases 3-4: solve for the observed state, collect messages, erase and redo once."""
+    """Phases 3-4: solve for the observed state, collect messages, erase and redo once
+    (:func:`jaxgc.backends.core.erase`, :data:`jaxgc.backends.core.ROUNDS`)."""
     m, ell = self.assignment.num_workers, self.protocol.ell
     out = Rounds(counts=seen.counts.copy(), nbytes=np.zeros(m, np.int64),
                  transfer_s=np.full(m, np.nan),
                  msgs=np.zeros((m, _protocols.base.num_blocks(d, ell)), np.float32))
-    for attempt in range(2):
+    for attempt in range(core.ROUNDS):
       s0 = time.perf_counter()
       enc, out.dec, condition = (np.asarray(x) for x in
                                  self._coefficients(jnp.asarray(out.counts)))
@@ -273,45 +281,42 @@ class RayStep:
       got, bad = collect(self.pool, self.liveness, self.key, step, enc, out.senders,
                          workers_of, seen.dead, lost if attempt == 0 else None,
                          corrupt if attempt == 0 else None, stop=attempt == 0, out=out,
-                         timeout=self.message_timeout)
+                         timeout=self.message_timeout, message_dtype=self.message_dtype)
       out.round_s += time.perf_counter() - r0
       for j, z in got.items():
         out.msgs[j] = z
       if not bad.any():
         break
-      if attempt == 1:
+      if attempt == core.ROUNDS - 1:
         out.failed_again = True
         break
       seen.erased |= bad
-      out.counts = np.where(bad, 0, out.counts)
+      out.counts = np.array(core.erase(out.counts, bad))
       out.msgs[:] = 0
     return out
 
   def _decode(self, seen, rounds, d):
-    """Phase 5 (the update is :meth:`update`'s): ``(g [d], metrics)`` from the messages."""
-    a, ell = self.assignment, self.protocol.ell
-    g = np.asarray(decode(rounds.msgs, rounds.dec, d))
-    skipped = bool(rounds.failed_again or not rounds.senders.any() or not np.isfinite(g).all())
-    exact = bool(self._decodable(rounds.counts)) and not skipped
+    """Phase 5 (the update is :meth:`update`'s): ``(g [d], metrics)`` from the messages:
+    the decode and :func:`jaxgc.backends.core.step_outcome`, in one jitted call."""
+    a = self.assignment
+    g, outcome = self._finish(rounds.msgs, rounds.dec, rounds.counts, rounds.senders,
+                              rounds.condition, int(seen.erased.sum()), rounds.failed_again, d,
+                              self.report_condition)
     known = np.isfinite(seen.losses)
     loss = (float(np.sum(seen.losses[known]) * a.num_chunks / known.sum()) if known.any()
             else np.nan)
-    coverage = np.asarray(self._coverage(rounds.counts))
     sent = rounds.nbytes > 0
-    metrics = {
-        "loss": loss, "skipped": skipped, "exact": exact,
-        "erasures": int(seen.erased.sum()), "dead_workers": int(seen.dead.sum()),
-        "senders": int(rounds.senders.sum()), "min_coverage": int(coverage.min()),
-        "chunks_below_ell": int(np.sum(coverage < ell)),
+    metrics = {k: np.asarray(v).item() for k, v in outcome.items()}
+    metrics.update({
+        "loss": loss, "dead_workers": int(seen.dead.sum()),
         "stop_wall": seen.stop_wall, "solve_s": rounds.solve_s, "round_s": rounds.round_s,
         "compute_s": float(np.nansum(seen.compute_s)),
         "message_bytes": int(rounds.nbytes.max(initial=0)),
         "message_transfer_s": float(np.median(rounds.transfer_s[sent])) if sent.any() else 0.0,
         "message_transfer_max_s": float(rounds.transfer_s[sent].max(initial=0.0)),
-    }
-    if self.report_condition:
-      metrics["condition_number"] = float(rounds.condition)
-    return g, metrics
+        "counts": np.asarray(rounds.counts),      # the state decoded at, per worker
+    })
+    return np.asarray(g), metrics
 
   def update(self, state: TrainState, chunks, key):
     """One optimizer step: ``(new_state, metrics)``; never writes NaN into the parameters.
@@ -328,20 +333,14 @@ class RayStep:
     step = int(state.step)
     s_state = getattr(state, "straggler_state", self._straggler_state)
     g, metrics, s_state = self._gradient(state.params, chunks, key, step, s_state)
-    params, opt_state, finite = apply_update(self.tx, state.params, state.opt_state, g)
-    skip = bool(metrics["skipped"] or not bool(finite))
-    params, opt_state = _backend.keep_if(skip, (state.params, state.opt_state),
-                                         (params, opt_state))
-    sim_time = state.sim_time + jnp.float32(metrics["step_sim_time"])
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        sim_time=sim_time, num_skipped=state.num_skipped + int(skip),
-                        num_erasures=state.num_erasures + metrics["erasures"])
+    new, tail = apply_update(self.tx, state, g, _outcome(
+        metrics["skipped"], metrics["exact"], metrics["erasures"], metrics["step_sim_time"]))
     if hasattr(state, "straggler_state"):
       new = new.replace(straggler_state=s_state)
     else:
       self._straggler_state = s_state
-    metrics = dict(metrics, skipped=skip, exact=metrics["exact"] and not skip,
-                   sim_time=float(sim_time), wall_time=time.perf_counter() - wall0)
+    metrics = dict(metrics, skipped=bool(tail["skipped"]), exact=bool(tail["exact"]),
+                   sim_time=float(tail["sim_time"]), wall_time=time.perf_counter() - wall0)
     return new, metrics
 
   def jit(self, donate: bool = False):
@@ -376,3 +375,10 @@ class RayStep:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _outcome(skipped: bool, exact: bool, erasures: int, step_sim_time: float) -> dict:
+  """What :func:`~jaxgc.backends.ray.compute.apply_update` needs of a step's metrics, as
+  NumPy scalars of fixed dtypes (so the warm-up's compile is the steps')."""
+  return {"skipped": np.bool_(skipped), "exact": np.bool_(exact),
+          "erasures": np.int32(erasures), "step_sim_time": np.float32(step_sim_time)}

@@ -3,9 +3,11 @@
 Devices and meshes (:mod:`~jaxgc.backends.spmd.devices`), the per-worker input
 layout (:mod:`~jaxgc.backends.spmd.layout`), where parameters live on a
 ``workers × model`` mesh (:mod:`~jaxgc.backends.spmd.sharding`), and the step
-(:mod:`~jaxgc.backends.spmd.step`: its plan in :mod:`~jaxgc.backends.spmd.plan`, its
-gradient in :mod:`~jaxgc.backends.spmd.gradient`). The public path :mod:`jaxgc.parallel`
-re-exports the same names.
+(:mod:`~jaxgc.backends.spmd.step`: its plan made one step ahead in
+:mod:`~jaxgc.backends.spmd.lookahead`, its gradient in
+:mod:`~jaxgc.backends.spmd.gradient`, the rules it shares with the Ray backend in
+:mod:`jaxgc.backends.core`). The public path :mod:`jaxgc.parallel` re-exports the
+same names.
 """
 from jaxgc.backends.base import TrainState
 from jaxgc.backends.spmd.chunk_fn import chunk_keys
@@ -20,8 +22,8 @@ from jaxgc.backends.spmd.devices import (
   workers_per_device,
 )
 from jaxgc.backends.spmd.layout import WorkerChunks, WorkerLayout
+from jaxgc.backends.spmd.lookahead import Plan, Solve
 from jaxgc.backends.spmd.plain import PlainStep, make_plain_step
-from jaxgc.backends.spmd.plan import Plan, Solve
 from jaxgc.backends.spmd.sharding import (
   MessageLayout,
   Placement,

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgc.backends import core
 from jaxgc.backends.spmd.devices import AXIS
 from jaxgc.backends.spmd.sharding import MessageLayout
-from jaxgc.protocols import base as _base
 
 __all__ = [
     "pvary", "decode_sharded", "PACK_LIMIT", "psum_packed", "psum_decode", "zeros_of",
@@ -40,7 +40,8 @@ def pvary(tree, axis_name):
 
 
 def decode_sharded(msgs, dec, d: int, axis_name: str = AXIS):
-  """The PS decode of :func:`jaxgc.protocols.decode`, from inside ``shard_map``.
+  """The PS decode (:func:`jaxgc.backends.core.decode`) of flat messages, from inside
+  ``shard_map``: each device decodes its workers, and a ``psum`` adds them.
 
   Args:
     msgs: this device's messages ``[w, ⌈d/ℓ⌉]`` (its ``w`` workers).
@@ -50,7 +51,7 @@ def decode_sharded(msgs, dec, d: int, axis_name: str = AXIS):
     ``[d]``, identical on every device (device-invariant, so it may leave
     ``shard_map`` as ``P()`` under ``check_vma=True``).
   """
-  return jax.lax.psum(_base.decode_blocks(msgs, dec), axis_name).reshape(-1)[:d]
+  return jax.lax.psum(core.decode(msgs, dec), axis_name).reshape(-1)[:d]
 
 
 def psum_packed(tree, axis_name, whole=()):

@@ -12,7 +12,7 @@ from jaxgc.backends.spmd.chunk_fn import ChunkLoss
 from jaxgc.backends.spmd.collectives import psum_packed, pvary
 from jaxgc.backends.spmd.devices import AXIS
 from jaxgc.backends.spmd.layout import WorkerChunks, WorkerLayout
-from jaxgc.backends.spmd.placement import check_mesh, placement
+from jaxgc.backends.spmd.placement import PlacementSpec, check_mesh, placement
 from jaxgc.backends.spmd.sharding import MessageLayout
 from jaxgc.backends.spmd.stream import stream
 
@@ -34,6 +34,7 @@ class PlainStep:
     self.loss_fn, self.tx, self.mesh, self.axis_name = loss_fn, tx, mesh, axis_name
     self.chunk_loss = ChunkLoss(loss_fn)
     self.check_vma = check_vma
+    self.place = PlacementSpec(mesh, axis_name, param_sharding)
     self.layout = WorkerLayout(assignment, mesh, compute_slots, axis_name)
     # Weight 1/(#computed copies) per slot: every chunk counted exactly once.
     order = self.layout.order
@@ -48,7 +49,7 @@ class PlainStep:
   def gradient(self, params, chunks):
     """``(Σ_i g_i as a pytree, loss)``."""
     lay, ax = self.layout, self.axis_name
-    msg = MessageLayout(placement(self, params), 1)
+    msg = MessageLayout(placement(self.place, params), 1)
 
     def body(params, local):
       wids = jax.lax.axis_index(ax) * lay.per_device + jnp.arange(lay.per_device)

@@ -35,6 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxgc.backends import core
 from jaxgc.backends.spmd.devices import MODEL_AXIS
 from jaxgc.protocols import base as _base
 
@@ -316,14 +317,9 @@ class MessageLayout:
   def decode(self, msgs, dec):
     """``Σ_j dec[r, j] z_j`` per part: ``[w, ...] -> [ℓ, ...]`` (linear: psum it over workers).
 
-    Messages of workers with an all-zero column are masked (:func:`_base.decode_blocks`).
+    The PS's one decode (:func:`jaxgc.backends.core.decode`), shard by shard.
     """
-    used = jnp.any(dec != 0, axis=0)
-    out = []
-    for x in msgs:
-      x = jnp.where(used.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-      out.append(jnp.tensordot(dec.astype(x.dtype), x, axes=1))
-    return self._constrain(tuple(out))
+    return self._constrain(tuple(core.decode(x, dec) for x in msgs))
 
   def join(self, blocks):
     """Decoded blocks (per part ``[ℓ, ...]``) -> a gradient pytree like the parameters."""

@@ -1,10 +1,10 @@
 """The coded training step under ``shard_map`` (PROTOCOL.md §6): :class:`CodedStep`.
 
 One step, one jitted graph, one code path: the step's plan was made one step
-ahead (:mod:`jaxgc.backends.spmd.plan`); the gradient is streamed, decoded and,
+ahead (:mod:`jaxgc.backends.spmd.lookahead`); the gradient is streamed, decoded and,
 after erasures, redone in :mod:`jaxgc.backends.spmd.gradient`; ``ĝ`` is
-unflattened and applied with ``optax``. A step that cannot be decoded at all, or
-whose update is non-finite, is skipped (:func:`jaxgc.backends.base.keep_if`).
+unflattened and applied with ``optax`` (:func:`jaxgc.backends.core.apply_step`). A
+step that cannot be decoded at all, or whose update is non-finite, is skipped.
 
 The data arrives per worker (:mod:`jaxgc.backends.spmd.layout`): a device holds
 only its workers' chunks. On a 1-D mesh parameters and optimizer state are
@@ -28,28 +28,24 @@ from jax.sharding import Mesh
 from jaxgc import adaptive as _adaptive
 from jaxgc import faults as _faults
 from jaxgc import network as _network
+from jaxgc import precision as _precision
 from jaxgc import protocols as _protocols
 from jaxgc.backends import base as _backend
+from jaxgc.backends import core
 from jaxgc.backends.base import TrainState
 from jaxgc.backends.spmd import placement as _placement
 from jaxgc.backends.spmd.chunk_fn import ChunkLoss
 from jaxgc.backends.spmd.devices import AXIS
-from jaxgc.backends.spmd.gradient import sharded_gradient
+from jaxgc.backends.spmd.gradient import GradientSpec, sharded_gradient
 from jaxgc.backends.spmd.layout import WorkerChunks, WorkerLayout
-from jaxgc.backends.spmd.plan import Planner
+from jaxgc.backends.spmd.lookahead import Lookahead
+from jaxgc.backends.spmd.placement import PlacementSpec
 from jaxgc.backends.spmd.sharding import Placement
+from jaxgc.errors import ParamError
 
 __all__ = ["CodedStep", "make_coded_step", "MODES"]
 
 MODES = _protocols.MODES
-
-
-def _used_slots(protocol) -> int:
-  """How many leading slots per worker the protocol can ever use (all if none)."""
-  used = protocol.slots_in_use()
-  if not used.any():
-    return protocol.assignment.max_load
-  return int(np.max(np.nonzero(used)[1])) + 1
 
 
 class CodedStep:
@@ -81,7 +77,8 @@ class CodedStep:
                axis_name: str = AXIS, report_condition: bool = True, check_vma: bool = True,
                adaptive: _adaptive.AdaptivePS | None = None, has_aux: bool = False,
                network: _network.Network | None = None, param_sharding=None,
-               fail_at=None):
+               fail_at=None, message_dtype: str = "float32",
+               batch_axis_name: str | None = None):
     _backend.check_straggler(straggler)
     if tx is not None and not isinstance(tx, optax.GradientTransformation):
       raise ValueError(f"tx must be an optax.GradientTransformation (or None for gradients "
@@ -115,15 +112,22 @@ class CodedStep:
     # (jaxgc.network's docstring says why).
     self.network = _network.NoNetwork() if network is None else network
     self.fail_at = _faults.fault_schedule(fail_at, a.num_workers)
+    self.message_dtype = _precision.check_message_dtype(message_dtype)
     self.axis_name = axis_name
     self.check_vma = check_vma
     self.report_condition = report_condition and protocol.reports_condition
-    self.layout = WorkerLayout(a, mesh, _used_slots(protocol), axis_name)
+    self.layout = WorkerLayout(a, mesh, core.slot_width(protocol), axis_name)
     self.param_sharding = param_sharding
     _placement.check_mesh(mesh, axis_name)
-    self.planner = Planner(protocol, straggler, self.layout, mode, self.deadline, self.timeout,
-                           self.message_loss_prob, self.nan_message_prob, self.fail_at,
-                           adaptive)
+    self.batch_axis_name = _check_batch_axis(batch_axis_name, mesh)
+    self.place = PlacementSpec(mesh, axis_name, param_sharding)
+    self.lookahead = Lookahead(protocol, straggler, self.layout, mode, self.deadline,
+                               self.timeout, self.message_loss_prob, self.nan_message_prob,
+                               self.fail_at, adaptive)
+    # What the gradient depends on (it never calls back into the step).
+    self.spec = GradientSpec(self.layout, self.chunk_loss, self.lookahead, self.network,
+                             axis_name, self.place, check_vma, self.report_condition,
+                             self.message_dtype, self.batch_axis_name)
 
   # -- the per-worker input ---------------------------------------------------
   def shard_chunks(self, chunks) -> WorkerChunks:
@@ -134,21 +138,21 @@ class CodedStep:
   def placement(self, params) -> Placement:
     """The :class:`~jaxgc.backends.spmd.sharding.Placement` of ``params`` (arrays or shapes)
     on the mesh: the FSDP rule, or ``param_sharding``. ``placement(p).summary()`` lists it."""
-    return _placement.placement(self, params)
+    return _placement.placement(self.place, params)
 
   def state_sharding(self, state: TrainState):
     """A :class:`TrainState` of ``NamedSharding``s: parameters and optimizer state as
     :meth:`placement` puts them, everything else replicated (``P()``)."""
-    return _placement.state_sharding(self, state)
+    return _placement.state_sharding(self.place, state, self.tx)
 
-  # -- PS side: the plan (jaxgc.backends.spmd.plan) -------------------------------
+  # -- PS side: the plan (jaxgc.backends.spmd.lookahead) --------------------------
   def init_straggler_state(self, key):
     """The straggler model's state before step 0 (``key``: the base key)."""
-    return self.planner.init_straggler_state(key)
+    return self.lookahead.init_straggler_state(key)
 
   def init_adaptive_state(self):
     """The adaptive PS's state before step 0 (the static placement); ``()`` without a PS."""
-    return self.planner.init_adaptive_state()
+    return self.lookahead.init_adaptive_state()
 
   def plan_step(self, key, step=0, straggler_state=None, adaptive_state=None):
     """``(plan, straggler_state, adaptive_state)``: the :class:`Plan` of step ``step`` and
@@ -158,7 +162,7 @@ class CodedStep:
     ``straggler_state`` and ``adaptive_state`` are the states before step
     ``step`` (default: the initial ones).
     """
-    return self.planner.plan_step(key, step, straggler_state, adaptive_state)
+    return self.lookahead.plan_step(key, step, straggler_state, adaptive_state)
 
   def init_state(self, params, key, model_state=()) -> TrainState:
     """A fresh :class:`TrainState` whose first step is already planned, its parameters
@@ -172,7 +176,7 @@ class CodedStep:
     params = place.place(params) if place.sharded else params
     state = TrainState.create(params, tx, plan=plan, straggler_state=straggler_state,
                               adaptive_state=adaptive_state, model_state=model_state)
-    return _placement.keep_placed(self, state)
+    return _placement.keep_placed(self.place, state, tx)
 
   def _need_tx(self, what: str) -> optax.GradientTransformation:
     """The optimizer; a ``ValueError`` naming ``what`` when the step was built without one."""
@@ -203,10 +207,10 @@ class CodedStep:
       when the protocol reports one) plus the final state ``counts`` ``[m]``,
       and with ``has_aux`` the chunks' ``aux`` (leaves ``[N, ...]``).
     """
-    draw, _ = self.planner.draw(key, self.init_straggler_state(key),
-                                self.init_adaptive_state())
-    g, metrics, _ = sharded_gradient(self, params, self.layout.worker_chunks(chunks),
-                                           self.planner.plan(*draw), None, key, args)
+    draw, _ = self.lookahead.draw(key, self.init_straggler_state(key),
+                                  self.init_adaptive_state())
+    g, metrics, _ = sharded_gradient(self.spec, params, self.layout.worker_chunks(chunks),
+                                     self.lookahead.plan(*draw), None, key, args)
     return g, metrics
 
   # -- full update --------------------------------------------------------------
@@ -240,29 +244,18 @@ class CodedStep:
       fresh = lambda s: None if not jax.tree.leaves(s) else s
       plan, straggler_state, adaptive_state = self.plan_step(
           key, state.step, fresh(straggler_state), fresh(adaptive_state))
-    next_draw, straggler_state = self.planner.draw(jax.random.fold_in(key, state.step + 1),
-                                                   straggler_state, adaptive_state,
-                                                   state.step + 1)
-    g, metrics, (next_plan, adaptive_state) = sharded_gradient(self,
-        state.params, worker_chunks, plan, (next_draw, adaptive_state),
+    next_draw, straggler_state = self.lookahead.draw(jax.random.fold_in(key, state.step + 1),
+                                                     straggler_state, adaptive_state,
+                                                     state.step + 1)
+    g, metrics, (next_plan, adaptive_state) = sharded_gradient(
+        self.spec, state.params, worker_chunks, plan, (next_draw, adaptive_state),
         jax.random.fold_in(key, state.step), args)
     aux = metrics.pop("aux", ())
-    model_state = _chunk_mean(state.model_state, aux) if has_model_state else state.model_state
-    params, opt_state, finite = _backend.optimizer_update(tx, g, state.opt_state, state.params)
-    skip = metrics.pop("skipped") | ~finite
-    params, opt_state, model_state = _backend.keep_if(
-        skip, (state.params, state.opt_state, state.model_state),
-        (params, opt_state, model_state))
-    sim_time = state.sim_time + metrics["step_sim_time"]
-    new = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, sim_time=sim_time,
-        num_skipped=state.num_skipped + skip.astype(jnp.int32),
-        num_erasures=state.num_erasures + metrics["erasures"], plan=next_plan,
-        straggler_state=straggler_state, adaptive_state=adaptive_state, model_state=model_state)
-    new = _placement.keep_placed(self, new)
-    metrics.pop("counts")
-    metrics.update(skipped=skip, exact=metrics["exact"] & ~skip, sim_time=sim_time)
-    return new, metrics
+    model = {"model_state": _chunk_mean(state.model_state, aux)} if has_model_state else {}
+    new, metrics = core.apply_step(state, g, metrics, tx, plan=next_plan,
+                                   straggler_state=straggler_state,
+                                   adaptive_state=adaptive_state, **model)
+    return _placement.keep_placed(self.place, new, tx), metrics
 
   def jit(self, donate: bool = False):
     """``update`` jitted: ``(state, chunks, key) -> (state, metrics)``."""
@@ -281,7 +274,9 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
                     adaptive: _adaptive.AdaptivePS | None = None,
                     has_aux: bool = False,
                     network: _network.Network | None = None,
-                    param_sharding=None, fail_at=None) -> CodedStep:
+                    param_sharding=None, fail_at=None,
+                    message_dtype: str = "float32",
+                    batch_axis_name: str | None = None) -> CodedStep:
   """Builds a :class:`CodedStep`.
 
   Args:
@@ -306,7 +301,9 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
       (an injected erasure).
     report_condition: add ``condition_number`` to the metrics where the protocol
       reports one.
-    check_vma: ``shard_map``'s varying-axes check.
+    check_vma: ``shard_map``'s varying-axes check; ``False`` for a loss that binds its own
+      axis (``vmap(axis_name=...)``, flax ``nn.vmap``) and does a collective over it,
+      which that check refuses in JAX.
     adaptive: an adaptive PS (:class:`jaxgc.adaptive.AdaptivePS` of ``protocol``)
       that re-chooses the placement of chunk lists on workers between steps;
       ``None``: the static placement.
@@ -319,6 +316,14 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
     fail_at: a deterministic fault schedule, ``[(worker, step), ...]``
       (:func:`jaxgc.faults.fault_schedule`): worker ``worker`` finishes no chunk
       in step ``step`` (its durations are ``+inf``).
+    message_dtype: the messages' precision on the wire (PROTOCOL.md §15,
+      :mod:`jaxgc.precision`): ``"float32"`` (no cast), ``"bfloat16"`` or
+      ``"int8"`` (one float32 scale per 256 numbers). Workers encode in float32, the PS
+      decodes in float32; ``step_comm_time`` prices the real bytes.
+    batch_axis_name: for a loss written for ``pmap`` (flax ``BatchNorm(axis_name="batch")``):
+      the axis its collectives name, bound to each chunk alone (size 1), so a chunk's
+      statistics are its own and the decode stays exact (PROTOCOL.md §12). A collective
+      over any other axis is refused by name when the step is traced.
   """
   if mesh is None and isinstance(tx, Mesh):
     tx, mesh = None, tx
@@ -330,7 +335,24 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
                    nan_message_prob=nan_message_prob, axis_name=axis_name,
                    report_condition=report_condition, check_vma=check_vma, adaptive=adaptive,
                    has_aux=has_aux, network=network, param_sharding=param_sharding,
-                   fail_at=fail_at)
+                   fail_at=fail_at, message_dtype=message_dtype,
+                   batch_axis_name=batch_axis_name)
+
+
+def _check_batch_axis(name, mesh: Mesh) -> str | None:
+  """``batch_axis_name``: ``None`` or a name that is not already one of the mesh's axes."""
+  if name is None:
+    return None
+  if not isinstance(name, str) or not name:
+    raise ParamError(f"batch_axis_name must be an axis name (a string such as 'batch', "
+                     f"the one the model's collectives name) or None, got {name!r}.",
+                     "batch_axis_name")
+  if name in mesh.axis_names:
+    raise ParamError(f"batch_axis_name={name!r} is already an axis of the mesh "
+                     f"{tuple(mesh.axis_names)}; the step adds that axis itself (size 1, one "
+                     f"chunk), so build the mesh without it (jaxgc.parallel.make_mesh).",
+                     "batch_axis_name")
+  return name
 
 
 def _chunk_mean(model_state, aux):

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxgc.backends.spmd.chunk_fn import chunk_keys
 from jaxgc.backends.spmd.devices import AXIS
 from jaxgc.backends.spmd.step import CodedStep, make_coded_step
+from jaxgc.errors import ParamError
 
 __all__ = ["coded_value_and_grad", "chunk_keys"]
 
@@ -27,7 +29,10 @@ def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh, *,
                          has_aux: bool = False, mode: str = "exact",
                          deadline: float | None = None, timeout: float | None = None,
                          message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
-                         axis_name: str = AXIS, report_condition: bool = True) -> Callable:
+                         axis_name: str = AXIS, report_condition: bool = True,
+                         message_dtype: str = "float32",
+                         batch_axis_name: str | None = None,
+                         check_vma: bool = True) -> Callable:
   """``grad_fn(params, chunks, key, *args) -> (value, grads, info)``, coded over ``mesh``.
 
   Args:
@@ -47,6 +52,12 @@ def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh, *,
     message_loss_prob: as in :func:`jaxgc.make_coded_step`.
     nan_message_prob: as in :func:`jaxgc.make_coded_step`.
     report_condition: as in :func:`jaxgc.make_coded_step`.
+    message_dtype: as in :func:`jaxgc.make_coded_step` (``grads`` are decoded from
+      messages cast to it).
+    batch_axis_name: as in :func:`jaxgc.make_coded_step`: the axis a loss written for
+      ``pmap`` names (flax ``BatchNorm(axis_name="batch")``), bound to each chunk alone.
+    check_vma: as in :func:`jaxgc.make_coded_step`; ``False`` for a loss that binds its
+      own axis (``vmap(axis_name=...)``) and does a collective over it.
     axis_name: the mesh axis of the workers.
 
   Returns:
@@ -70,7 +81,8 @@ def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh, *,
                          deadline=deadline, timeout=timeout,
                          message_loss_prob=message_loss_prob,
                          nan_message_prob=nan_message_prob, axis_name=axis_name,
-                         report_condition=report_condition)
+                         report_condition=report_condition, message_dtype=message_dtype,
+                         batch_axis_name=batch_axis_name, check_vma=check_vma)
   return _GradFn(step)
 
 
@@ -81,6 +93,7 @@ class _GradFn:
     self.step = step
 
   def __call__(self, params, chunks, key, *args):
+    _check_key(key)
     grads, info = self.step.gradient(params, chunks, key, *args)
     loss = info.pop("loss")
     value = (loss, info.pop("aux")) if self.step.has_aux else loss
@@ -93,3 +106,27 @@ class _GradFn:
     """Lays ``chunks`` out per worker once (:meth:`CodedStep.shard_chunks`), for reuse."""
     return self.step.shard_chunks(chunks)
 
+
+def _check_key(key, name: str = "key") -> None:
+  """Refuses anything but one PRNG key: a typed key ``[]`` (``jax.random.key``) or raw key
+  data ``uint32 [2]`` (``jax.random.PRNGKey``; ``[4]`` for the rbg generators).
+
+  JAX's own error for an integer, ``invalid PRNG key data``, names no argument.
+
+  Raises:
+    ParamError: naming ``name`` and the fix.
+  """
+  dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if not shape:
+      return
+    got = f"{shape[0] if len(shape) == 1 else shape} keys (a key array of shape {shape})"
+  elif dtype == jnp.uint32 and shape in ((2,), (4,)):
+    return
+  elif dtype is None:
+    got = f"{type(key).__name__} {key!r}"
+  else:
+    got = f"an array {jnp.dtype(dtype).name}{list(shape)}"
+  raise ParamError(f"{name} must be one PRNG key, e.g. jax.random.key(0) or "
+                   f"jax.random.PRNGKey(0) (one per step: jax.random.fold_in(key, step)); "
+                   f"got {got}.", name)

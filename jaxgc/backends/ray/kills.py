@@ -1,10 +1,10 @@
-"""Faults the Ray backend injects for real: ``fail_at`` kills at a step, and a kill loop.
+"""Actor kills, the faults the Ray backend injects for real: ``fail_at`` at a step, a kill loop.
 
-``fail_at`` (:func:`jaxgc.faults.fault_schedule`) kills the actor hosting a named
-worker at the start of a step (:func:`kill_scheduled`); Ray restarts it, and
-:class:`jaxgc.backends.ray.ActorLiveness` follows the outage. :class:`KillLoop`
-is the chaos: a background thread that kills a random live actor every
-``Exp(mtbf)`` seconds, for tests and ``benchmarks/chaos.py``.
+``fail_at`` (:func:`jaxgc.faults.fault_schedule`: the schedule, which the SPMD step
+simulates) kills the actor hosting a named worker at the start of a step
+(:func:`kill_scheduled`); Ray restarts it, and :class:`jaxgc.backends.ray.ActorLiveness`
+follows the outage. :class:`KillLoop` is the chaos: a background thread that kills a
+random live actor every ``Exp(mtbf)`` seconds, for tests and ``benchmarks/chaos.py``.
 """
 from __future__ import annotations
 

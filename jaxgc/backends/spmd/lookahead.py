@@ -1,15 +1,18 @@
-"""The PS side of an SPMD step: a step's draw, stop time, state and coefficient solve.
+"""The PS's look-ahead in an SPMD step: a step's draw, stop time, state and coefficient solve.
 
 A step's :class:`Plan` needs its key (and the straggler model's and the adaptive
 PS's states) only, never gradients, so the step makes it one step ahead, on one
 device, while the others compute gradients (PROTOCOL.md §6):
 
-1. :meth:`Planner.draw`: durations ``τ [m, max_load]`` and message faults from
+1. :meth:`Lookahead.draw`: durations ``τ [m, max_load]`` and message faults from
    the step's key (:func:`jaxgc.backends.base.draw_step`), the fault schedule,
    the adaptive PS's placement;
-2. :meth:`Planner.plan`: the stop time (:func:`jaxgc.protocols.stop_time`), the
+2. :meth:`Lookahead.plan`: the stop time (:func:`jaxgc.protocols.stop_time`), the
    state ``k = progress(τ, stop)`` and the :class:`Solve` at ``k``;
-3. :meth:`Planner.plan_observed`: the adaptive PS observes ``k``.
+3. :meth:`Lookahead.plan_observed`: the adaptive PS observes ``k``.
+
+:class:`Plan` and :class:`Solve` are what :attr:`jaxgc.backends.base.TrainState.plan`
+holds (and checkpoints keep).
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ from jaxgc import faults as _faults
 from jaxgc import protocols as _protocols
 from jaxgc import timing
 from jaxgc.backends import base as _backend
+from jaxgc.backends import core
 from jaxgc.backends.spmd.layout import WorkerLayout
 
-__all__ = ["Solve", "Plan", "Planner"]
+__all__ = ["Solve", "Plan", "Lookahead"]
 
 
 class Solve(NamedTuple):
@@ -48,6 +52,11 @@ class Solve(NamedTuple):
   min_coverage: jax.Array
   chunks_below_ell: jax.Array
 
+  @property
+  def coverage(self) -> core.Coverage:
+    """The state's :class:`~jaxgc.backends.core.Coverage` (computed with the solve)."""
+    return core.Coverage(self.decodable, self.min_coverage, self.chunks_below_ell)
+
 
 class Plan(NamedTuple):
   """The PS's plan of one step, made from the key and straggler state alone.
@@ -66,9 +75,9 @@ class Plan(NamedTuple):
   solve: Solve
 
 
-class Planner(NamedTuple):
-  """What a step's plan depends on: the protocol, the straggler model, the stop rule,
-  the injected faults and the adaptive PS (all fixed when the step is built).
+class Lookahead(NamedTuple):
+  """What a step's plan depends on, fixed when the step is built: the protocol, the
+  straggler model, the stop rule, the injected faults and the adaptive PS.
 
   Attributes:
     layout: the step's :class:`~jaxgc.backends.spmd.layout.WorkerLayout` (``m_pad``,
@@ -92,14 +101,13 @@ class Planner(NamedTuple):
     layout's ``slots``."""
     lay, proto = self.layout, self.protocol
     c = proto.solve(counts)
-    cov = proto.coverage(counts)
+    cov = core.coverage(proto, counts)
     pad = lambda x, axis: jnp.pad(x, [(0, lay.m_pad - lay.m) if i == axis else (0, 0)
                                       for i in range(x.ndim)])
     return Solve(enc=pad(c.enc, 0)[:, : lay.slots], dec=pad(c.dec, 1),
                  senders=pad(c.senders, 0), condition=jnp.asarray(c.condition, jnp.float32),
-                 decodable=jnp.asarray(proto.is_decodable(counts), bool),
-                 min_coverage=jnp.min(cov).astype(jnp.int32),
-                 chunks_below_ell=jnp.sum(cov < proto.ell, dtype=jnp.int32))
+                 decodable=cov.decodable, min_coverage=cov.min_coverage,
+                 chunks_below_ell=cov.chunks_below_ell)
 
   def draw(self, key, straggler_state, adaptive_state=(), step=None):
     """The cheap random part of a plan: ``((τ [m, max_load], lost [m_pad], corrupt [m_pad]),
