@@ -11,7 +11,8 @@ resumes the run in ``--workdir``; ``--restart`` starts it over.
 
 SIGTERM (preemption) or Ctrl-C stop after the current step, save it, and exit with
 status 143 (SIGTERM) or 130 (SIGINT), 128 + the signal's number as the shell reports a
-death by that signal; rerunning the same command resumes bit for bit.
+death by that signal; rerunning the same command resumes bit for bit. More SIGTERMs wait
+for that save; a second Ctrl-C exits at once, saying that the stop step was not saved.
 """
 import os
 import sys

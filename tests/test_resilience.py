@@ -16,7 +16,7 @@ import pytest
 
 from configs import default as default_config
 from jaxgc import assignments, experiment, parallel, protocols, timing
-from jaxgc.experiment import runs
+from jaxgc.experiment import checkpoints, runs
 from tests.helpers import digits_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +44,8 @@ def tiny():
 
 def env(cache_dir):
   e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  e.update(PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  e.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir))   # (conftest: the session's)
+  e.update(PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return e
 
@@ -120,7 +120,7 @@ def test_sigterm_and_sigint_save_and_resume_bit_identical_and_lock(tmp_path, tin
   assert summary["steps"] == logged and summary["stopped_by"] == "SIGTERM"
   ck = os.path.join(wd, "checkpoints")
   assert str(logged) in os.listdir(ck) and not [p for p in os.listdir(ck) if "tmp" in p]
-  assert runs.check_manifest(os.path.join(ck, str(logged))) is None
+  assert checkpoints.check_manifest(os.path.join(ck, str(logged))) is None
 
   # 2. SIGINT (Ctrl-C) later in the resumed run.
   c = popen()
@@ -201,7 +201,7 @@ def test_corrupt_checkpoints_are_named_moved_aside_and_never_restart_over_result
     capsys.readouterr()
     experiment.train(tiny(*flags), wd)
     err = capsys.readouterr().err
-    assert "skipped checkpoint 6" in err and "corrupt" in err, (name, err)
+    assert "set aside checkpoint 6" in err and "corrupt" in err, (name, err)
     assert "resuming" in err and "from step 4" in err, err
     aside = os.path.join(wd, "broken_checkpoints", "6" if i == 0 else "6.1")
     assert os.path.isdir(aside)

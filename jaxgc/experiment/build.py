@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
-import re
+import inspect
 from collections.abc import Collection
 from typing import Any, NamedTuple
 
@@ -20,6 +20,7 @@ import optax
 from jaxgc import adaptive, assignments, backends, data, models, parallel, protocols, timing
 from jaxgc import network as network_models
 from jaxgc.backends import capabilities
+from jaxgc.errors import ParamError
 from jaxgc.experiment.config import ConfigError
 from jaxgc.registry import signature_options
 
@@ -71,6 +72,15 @@ def _parameters(fn) -> tuple[str, ...]:
     return ()
 
 
+def _takes_kwargs(fn) -> bool:
+  """Whether ``fn`` takes ``**kwargs`` (then it, not the config, decides its options)."""
+  try:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD
+               for p in inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):
+    return True
+
+
 def _flag(path: str, config) -> str:
   node = config
   for key in path.split("."):
@@ -82,49 +92,33 @@ def _flag(path: str, config) -> str:
 
 
 @contextlib.contextmanager
-def blame(config, block: str, kind: str, fields: tuple[str, ...] = (), default: str = ""):
+def blame(config, block: str, fields: tuple[str, ...] = (), default: str = ""):
   """Re-raises a library ``ValueError`` as a :class:`ConfigError` naming the flag.
 
-  The flag is the field of ``fields`` (dotted config paths) named by the error's
-  ``param`` (:class:`jaxgc.errors.ParamError`; the chosen choice's option before a
-  block field of the same name; ``"name"`` is ``<block>.name``), else the first whose
-  last name the message mentions, else ``default`` (``<block>.name`` if empty). A
-  ``TypeError`` for an unknown keyword names the option's flag.
+  The flag is the field of ``fields`` (dotted config paths) that the error's ``param``
+  names (:class:`jaxgc.errors.ParamError`; the chosen choice's option before a block
+  field of the same name; ``"name"`` is ``<block>.name``), else ``default``
+  (``<block>.name`` if empty). An unknown name's ``suggestion`` becomes the flag to
+  type. The message is never parsed: an error without a ``param`` names ``default``.
   """
-  name = config[block].name if block in config and "name" in config[block] else None
   try:
     yield
   except ConfigError:
     raise
-  except TypeError as e:
-    m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-    if not m:
-      raise
-    where = f"{block}.{name}" if name is not None else block
-    raise ConfigError(f"--config.{where}.{m[1]}",
-                      f"{kind} {name or ''} has no option {m[1]!r} ({e}).") from None
   except ValueError as e:
-    msg = str(e)
-    param = getattr(e, "param", None)     # a jaxgc.errors.ParamError names its parameter
+    param = e.param if isinstance(e, ParamError) else None
     named = [f for f in fields if f.split(".")[-1] == param]
-    hits = [(mt.start(), f) for f in fields
-            for mt in [re.search(rf"\b{re.escape(f.split('.')[-1])}\b", msg)] if mt]
     if named:   # the chosen choice's own option before a block field of the same name
       path = max(named, key=lambda f: f.count("."))
     elif param == "name":
       path = f"{block}.name"
     else:
-      path = min(hits)[1] if hits else (default or f"{block}.name")
-    hint = ""
-    if path.endswith(".name") and name is not None:
-      # A registry's own "Did you mean 'x'?" becomes the flag to type.
-      near = re.search(r" Did you mean '([\w\-]+)'\?", msg)
-      if near:
-        msg = msg[:near.start()] + msg[near.end():]
-      close = [near[1]] if near else difflib.get_close_matches(
-          name, [w for w in re.findall(r"'([\w\-]+)'", msg) if w != name], n=1)
-      hint = f" Did you mean --config.{path}={close[0]}?" if close else ""
-    raise ConfigError(_flag(path, config), msg + hint) from None
+      path = default or f"{block}.name"
+    if isinstance(e, ParamError) and e.suggestion is not None and path.endswith(".name"):
+      # The registry's "Did you mean 'x'?" becomes the flag to type.
+      raise ConfigError(_flag(path, config), f"{e.message} Did you mean "
+                        f"--config.{path}={e.suggestion}?") from None
+    raise ConfigError(_flag(path, config), str(e)) from None
 
 
 def _fields(config, block: str) -> tuple[str, ...]:
@@ -155,8 +149,7 @@ def setup_devices(config):
                       num_processes=config.num_processes, process_id=config.process_id)
       jax.distributed.initialize(initialization_timeout=int(config.distributed_timeout),
                                  **kwargs)
-  with blame(config, "devices", "mesh", ("mesh.model", "num_devices", "platform"),
-             "num_devices"):
+  with blame(config, "devices", ("mesh.model", "num_devices", "platform"), "num_devices"):
     return parallel.make_mesh(config.num_devices, platform, model=config.mesh.model)
 
 
@@ -166,11 +159,11 @@ def make_dataset(config) -> data.Dataset:
   """The dataset ``config.data.name`` from :data:`jaxgc.data.DATASETS`, with the block's
   ``test_fraction`` and ``split_seed`` where its loader takes them."""
   d = config.data
-  with blame(config, "data", "dataset", _fields(config, "data")):
+  with blame(config, "data", _fields(config, "data")):
     takes = data.DATASETS.options(d.name)
     split = {k: d[k] for k in ("test_fraction", "split_seed") if k in takes}
     ds = data.load(d.name, **split, **_options(d, takes, config.seed))
-  with blame(config, "data", "dataset", ("batch_size",), "batch_size"):
+  with blame(config, "data", ("batch_size",), "batch_size"):
     data.steps_per_epoch(ds.num_train, config.batch_size)
   return ds
 
@@ -178,14 +171,14 @@ def make_dataset(config) -> data.Dataset:
 def make_assignment(config) -> assignments.Assignment:
   """``config.assignment.name`` from :data:`jaxgc.assignments.ASSIGNMENTS`."""
   a = config.assignment
-  with blame(config, "assignment", "assignment", _fields(config, "assignment")):
+  with blame(config, "assignment", _fields(config, "assignment")):
     opts = _options(a, assignments.ASSIGNMENTS.options(a.name), config.seed)
     return assignments.ASSIGNMENTS.build(a.name, a.num_workers, a.load, **opts)
 
 
 def make_protocol(config, assignment):
   p = config.protocol
-  with blame(config, "protocol", "protocol",
+  with blame(config, "protocol",
              _fields(config, "protocol") + ("assignment.load", "assignment.num_workers")):
     opts = _options(p, protocols.PROTOCOLS.options(p.name), config.seed)
     return protocols.get_protocol(p.name, assignment, p.ell, **opts)
@@ -195,7 +188,7 @@ def make_straggler_model(config, failure_prob: float | None = None):
   """The straggler model (``failure_prob`` overrides the config's, e.g. 0 for the timeout)."""
   s = config.straggler
   fp = s.failure_prob if failure_prob is None else failure_prob
-  with blame(config, "straggler", "straggler model", _fields(config, "straggler")):
+  with blame(config, "straggler", _fields(config, "straggler")):
     return timing.get_model(s.name, failure_prob=fp, **_options(s, (), config.seed))
 
 
@@ -208,7 +201,7 @@ def make_model(config, num_classes: int, seq_len: int | None = None):
   """The model; ``seq_len`` (the data's, see :func:`sequence_length`) goes to a model
   whose options list ``seq_len``, where it must agree with any value set there."""
   m = config.model
-  with blame(config, "model", "model", _fields(config, "model")):
+  with blame(config, "model", _fields(config, "model")):
     takes = models.MODELS.options(m.name)
   opts = _options(m, takes, config.seed)
   if seq_len is not None and "seq_len" in takes:
@@ -219,7 +212,7 @@ def make_model(config, num_classes: int, seq_len: int | None = None):
       raise ConfigError(_flag(f"model.{m.name}.seq_len", config),
                         f"differs from {data_flag}={seq_len}, the data's sequence length; "
                         f"leave --config.model.{m.name}.seq_len unset (it follows the data).")
-  with blame(config, "model", "model", _fields(config, "model")):
+  with blame(config, "model", _fields(config, "model")):
     return models.get_model(m.name, num_classes, **opts)
 
 
@@ -233,8 +226,15 @@ def make_optimizer(config) -> optax.GradientTransformation:
     raise ConfigError(_flag("optimizer.name", config),
                       f"optax has no optimizer {o.name!r} (any optax.<name>(learning_rate, "
                       f"...) works).{hint}")
-  with blame(config, "optimizer", "optimizer", _fields(config, "optimizer")):
-    tx = fn(o.learning_rate, **_options(o, _parameters(fn), config.seed))
+  takes = _parameters(fn)
+  opts = _options(o, takes, config.seed)
+  unknown = sorted(set(opts) - set(takes))
+  if unknown and takes and not _takes_kwargs(fn):   # () : a signature Python cannot read
+    raise ConfigError(_flag(f"optimizer.{o.name}.{unknown[0]}", config),
+                      f"optax.{o.name} takes no option(s) {unknown}; it takes "
+                      f"{[t for t in takes if t != 'learning_rate']}.")
+  with blame(config, "optimizer", _fields(config, "optimizer")):
+    tx = fn(o.learning_rate, **opts)
   if not isinstance(tx, optax.GradientTransformation):
     raise ConfigError(_flag("optimizer.name", config),
                       f"optax.{o.name} is not an optimizer (it returned {type(tx).__name__}).")
@@ -269,8 +269,7 @@ def make_network(config) -> network_models.Network:
   n = config.get("network")
   if n is None:
     return network_models.NoNetwork()
-  with blame(config, "network", "network", ("network.bandwidth", "network.latency"),
-             "network.name"):
+  with blame(config, "network", ("network.bandwidth", "network.latency"), "network.name"):
     return network_models.get_network(n.name, n.bandwidth, n.latency)
 
 
@@ -326,6 +325,12 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
   s = config.step
   if not isinstance(config.adaptive, bool):
     raise ConfigError("--config.adaptive", f"must be True or False, got {config.adaptive!r}.")
+  batch_axis_name = s.get("batch_axis_name")
+  # Only the spmd step runs the loss under shard_map, with the axis bound per chunk.
+  if batch_axis_name is not None and config.backend != "spmd":
+    raise ConfigError(_flag("step.batch_axis_name", config),
+                      f"backend {config.backend!r} cannot bind an axis per chunk; use "
+                      "--config.backend=spmd, or a model without cross-replica collectives.")
   net = make_network(config)
   caps = _check_backend(config, net, has_aux)
   kwargs: dict[str, Any] = dict(mode=s.mode, deadline=s.deadline,
@@ -337,8 +342,13 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
     kwargs["fail_at"] = fail_at
   if timeout is not None:
     kwargs["timeout"] = timeout
+  message_dtype = s.get("message_dtype", "float32")
+  if message_dtype != "float32":   # checked by the backend, which names the field
+    kwargs["message_dtype"] = message_dtype
   if has_aux:
     kwargs["has_aux"] = True
+  if batch_axis_name is not None:
+    kwargs["batch_axis_name"] = batch_axis_name
   if caps.adaptive:
     kwargs["adaptive"] = adaptive.AdaptivePS(protocol) if config.adaptive else None
   if caps.network_model:
@@ -346,7 +356,7 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
   own = config.get(config.backend)
   own = own.to_dict() if isinstance(own, ml_collections.ConfigDict) else {}
   fields = _fields(config, "step") + (_fields(config, config.backend) if own else ())
-  with blame(config, "step", "step", fields, "backend" if own else "step.mode"):
+  with blame(config, "step", fields, "backend" if own else "step.mode"):
     return backends.get_backend(config.backend)(protocol, straggler, loss_fn, tx, mesh,
                                                 **kwargs, **own)
 
@@ -355,7 +365,7 @@ def _check_batches(config, ds, num_chunks: int):
   """The library's chunking checks, traced (no device work) before training."""
   x = jax.ShapeDtypeStruct(ds.x_train.shape, ds.x_train.dtype)
   y = jax.ShapeDtypeStruct(ds.y_train.shape, ds.y_train.dtype)
-  with blame(config, "data", "batch", ("batch_size", "assignment.num_workers"), "batch_size"):
+  with blame(config, "data", ("batch_size", "assignment.num_workers"), "batch_size"):
     data.check_chunking(config.batch_size, num_chunks, sequence_length(ds))
     jax.eval_shape(lambda d: data.step_chunks(d, jax.random.key(0), 0, config.batch_size,
                                               num_chunks), (x, y))
@@ -395,8 +405,7 @@ def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int,
   est = models.memory_estimate(loss_fn, params, chunk, assignment.max_load,
                                optimizer_slots=round(opt / max(p, 1)), gradient_buffers=buffers,
                                param_bytes=held)
-  with blame(config, "memory", "memory", ("assignment.load", "memory_budget_gb"),
-             "memory_budget_gb"):
+  with blame(config, "memory", ("assignment.load", "memory_budget_gb"), "memory_budget_gb"):
     models.check_memory(est, budget, assignment.max_load)
 
 

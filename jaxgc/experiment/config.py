@@ -14,7 +14,7 @@ block          built with
 ``straggler``  ``jaxgc.timing.get_model(name, failure_prob, **straggler.<name>)``
 ``step``       ``jaxgc.parallel.make_coded_step(..., **step)`` (or the Ray step)
 ``network``    ``jaxgc.network.get_network(name, bandwidth, latency)``, to the step
-``ray``        ``jaxgc.ray_backend.RayStep(..., **ray)`` when ``backend="ray"``
+``ray``        ``jaxgc.backends.ray.RayStep(..., **ray)`` when ``backend="ray"``
 =============  ==============================================================
 
 ``test_fraction`` and ``split_seed`` go to the datasets whose loader takes them
@@ -63,6 +63,7 @@ NON_RESULT_FIELDS = (
     "num_steps", "eval_every", "checkpoint_every", "max_checkpoints", "target_accuracy",
     "platform", "num_devices", "num_cpu_devices", "coordinator_address", "num_processes",
     "process_id", "distributed_timeout", "ray.address", "memory_budget_gb", "mesh.model",
+    "tensorboard",
 )
 
 # Shortcut flags: the short names users type (--config.ell) -> the field they set.
@@ -132,7 +133,11 @@ def _add_problem(c: ml_collections.ConfigDict) -> None:
       synthetic_linear=dict(synthetic, noise=0.1),
       # Next-byte prediction on the stdlib's source: seq_len bytes per sequence,
       # the first max_bytes bytes of the corpus.
-      pystdlib=dict(seq_len=64, max_bytes=2_000_000)))
+      pystdlib=dict(seq_len=64, max_bytes=2_000_000),
+      # Your own data: source="MODULE:FUNCTION" returns (train, test) of {"x", "y"}
+      # examples (jaxgc.data.load_custom); num_classes unset: from the labels.
+      custom=dict(source="", num_classes=None)))
+  c.data.custom.num_classes = config_dict.placeholder(int)
   # A model option `seq_len` left unset takes the data's sequence length (one source).
   c.model = ml_collections.ConfigDict(dict(
       name="mlp", mlp=dict(hidden=(64, 64)), linear={}, cnn={}, cnn_bn=dict(dropout=0.1),
@@ -148,8 +153,11 @@ def _add_coding(c: ml_collections.ConfigDict) -> None:
   # Gradient coding: N = m chunks per step, each held by `load` workers.
   c.assignment = ml_collections.ConfigDict(dict(
       name="cyclic", num_workers=20, load=4, cyclic={}, fractional_repetition={},
-      random_regular=dict(seed=None)))
+      random_regular=dict(seed=None), by_speed=dict(speeds=None, load_min=None)))
   c.assignment.random_regular.seed = config_dict.placeholder(int)
+  # by_speed: loads proportional to the workers' speeds (unset: equal, i.e. cyclic).
+  c.assignment.by_speed.speeds = config_dict.placeholder(tuple)
+  c.assignment.by_speed.load_min = config_dict.placeholder(int)
   c.protocol = ml_collections.ConfigDict(dict(
       name="partial_straggler", ell=2,
       partial_straggler=dict(decoding_matrix="auto", num_candidates=None, seed=None),
@@ -171,11 +179,16 @@ def _add_coding(c: ml_collections.ConfigDict) -> None:
   # giving up on an undecodable step; unset: 3x the median uncoded step time.
   # fail_at: a deterministic fault schedule, ((worker, step), ...): that worker finishes
   # nothing in that step (jaxgc.faults; simulated in spmd, a real kill on ray).
+  # message_dtype: the messages' precision on the wire (PROTOCOL.md §15): float32,
+  # bfloat16 or int8 (one float32 scale per 256 numbers); the network prices its bytes.
   c.step = ml_collections.ConfigDict(dict(
       mode="exact", deadline=None, timeout=None, message_loss_prob=0.0,
-      nan_message_prob=0.0, report_condition=True, fail_at=()))
+      nan_message_prob=0.0, report_condition=True, fail_at=(), message_dtype="float32"))
   c.step.deadline = config_dict.placeholder(float)
   c.step.timeout = config_dict.placeholder(float)
+  # batch_axis_name: for a model written for pmap (flax BatchNorm(axis_name="batch")): the
+  # axis its collectives name, bound to each chunk alone so its statistics are its own.
+  c.step.batch_axis_name = config_dict.placeholder(str)
   # Communication in simulated time (jaxgc.network, PROTOCOL.md §11): a step costs
   # stop + comm. name: none (free messages), ps (PS ingress) or ring (all-reduce);
   # bandwidth in bytes per second, latency in seconds (the chunk durations' unit).
@@ -214,6 +227,9 @@ def _add_runtime(c: ml_collections.ConfigDict) -> None:
   c.checkpoint_every = 50           # 0 disables checkpoints
   c.max_checkpoints = 2
   c.target_accuracy = 0.95          # reported, and marked on the plots
+  # TensorBoard events in workdir/tensorboard/, a mirror of metrics.jsonl
+  # (jaxgc.experiment.tensorboard): tensorboard --logdir workdir.
+  c.tensorboard = True
 
 
 # -- loading and overriding ---------------------------------------------------------
@@ -384,6 +400,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("checkpoint_every", "max_checkpoints"):
     if not isinstance(config[key], int) or config[key] < 0:
       raise ConfigError(f"--config.{key}", f"must be an integer >= 0, got {config[key]!r}.")
+  if not isinstance(config.get("tensorboard", True), bool):
+    raise ConfigError("--config.tensorboard", f"must be True or False, got "
+                      f"{config.tensorboard!r}.")
   from jaxgc.backends import BACKENDS  # pylint: disable=import-outside-toplevel
   if config.backend not in BACKENDS:
     raise ConfigError("--config.backend", f"unknown backend {config.backend!r}; choose "

@@ -1,10 +1,11 @@
 """A step's input: keys, the epoch's order, and the chunks each device needs.
 
 The batch of step ``s`` is a function of ``(seed, s)`` only, so a resumed run
-reproduces the uninterrupted one and every protocol sees the same chunks. The
-training set stays on the host: :class:`StepInput` gathers a step's chunks there
-and each process places only its own devices' part
-(:meth:`jaxgc.parallel.WorkerLayout.from_process_chunks`).
+reproduces the uninterrupted one and every protocol sees the same chunks; the
+grain iterator's state (:meth:`StepInput.get_state`) goes into each checkpoint,
+and a resume checks it against its own pipeline. The training set stays on the host:
+:class:`StepInput` gathers a step's chunks there and each process places only its own
+devices' part (:meth:`jaxgc.parallel.WorkerLayout.from_process_chunks`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from jaxgc import data
 from jaxgc.backends import spmd
 from jaxgc.backends.base import TrainState
+from jaxgc.experiment.config import ConfigError
 
 __all__ = ["keys", "global_array", "epoch_permutation", "epoch_permutations", "step_chunks",
            "train_step", "StepInput"]
@@ -78,14 +80,16 @@ def train_step(state: TrainState, train_data, perm, *, coded_step, batch_size: i
 
 
 class StepInput:
-  """The input of step ``s``, built on the host: the chunks of :func:`step_chunks`.
+  """The input of step ``s``, built on the host by the grain pipeline of :func:`step_chunks`.
 
-  The training set stays a host (NumPy) pytree. Step ``s``'s chunk indices come
-  from the epoch's permutation (:func:`epoch_permutation`, drawn on the host CPU
-  once per epoch, the same values as on the mesh) and :func:`jaxgc.data.batch_indices`,
-  so the chunks are bit for bit those of :func:`train_step`. Each process gathers
-  only the chunks its devices hold (``layout.process_chunk_ids()``) and places them
-  with ``layout.from_process_chunks``; no host holds the replicated global batch.
+  The training set stays a host (NumPy) pytree, the source of a
+  :class:`jaxgc.data.StepChunks` keyed by the run's data key: step ``s``'s chunk
+  indices come from the epoch's permutation (:func:`epoch_permutation`, drawn on
+  the host CPU once per epoch, the same values as on the mesh) and
+  :func:`jaxgc.data.batch_indices`, so the chunks are bit for bit those of
+  :func:`train_step`. Each process gathers only the chunks its devices hold
+  (``layout.process_chunk_ids()``) and places them with
+  ``layout.from_process_chunks``; no host holds the replicated global batch.
 
   Args:
     train_data: host pytree of arrays ``[n_train, ...]``.
@@ -98,27 +102,23 @@ class StepInput:
 
   def __init__(self, train_data, *, seed: int, batch_size: int, num_chunks: int,
                layout: spmd.WorkerLayout | None = None):
-    self.train_data = jax.tree.map(np.asarray, train_data)
-    self.num_train = int(jax.tree.leaves(self.train_data)[0].shape[0])
     data.check_chunking(batch_size, num_chunks)
+    source = data.ArraySource(train_data)
+    self.train_data, self.num_train = source.arrays, len(source)
     self.batch_size, self.num_chunks, self.layout = batch_size, num_chunks, layout
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    self._perm_for = epoch_permutations(seed, self.num_train, batch_size, cpu)
-    self._indices = jax.jit(functools.partial(data.batch_indices, None,
-                                              num_train=self.num_train, batch_size=batch_size))
+    self.chunks = data.StepChunks(source, seed=keys(seed)[1], batch_size=batch_size,
+                                  num_chunks=num_chunks)
     if layout is not None:
       # Phantom slots (-1) repeat chunk 0, as shard_chunks does; they are never computed.
       self._ids = np.maximum(layout.process_chunk_ids(), 0)
 
   def chunk_indices(self, step: int) -> np.ndarray:
     """int ``[N, batch_size / N]``: the examples of step ``step``'s chunks."""
-    idx = self._indices(step, perm=self._perm_for(step))
-    return np.asarray(idx).reshape(self.num_chunks, -1)
+    return self.chunks.chunk_indices(step)
 
   def host_chunks(self, step: int):
     """Step ``step``'s chunks on the host, leaves ``[N, batch_size / N, ...]``."""
-    idx = self.chunk_indices(step)
-    return jax.tree.map(lambda a: a[idx], self.train_data)
+    return self.chunks[step]
 
   def __call__(self, step: int):
     """What the step consumes: :class:`jaxgc.parallel.WorkerChunks` (this process's
@@ -126,7 +126,26 @@ class StepInput:
     if self.layout is None:
       return self.host_chunks(step)
     idx = self.chunk_indices(step)[self._ids]                  # [rows, slots, batch / N]
-    return self.layout.from_process_chunks(jax.tree.map(lambda a: a[idx], self.train_data))
+    return self.layout.from_process_chunks(self.chunks.gather(idx))
+
+  def get_state(self, step: int) -> dict:
+    """The grain iterator's state before step ``step`` (JSON, for the checkpoint's meta)."""
+    return {"step": int(step), **self.chunks.signature}   # ChunkIterator's, at ``step``
+
+  def set_state(self, state: dict, step: int, workdir: str) -> None:
+    """Checks a checkpoint's iterator ``state`` against this pipeline at the restored
+    ``step``: the same examples, batch, chunks and key, so the resume reads on as the
+    uninterrupted run would."""
+    it = data.ChunkIterator(self.chunks)
+    try:
+      it.set_state(state)
+    except ValueError as e:
+      raise ConfigError(f"--workdir={workdir}", f"its checkpoint was read from other training "
+                        f"data: {e} Add --restart to start over, or use a new "
+                        "--workdir.") from None
+    if it.step != step:
+      raise ConfigError(f"--workdir={workdir}", f"its checkpoint of step {step} holds the "
+                        f"input state of step {it.step}; add --restart to start over.")
 
   def global_batch_bytes(self) -> int:
     """Bytes of one step's whole batch (all ``N`` chunks)."""

@@ -30,7 +30,7 @@ import numpy as np
 from jaxgc import models
 from jaxgc.backends import spmd
 from jaxgc.backends.base import TrainState
-from jaxgc.experiment import resilience, runs
+from jaxgc.experiment import checkpoints, resilience, runs
 from jaxgc.experiment.build import Experiment, build, make_assignment, make_protocol, setup_devices
 from jaxgc.experiment.config import ConfigError, check_config
 from jaxgc.experiment.inputs import (
@@ -90,7 +90,10 @@ def _to_python(tree) -> dict:
   out = {}
   for k, v in jax.device_get(tree).items():
     v = np.asarray(v)
-    out[k] = bool(v) if v.dtype == bool else (int(v) if v.dtype.kind in "iu" else float(v))
+    if v.ndim:                      # per worker (the finish counts): a list
+      out[k] = v.tolist()
+    else:
+      out[k] = bool(v) if v.dtype == bool else (int(v) if v.dtype.kind in "iu" else float(v))
   return out
 
 
@@ -199,8 +202,51 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> TrainState:
   from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-  cfg, ds = exp.config, exp.dataset
-  lead = jax.process_index() == 0
+  cfg, ds, lead = exp.config, exp.dataset, jax.process_index() == 0
+  _claim_workdir(cfg, workdir, restart, lead)
+  rep = NamedSharding(exp.mesh, P())
+  # The test set is small: replicated. The training set stays on the host (StepInput).
+  test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
+  state, ckpt, meta = checkpoints.restore(exp, workdir, _init_state(exp, rep), rep, lead)
+  start = int(state.step)
+  log = _resume_log(exp, workdir, state, lead)
+  t0, wall_before = time.time(), float(meta.get("wall_time", 0.0))
+  inputs, input_for = _step_input(exp, rep)
+  if "input" in meta:   # the grain iterator's state: this pipeline's, at the restored step
+    inputs.set_state(meta["input"], start, workdir)
+  run = _Steps(exp, log, test_data, ckpt, lambda: wall_before + time.time() - t0, inputs)
+  if start == 0 or (start not in log.eval_steps and (start % cfg.eval_every == 0
+                                                      or start == cfg.num_steps)):
+    # (again, after a resume whose evaluation line was lost)
+    run.evaluate(state, start, float(state.sim_time))
+  next_input = input_for(start) if start < cfg.num_steps else None
+  input_bytes = _input_bytes_per_device(inputs, next_input)
+  # The handlers stay until the stop step is saved and summarised: more SIGTERMs wait.
+  with resilience.StopSignals() as signals:
+    state, stopped = run.steps(state, start, next_input, input_for, signals)
+    wall = run.wall()
+    if ckpt is not None:
+      if ckpt.latest_step() != int(state.step):
+        checkpoints.save(ckpt, exp, int(state.step), state, wall, force=True,
+                         extra_meta={"input": inputs.get_state(int(state.step))})
+      ckpt.close()
+    ev = run.ev
+    if not ev or (stopped and int(state.step) not in log.eval_steps):
+      # The summary's scores are the final state's (not logged: a resume logs them on time).
+      ev = evaluate(exp.model.apply, state.params, test_data, ds.is_regression,
+                    cfg.batch_size, getattr(state, "model_state", ()))
+    state = _summarise(exp, workdir, state, {
+        "wall_time_s": wall, "session_wall_time_s": time.time() - t0, "resumed_from": start,
+        **ev, "step_wall_time_s": run.step_wall,
+        "global_batch_bytes": inputs.global_batch_bytes(), "input_bytes_per_device":
+        input_bytes, "stopped_by": stopped}, rep, lead)
+  if stopped:
+    raise resilience.Preempted(int(state.step), stopped, saved=ckpt is not None)
+  return state
+
+
+def _claim_workdir(cfg, workdir: str, restart: bool, lead: bool) -> None:
+  """``--restart`` clears the old run; ``config.json`` is written before anything else."""
   if lead:
     if restart and os.path.isdir(workdir):
       runs.clear_run(workdir)
@@ -209,11 +255,10 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> TrainState:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("jaxgc workdir ready")
 
-  rep = NamedSharding(exp.mesh, P())
-  # The test set is small: replicated. The training set stays on the host (StepInput).
-  test_data = (global_array(ds.x_test, rep), global_array(ds.y_test, rep))
-  state, ckpt, meta = resilience.restore(exp, workdir, _init_state(exp, rep), rep, lead)
-  start = int(state.step)
+
+def _resume_log(exp: Experiment, workdir: str, state, lead: bool) -> runs.MetricsLog:
+  """The metrics log cut back to the restored step, with the resume's notes."""
+  cfg, start = exp.config, int(state.step)
   place = exp.step.placement(state.params) if lead else None
   if place is not None:
     for line in place.summary().splitlines():
@@ -221,31 +266,16 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> TrainState:
         runs.note(f"parameter {line.strip()}")
   if lead and start:
     runs.note(f"resuming {workdir} from step {start}.")
-  log = runs.MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, lead)
   if start > cfg.num_steps and lead:
     runs.note(f"{workdir} is already at step {start} > --config.num_steps={cfg.num_steps}: "
               "nothing to train (use a new --workdir for a shorter run).")
-  t0, wall_before = time.time(), float(meta.get("wall_time", 0.0))
-  inputs, input_for = _step_input(exp, rep)
-  run = _Steps(exp, log, test_data, ckpt, lambda: wall_before + time.time() - t0)
-  if start == 0 or (start not in log.eval_steps and (start % cfg.eval_every == 0
-                                                      or start == cfg.num_steps)):
-    # (again, after a resume whose evaluation line was lost)
-    run.evaluate(state, start, float(state.sim_time))
-  next_input = input_for(start) if start < cfg.num_steps else None
-  input_bytes = _input_bytes_per_device(inputs, next_input)
-  with resilience.StopSignals() as signals:
-    state, stopped = run.steps(state, start, next_input, input_for, signals)
-  wall = wall_before + time.time() - t0
-  if ckpt is not None:
-    if ckpt.latest_step() != int(state.step):
-      resilience.save(ckpt, exp, int(state.step), state, wall, force=True)
-    ckpt.close()
-  ev = run.ev
-  if not ev or (stopped and int(state.step) not in log.eval_steps):
-    # The summary's scores are the final state's (not logged: a resume logs them on time).
-    ev = evaluate(exp.model.apply, state.params, test_data, ds.is_regression, cfg.batch_size,
-                  getattr(state, "model_state", ()))
+  return runs.MetricsLog(os.path.join(workdir, "metrics.jsonl"), start, lead)
+
+
+def _summarise(exp: Experiment, workdir: str, state, extra: dict, rep, lead: bool):
+  """Writes the outputs (process 0); ``extra``'s ``None``/``0.0`` entries are left out.
+  Returns ``state`` with whole (replicated) parameters."""
+  cfg = exp.config
   param_bytes = spmd.device_bytes((state.params, state.opt_state))
   if not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params)):
     # Sharded over a group: every process needs whole parameters to write them out.
@@ -254,27 +284,19 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> TrainState:
     summary = {"protocol": cfg.protocol.name, "mode": cfg.step.mode, "steps": int(state.step),
                "num_steps": cfg.num_steps, "sim_time": float(state.sim_time),
                "skipped": int(state.num_skipped), "erasures": int(state.num_erasures),
-               "timeout": exp.timeout, "wall_time_s": wall,
-               "session_wall_time_s": time.time() - t0, "resumed_from": start, **ev}
-    if run.step_wall:
-      summary["step_wall_time_s"] = run.step_wall
-    summary["global_batch_bytes"] = inputs.global_batch_bytes()
-    summary["param_bytes_per_device"] = param_bytes
-    if input_bytes is not None:
-      summary["input_bytes_per_device"] = input_bytes
-    if stopped:
-      summary["stopped_by"] = stopped
+               "timeout": exp.timeout, "param_bytes_per_device": param_bytes}
+    summary.update({k: v for k, v in extra.items()
+                    if v is not None and not (k == "step_wall_time_s" and not v)})
     _write_outputs(exp, workdir, state, summary)
-  if stopped:
-    raise resilience.Preempted(int(state.step), stopped, saved=ckpt is not None)
   return state
 
 
 class _Steps:
   """The step loop of :func:`_train`: steps, metrics lines, evaluations, checkpoints."""
 
-  def __init__(self, exp: Experiment, log, test_data, ckpt, wall):
+  def __init__(self, exp: Experiment, log, test_data, ckpt, wall, inputs: StepInput):
     self.exp, self.log, self.test_data, self.ckpt, self.wall = exp, log, test_data, ckpt, wall
+    self.inputs = inputs
     self.ev: dict[str, float] = {}
     self.step_wall = log.last.get("wall_time", 0.0)   # Ray: real seconds the steps took
     # Checked once: NaN/Inf in the data turn into non-finite messages (erased) later.
@@ -340,7 +362,8 @@ class _Steps:
         bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_time=f"{rec['sim_time']:.0f}",
                         **{score_key: f"{self.ev.get(score_key, float('nan')):.3f}"},
                         refresh=False)
-        resilience.save(self.ckpt, self.exp, step + 1, state, self.wall())
+        checkpoints.save(self.ckpt, self.exp, step + 1, state, self.wall(),
+                         extra_meta={"input": self.inputs.get_state(step + 1)})
         stopped = signals.requested()
         if stopped:
           break

@@ -5,10 +5,8 @@
 * ``metrics.jsonl`` gets one line per step and per evaluation (non-finite numbers
   as ``null``); on resume it is cut back to the restored step, and lines that do
   not parse (cut off by a crash, or damaged) are dropped with a note.
-* Checkpoints are orbax's (written to a temporary folder, then renamed), each
-  sealed with a ``SHA256SUMS`` manifest once written. A restart takes the newest
-  one that verifies and restores, and moves the corrupt ones after it to
-  ``broken_checkpoints/`` (:class:`Checkpoints`).
+* Checkpoints: :mod:`jaxgc.experiment.checkpoints` (sealed, verified, free of
+  the device layout).
 * Every other file is written to a temporary name and renamed into place, so
   a ``kill -9`` at any moment leaves either the old or the new version.
 * One process at a time: ``lock`` holds an OS lock (``flock``) and names its
@@ -27,23 +25,23 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
+from jaxgc.experiment import tensorboard
 from jaxgc.experiment.config import ConfigError, result_fields_differ
-from jaxgc.experiment.files import MANIFEST, check_manifest, write_atomic, write_manifest
+from jaxgc.experiment.files import write_atomic
 
 __all__ = [
     "OUTPUTS", "write_atomic", "read_metrics", "open_workdir", "clear_run", "save_config",
-    "MetricsLog", "Checkpoints", "note", "json_line", "WorkdirLock", "disk_error", "MANIFEST",
-    "write_manifest", "check_manifest", "lock_workdir", "hold_workdir",
+    "MetricsLog", "note", "json_line", "WorkdirLock", "disk_error", "lock_workdir",
+    "hold_workdir",
 ]
 
 # What a run writes into its workdir (config.json first, and removed last).
 OUTPUTS = ("metrics.jsonl", "summary.json", "final_params.npz", "accuracy_vs_time.png",
-           "comparison.json", "checkpoints", "broken_checkpoints", "config.json")
+           "comparison.json", "checkpoints", "checkpoints.committed", "broken_checkpoints",
+           "tensorboard", "config.json")
 
 
 def note(message: str, kind: str = "note") -> None:
@@ -153,6 +151,7 @@ class MetricsLog:
 
   def __init__(self, path: str, resume_step: int, enabled: bool):
     self.path, self.enabled, self.last, self.eval_steps = path, enabled, {}, set()
+    self.events: tensorboard.EventLog | None = None   # workdir/tensorboard/, its mirror
     if not enabled:
       return
     kept: list[dict] = []
@@ -173,124 +172,14 @@ class MetricsLog:
     self.last = steps[-1] if steps else {}
     self.eval_steps = {r.get("step") for r in kept if "loss" not in r}
     write_atomic(path, "".join(json_line(r) for r in kept))
+    self.events = tensorboard.open_event_log(os.path.dirname(path), kept)
 
   def write(self, record: dict) -> None:
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json_line(record))
-
-
-class Checkpoints:
-  """Orbax checkpoints of the training state plus a small JSON ``meta``, sealed with sha256.
-
-  Each saved step is sealed with a :data:`MANIFEST` once its save has finished
-  (at the next save or at :meth:`close`), by process 0 (``lead``).
-  """
-
-  def __init__(self, directory: str, every: int, keep: int, lead: bool = True):
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    self._ocp, self.directory, self.lead = ocp, directory, lead
-    self._options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=every, create=True)
-    self.manager = ocp.CheckpointManager(directory, options=self._options)
-    self._unsealed: list[int] = []
-
-  def _path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
-
-  def restore(self, abstract_for: Callable[[dict], Any]
-              ) -> tuple[Any, dict, list[tuple[int, str]]]:
-    """The newest checkpoint that verifies and restores: ``(state or None, meta, skipped)``.
-
-    ``abstract_for(meta)`` gives the abstract state to restore (shapes, dtypes,
-    shardings) from the checkpoint's ``meta``. ``skipped`` lists ``(step, reason)``
-    of newer corrupt ones, which move to ``broken_checkpoints/``.
-
-    Raises:
-      ConfigError: a checkpoint of an older jaxgc (``meta`` without ``format``),
-        laid out for another device count, does not restore here (it is kept).
-    """
-    ocp, skipped, found = self._ocp, [], None
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      verdict = check_manifest(self._path(step))
-      if verdict not in (None, "unsealed"):
-        skipped.append((step, f"corrupt: {verdict}"))
-        continue
-      meta = {}
-      try:
-        meta = dict(self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"] or {})
-        state = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_for(meta))))["state"]
-      except Exception as e:  # pylint: disable=broad-except
-        # Anything that stops a restore (garbage metadata, missing items) makes the
-        # checkpoint unusable; the older ones may still be fine.
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-        if meta and "format" not in meta:
-          raise ConfigError(
-              f"--workdir={os.path.dirname(self.directory)}",
-              f"checkpoint {step} was written by an older jaxgc, whose checkpoints depend "
-              f"on the device count, and does not restore on this one ({reason[:120]}); "
-              "rerun with the --config.num_devices it was written with, or add --restart "
-              "to start over.") from None
-        skipped.append((step, reason))
-        continue
-      found = (state, meta)
-      break
-    if skipped:
-      self._remove([s for s, _ in skipped])
-    state, meta = found or (None, {})
-    return state, meta, skipped
-
-  def _remove(self, steps):
-    """Moves broken checkpoints to ``broken_checkpoints/`` (kept for a look, out of the way
-    of the steps that will be saved again)."""
-    self.manager.close()
-    aside = os.path.join(os.path.dirname(self.directory), "broken_checkpoints")
-    if self.lead:
-      os.makedirs(aside, exist_ok=True)
-      for step in steps:
-        target, n = os.path.join(aside, str(step)), 1
-        while os.path.exists(target):
-          target, n = os.path.join(aside, f"{step}.{n}"), n + 1
-        shutil.move(self._path(step), target)
-    _sync("jaxgc checkpoints moved aside")
-    self.manager = self._ocp.CheckpointManager(self.directory, options=self._options)
-
-  def due(self, step: int) -> bool:
-    """Whether :meth:`save` at ``step`` would save (the interval is reached)."""
-    return self.manager.should_save(step)
-
-  def latest_step(self):
-    return self.manager.latest_step()
-
-  def save(self, step: int, state, meta: dict, force: bool = False) -> None:
-    ocp = self._ocp
-    if not (force or self.manager.should_save(step)):
-      return
-    self._seal()     # the previous save (orbax waits for it before starting this one anyway)
-    if self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force):
-      self._unsealed.append(step)
-
-  def _seal(self) -> None:
-    """Waits for the saves in flight, then writes their manifests (process 0)."""
-    self.manager.wait_until_finished()
-    for step in self._unsealed:
-      if self.lead and os.path.isdir(self._path(step)):   # (pruned by max_to_keep: gone)
-        write_manifest(self._path(step))
-    self._unsealed = []
-
-  def close(self) -> None:
-    self._seal()
-    self.manager.close()
-
-
-def _sync(name: str) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
+      if self.events is not None:
+        self.events.write(record)
 
 
 # -- one process per workdir ------------------------------------------------------------

@@ -1,14 +1,4 @@
-"""Datasets and per-step chunking for the training loop.
-
-Everything here is deterministic from seeds: the train/test split from
-``split_seed``, the batch of step ``s`` from ``(data_key, s)``. So a resumed run
-sees the same batches as an uninterrupted one, and every protocol sees the same
-chunks at the same step (which is what makes exact-mode runs comparable).
-
-Nothing downloads: ``digits`` ships with scikit-learn, ``synthetic_*`` is
-generated, ``pystdlib`` is the byte-level text of the running Python's own
-standard library ``.py`` files.
-"""
+"""The datasets (their registry and loaders) and the batch of each step, by seed."""
 from __future__ import annotations
 
 import os
@@ -191,9 +181,10 @@ def load(name: str, **options: Any) -> Dataset:
 
   ``"digits"`` (:func:`load_digits`), ``"synthetic_logistic"``
   (:func:`load_synthetic_logistic`), ``"synthetic_linear"``
-  (:func:`load_synthetic_linear`), ``"pystdlib"`` (:func:`load_pystdlib`). All take
+  (:func:`load_synthetic_linear`), ``"pystdlib"`` (:func:`load_pystdlib`): these take
   ``test_fraction`` (share held out for testing); those with a random split take
-  ``split_seed``; each takes only its own options besides.
+  ``split_seed``; each takes only its own options besides. ``"custom"``
+  (:func:`load_custom`) takes ``source="MODULE:FUNCTION"``, whose splits are its own.
 
   Raises:
     jaxgc.errors.ParamError: (a ``ValueError``) an unknown name (``param="name"``) or an
