@@ -92,3 +92,37 @@ def test_speed_assignment_and_its_completion_time():
     assert len(set(row.tolist())) == len(row)
   with pytest.raises(ValueError, match="num_workers"):
     adaptive.AdaptivePS(jaxgc.PartialStraggler(asg, 1)).init(7)
+
+
+def test_order_completion_time_matches_the_protocol_on_padded_unequal_lists():
+  """The traced-lists t* (used for unequal loads under jit) equals PartialStraggler's."""
+  asg = assignments.by_speed(np.array([0.2, 1, 1, 0.5, 1, 2, 1, 1, 0.3, 1]), 4)
+  width = 10
+  order = np.full((10, width), -1, np.int32)
+  order[:, : asg.max_load] = asg.order
+  model = timing.ShiftedExponential()
+  tau = np.asarray(model.sample(jax.random.PRNGKey(0), assignments.cyclic(10, width), (64,)))
+  for ell in (1, 2, 4):
+    got = adaptive.order_completion_time(order, np.where(order >= 0, tau, np.inf), ell)
+    d = np.where(asg.slot_mask, tau[..., : asg.max_load], np.inf)
+    np.testing.assert_allclose(got, jaxgc.PartialStraggler(asg, ell).completion_time(d))
+  assert np.isinf(adaptive.order_completion_time(order, np.where(order >= 0, tau, np.inf),
+                                                 5)).all()
+
+
+def test_busy_times_by_hand():
+  tau = jnp.array([[1.0, 2.0, jnp.inf], [1.0, 1.0, 1.0], [4.0, 1.0, 1.0]])
+  e, busy = adaptive.busy_times(tau, jnp.array([2, 2, 0]), 3.5)
+  # worker 0 ran out of work at 3 (idle after); 1 and 2 were busy until the stop.
+  np.testing.assert_allclose(np.asarray(e), [3.0, 3.5, 3.5])
+  np.testing.assert_array_equal(np.asarray(busy), [False, True, True])
+
+
+def test_default_adaptive_ps_state_is_unchanged():
+  """Without a detector or reassign the state carries no new arrays (the SPMD step's
+  TrainState and its checkpoints keep their leaves)."""
+  ps = adaptive.AdaptivePS(jaxgc.PartialStraggler(assignments.cyclic(6, 3), 1))
+  assert len(jax.tree.leaves(ps.init())) == 3
+  assert not np.asarray(ps.slow_workers(ps.init())).any()
+  with pytest.raises(ValueError, match="reassign"):
+    adaptive.AdaptivePS(jaxgc.Original(assignments.cyclic(6, 3), 1), reassign=True).init()

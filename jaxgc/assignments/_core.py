@@ -1,12 +1,4 @@
-"""Assignments: which chunks each worker holds, and in what order (PROTOCOL.md §1).
-
-An :class:`Assignment` is an int array ``order`` of shape ``[m, max_load]``:
-``order[j, t]`` is the chunk that worker ``j`` processes ``t``-th (0-based), and
-``-1`` marks an empty slot. Empty slots come after all of a worker's chunks.
-
-Everything here is static NumPy: protocols close over an assignment and the
-jitted code sees its derived arrays as constants.
-"""
+"""The Assignment class, its checks and the fixed constructors (see the package docstring)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,17 +10,8 @@ import numpy as np
 from jaxgc.errors import ParamError
 from jaxgc.registry import Registry
 
-__all__ = [
-    "Assignment",
-    "cyclic",
-    "fractional_repetition",
-    "from_order",
-    "from_lists",
-    "from_biadjacency",
-    "from_graph",
-    "random_regular",
-    "ASSIGNMENTS",
-]
+__all__ = ["Assignment", "cyclic", "fractional_repetition", "from_order", "from_lists",
+           "from_biadjacency", "from_graph", "random_regular", "ASSIGNMENTS", "expander"]
 
 ASSIGNMENTS: Registry[Assignment] = Registry("assignment", positional=2)
 """Name -> builder ``(num_workers, load, **options) -> Assignment`` (a config's
@@ -431,6 +414,3 @@ def expander(num_workers: int, load: int, seed: int = 0) -> Assignment:
   graph = nx.random_regular_expander_graph(num_workers, load, seed=seed, max_tries=100_000)
   adj = nx.to_numpy_array(graph, nodelist=range(num_workers)) != 0
   return from_biadjacency(adj)
-
-
-__all__ += ["expander"]
