@@ -2,7 +2,7 @@
 
 An MLP on digits, ``--workers`` workers on the cyclic assignment (load
 ``--load``) over ``--num_actors`` Ray actors of a local Ray instance. A
-:class:`jaxgc.ray_faults.KillLoop` kills a random live actor every
+:class:`jaxgc.backends.ray.KillLoop` kills a random live actor every
 ``Exp(--mtbf)`` seconds (Ray restarts it). Four runs, each ``--repeats`` times
 with the same kill seeds, each until the test accuracy reaches ``--target``:
 
@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 
 def _wait_all_alive(ray, actors, timeout: float = 120.0) -> bool:
   """Whether every actor was alive within ``timeout`` seconds."""
-  from jaxgc.ray_faults import actor_state  # pylint: disable=import-outside-toplevel
+  from jaxgc.backends.ray import actor_state  # pylint: disable=import-outside-toplevel
   until = time.perf_counter() + timeout
   while time.perf_counter() < until:
     if all(actor_state(ray, a)[0] in ("ALIVE", "UNKNOWN") for a in actors):
@@ -60,7 +60,7 @@ def train_to_target(step, pool, problem, args, mtbf, seed, checkpoint_restart):
   import jax  # pylint: disable=import-outside-toplevel
   import ray  # pylint: disable=import-outside-toplevel
 
-  from jaxgc.ray_faults import KillLoop  # pylint: disable=import-outside-toplevel
+  from jaxgc.backends.ray import KillLoop  # pylint: disable=import-outside-toplevel
   params, batches, accuracy = problem
   key = jax.random.key(seed)
   state = step.init_state(params, key)
@@ -148,7 +148,7 @@ def main():
   import optax  # pylint: disable=import-outside-toplevel
 
   from jaxgc import assignments, data, models, protocols, timing  # pylint: disable=import-outside-toplevel
-  from jaxgc.ray_backend import RayStep, WorkerPool  # pylint: disable=import-outside-toplevel
+  from jaxgc.backends.ray import RayStep, WorkerPool  # pylint: disable=import-outside-toplevel
 
   m, b = args.workers, args.batch
   ds = data.load("digits")
@@ -191,7 +191,7 @@ def measure_restart(pool, problem, args, like, trial):
   import jax  # pylint: disable=import-outside-toplevel
   import ray  # pylint: disable=import-outside-toplevel
 
-  from jaxgc.ray_backend import RayStep  # pylint: disable=import-outside-toplevel
+  from jaxgc.backends.ray import RayStep  # pylint: disable=import-outside-toplevel
   params, batches, _ = problem
   step = RayStep(like.protocol, like.straggler, like.loss_fn, like.tx, pool=pool,
                  time_scale=args.time_scale, fail_at=[(1, 3)])

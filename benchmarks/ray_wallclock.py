@@ -64,7 +64,7 @@ def main():
   import optax  # pylint: disable=import-outside-toplevel
 
   from jaxgc import assignments, data, models, protocols, timing  # pylint: disable=import-outside-toplevel
-  from jaxgc.ray_backend import RayStep, WorkerPool, measured_durations  # pylint: disable=import-outside-toplevel
+  from jaxgc.backends.ray import RayStep, WorkerPool, measured_durations  # pylint: disable=import-outside-toplevel
 
   config = load_config(args.config)
   m, load, ell, batch = config.num_workers, config.load, config.ell, config.batch_size

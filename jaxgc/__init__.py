@@ -3,25 +3,31 @@
 Implements the partial-straggler gradient-coding protocol (Ramamoorthy, Meng,
 Girimaji, NeurIPS 2024) with its baselines, straggler timing models, chunk
 ordering, and a ``shard_map`` training step. Device plumbing (meshes, simulated
-CPU devices) lives in :mod:`jaxgc.parallel`.
+CPU devices) and the step live in :mod:`jaxgc.parallel`, the planner in :mod:`jaxgc.planner`
+(``python -m jaxgc.planner``).
+
+The names below (``jaxgc.PartialStraggler``, ``jaxgc.make_coded_step``, ``jaxgc.plan``, ...)
+are shortcuts: the same objects as in their home modules, where they are documented.
 """
 from jaxgc import (
                              adaptive,
                              assignments,
                              data,
+                             detector,
                              models,
                              network,
                              ordering,
                              parallel,
                              planner,
+                             precision,
                              protocols,
                              spectral,
                              timing,
 )
 from jaxgc.assignments import Assignment
 
-# Device plumbing: kept at the top level for existing scripts, documented under jaxgc.parallel.
-from jaxgc.backends.spmd import (  # noqa: F401
+# The step and your own loop: shortcuts to jaxgc.parallel's names, documented there.
+from jaxgc.parallel import (  # noqa: F401
                              CodedStep,
                              PlainStep,
                              TrainState,
@@ -57,11 +63,13 @@ __all__ = [
     "adaptive",
     "assignments",
     "data",
+    "detector",
     "models",
     "network",
     "ordering",
     "parallel",
     "planner",
+    "precision",
     "protocols",
     "spectral",
     "timing",
@@ -88,7 +96,7 @@ __all__ = [
     "TrainState",
     "make_coded_step",
     "make_plain_step",
-    # planning a deployment (jaxgc.planner; `python -m jaxgc.plan` on the command line)
+    # planning a deployment (jaxgc.planner; `python -m jaxgc.planner` on the command line)
     "plan",
     # your own loop
     "coded_value_and_grad",

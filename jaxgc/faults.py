@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgc.errors import ParamError
+
 __all__ = ["FaultSchedule", "fault_schedule", "mask"]
 
 
@@ -47,7 +49,7 @@ class FaultSchedule(NamedTuple):
 
 def _as_int(x, what: str) -> int:
   if isinstance(x, bool) or not float(x).is_integer():
-    raise ValueError(f"fail_at: {what} must be an integer, got {x!r}.")
+    raise ParamError(f"fail_at: {what} must be an integer, got {x!r}.", "fail_at")
   return int(x)
 
 
@@ -64,14 +66,14 @@ def fault_schedule(fail_at: Iterable | FaultSchedule | None, num_workers: int) -
     try:
       raw_w, raw_s = item
     except (TypeError, ValueError):
-      raise ValueError(f"fail_at: each entry is a (worker, step) pair, got {item!r}; "
-                       "write e.g. fail_at=[(3, 10), (7, 12)].") from None
+      raise ParamError(f"fail_at: each entry is a (worker, step) pair, got {item!r}; "
+                       "write e.g. fail_at=[(3, 10), (7, 12)].", "fail_at") from None
     w, s = _as_int(raw_w, "worker"), _as_int(raw_s, "step")
     if not 0 <= w < num_workers:
-      raise ValueError(f"fail_at: worker {w} is not one of the {num_workers} workers "
-                       f"(0..{num_workers - 1}).")
+      raise ParamError(f"fail_at: worker {w} is not one of the {num_workers} workers "
+                       f"(0..{num_workers - 1}).", "fail_at")
     if s < 0:
-      raise ValueError(f"fail_at: step {s} is negative; steps count from 0.")
+      raise ParamError(f"fail_at: step {s} is negative; steps count from 0.", "fail_at")
     pairs.add((w, s))
   return FaultSchedule(tuple(sorted(pairs, key=lambda p: (p[1], p[0]))), int(num_workers))
 
@@ -83,8 +85,8 @@ def mask(schedule: FaultSchedule, step, num_workers: int | None = None):
   """
   m = schedule.num_workers if num_workers is None else num_workers
   if m < schedule.num_workers:
-    raise ValueError(f"fail_at: the schedule has {schedule.num_workers} workers, asked for a "
-                     f"mask of {m}.")
+    raise ParamError(f"fail_at: the schedule has {schedule.num_workers} workers, asked for a "
+                     f"mask of {m}.", "fail_at")
   if not schedule.pairs:
     return jnp.zeros((m,), bool)
   # Extra columns are phantom workers (padding), which never fail.

@@ -311,18 +311,18 @@ def memory_estimate(loss_fn: Callable, params, chunk, load: int, *, optimizer_sl
 
 
 def check_memory(estimate: MemoryEstimate, budget_bytes: float | None, load: int) -> None:
-  """Raises ``ValueError`` with the estimate when it exceeds ``budget_bytes``
-  (``None``: no check)."""
+  """Raises :class:`~jaxgc.errors.ParamError` (``param="load"``) with the estimate when it
+  exceeds ``budget_bytes`` (``None``: no check)."""
   if budget_bytes is None or estimate.total <= budget_bytes:
     return
   gib = lambda b: f"{b / 2**30:.3g} GiB"
   parts = ", ".join(f"{k} {gib(v)}" for k, v in estimate._asdict().items())
-  raise ValueError(
+  raise ParamError(
       f"the model is too large for load={load}: estimated {gib(estimate.total)} per device "
       f"({parts}) exceeds the memory budget of {gib(budget_bytes)}. Lower --config.load or "
       "--config.batch_size, shrink the model (e.g. --config.d_model, --config.num_layers), or "
       "raise --config.memory_budget_gb, or shard it over groups of devices "
-      "(--config.mesh.model).")
+      "(--config.mesh.model).", "load")
 
 
 def device_memory_budget(device=None) -> int | None:

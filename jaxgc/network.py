@@ -34,6 +34,9 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgc import precision as _precision
+from jaxgc.errors import ParamError
+
 __all__ = [
     "Network", "NoNetwork", "PSIngress", "RingAllReduce", "NETWORKS", "get_network",
     "message_numbers", "bytes_per_number", "message_bytes", "step_comm_time",
@@ -44,16 +47,17 @@ def _check_link(bandwidth, latency) -> tuple[float, float]:
   """``(bandwidth, latency)`` as floats; a ``ValueError`` naming the bad parameter."""
   def number(name, x):
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-      raise ValueError(f"{name} must be a finite number, got {x!r}.")
+      raise ParamError(f"{name} must be a finite number, got {x!r}.", name)
     return float(x)
   if bandwidth is None:
-    raise ValueError("bandwidth is required (bytes per second, e.g. 1.25e10 for 100 Gbit/s); "
-                     "or use the network 'none' to leave communication out.")
+    raise ParamError("bandwidth is required (bytes per second, e.g. 1.25e10 for 100 Gbit/s); "
+                     "or use the network 'none' to leave communication out.", "bandwidth")
   bandwidth, latency = number("bandwidth", bandwidth), number("latency", latency)
   if bandwidth <= 0:
-    raise ValueError(f"bandwidth must be positive (bytes per second), got {bandwidth!r}.")
+    raise ParamError(f"bandwidth must be positive (bytes per second), got {bandwidth!r}.",
+                     "bandwidth")
   if latency < 0:
-    raise ValueError(f"latency must be >= 0 (seconds), got {latency!r}.")
+    raise ParamError(f"latency must be >= 0 (seconds), got {latency!r}.", "latency")
   return bandwidth, latency
 
 
@@ -142,8 +146,8 @@ def get_network(name: str = "none", bandwidth: float | None = None,
   (seconds) defaults to 0. For ``none`` they are checked when given, then unused.
   """
   if name not in NETWORKS:
-    raise ValueError(f"unknown network {name!r}; choose one of {sorted(NETWORKS)} "
-                     "(ps: PS ingress, ring: ring all-reduce, none: free messages).")
+    raise ParamError(f"unknown network {name!r}; choose one of {sorted(NETWORKS)} "
+                     "(ps: PS ingress, ring: ring all-reduce, none: free messages).", "name")
   latency = 0.0 if latency is None else latency
   if name == "none":
     if bandwidth is not None:
@@ -162,13 +166,19 @@ def bytes_per_number(dtype) -> int:
   return int(np.dtype(jnp.dtype(dtype)).itemsize)
 
 
-def message_bytes(protocol, d: int, dtype=jnp.float32) -> int:
-  """Bytes of one worker's message, ``⌈d/ℓ⌉ · b`` (``d · b`` for the uncoded protocols)."""
-  return message_numbers(protocol, d) * bytes_per_number(dtype)
+def message_bytes(protocol, d: int, dtype=jnp.float32, message_dtype=None) -> int:
+  """Bytes of one worker's message, ``⌈d/ℓ⌉ · b`` (``d · b`` for the uncoded protocols).
+
+  ``message_dtype``: the precision on the wire (PROTOCOL.md §15,
+  :func:`jaxgc.precision.wire_bytes`): ``None`` or ``"float32"`` keeps the
+  gradient's ``dtype``; ``"bfloat16"`` is 2 bytes a number; ``"int8"`` 1 byte a number
+  and a float32 scale per 256.
+  """
+  return _precision.wire_bytes(message_numbers(protocol, d), message_dtype, dtype)
 
 
 def step_comm_time(network: Network | None, protocol, d: int, dtype, senders,
-                   resenders=None, redone=None):
+                   resenders=None, redone=None, message_dtype=None):
   """The communication of one step, ``[...]`` float32 seconds.
 
   Args:
@@ -180,9 +190,13 @@ def step_comm_time(network: Network | None, protocol, d: int, dtype, senders,
     resenders: ``[...]`` senders of the re-encoding round after erasures, which
       costs a second round (``None``: no round 2).
     redone: ``[...]`` whether that round took place (``None`` with ``resenders``).
+    message_dtype: the precision on the wire (:func:`message_bytes`); the network
+      model prices its real bytes, so bfloat16 halves float32's transfer time.
   """
   network = NoNetwork() if network is None else network
-  n, b = message_numbers(protocol, d), bytes_per_number(dtype)
+  # The message's bytes as one number of one byte: n · b exactly (an integer), so a
+  # float32 message costs what it did and a bfloat16 one exactly half of it.
+  n, b = message_bytes(protocol, d, dtype, message_dtype), 1
   m = protocol.assignment.num_workers
   comm = network.time(senders, n, b, m)
   if resenders is not None:

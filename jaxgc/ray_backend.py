@@ -1,17 +1,28 @@
-"""Moved to jaxgc.backends.ray; this name keeps working.
+"""Deprecated: use :mod:`jaxgc.backends.ray` (the same names); this path goes next release.
 
-The coded step on Ray actors (:class:`RayStep`), its pool, connecting, and the
-replay of a measured step; see :mod:`jaxgc.backends.ray`.
+Each name read here warns (``DeprecationWarning``) and is the one in
+:mod:`jaxgc.backends.ray`: ``from jaxgc.backends.ray import RayStep, WorkerPool``.
 """
-from jaxgc.backends.ray import (
-  ACTOR_XLA_FLAGS,
-  INSTALL_HINT,
-  RayStep,
-  WorkerPool,
-  connect,
-  measured_durations,
-  work_slots,
-)
+from __future__ import annotations
 
-__all__ = ["RayStep", "WorkerPool", "connect", "measured_durations", "work_slots",
-           "INSTALL_HINT", "ACTOR_XLA_FLAGS"]
+import warnings
+from typing import Any
+
+# Resolved on first use by __getattr__, each with a DeprecationWarning.
+_MOVED = ("RayStep", "WorkerPool", "connect", "measured_durations", "work_slots", "INSTALL_HINT",
+          "ACTOR_XLA_FLAGS")
+__all__ = list(_MOVED)
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _MOVED:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  warnings.warn(f"jaxgc.ray_backend is deprecated and goes in the next release; use "
+                f"jaxgc.backends.ray.{name} (from jaxgc.backends.ray import {name}).",
+                DeprecationWarning, stacklevel=2)
+  from jaxgc.backends import ray  # pylint: disable=import-outside-toplevel
+  return getattr(ray, name)
+
+
+def __dir__() -> list[str]:
+  return sorted(_MOVED)

@@ -109,9 +109,8 @@ class Registry(Generic[T]):
       return default
     if name not in self._entries:
       near = difflib.get_close_matches(str(name), self.names(), n=1)
-      hint = f" Did you mean {near[0]!r}?" if near else ""
-      raise ParamError(f"unknown {self.kind} {name!r}; choose one of {self.names()}.{hint}",
-                       "name")
+      raise ParamError(f"unknown {self.kind} {name!r}; choose one of {self.names()}.", "name",
+                       near[0] if near else None)
     return self._entries[name]
 
   def options(self, name: str) -> tuple[str, ...]:

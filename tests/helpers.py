@@ -59,10 +59,10 @@ def digits_mlp(hidden, batch_size, seed=0):
 
 @contextlib.contextmanager
 def local_ray_pool(num_cpus: int, num_actors: int):
-  """A local Ray instance with a :class:`jaxgc.ray_backend.WorkerPool`, always shut down."""
+  """A local Ray instance with a :class:`jaxgc.backends.ray.WorkerPool`, always shut down."""
   import ray
 
-  from jaxgc.ray_backend import WorkerPool
+  from jaxgc.backends.ray import WorkerPool
   ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
            log_to_driver=False)
   try:

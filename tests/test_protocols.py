@@ -473,3 +473,26 @@ def test_solve_is_the_one_source_of_coefficients(name):
   assert not np.any(sends & (states == 0))
   if not proto.reports_condition:
     np.testing.assert_array_equal(c.condition, 1.0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: jaxgc.PartialStraggler(a, 2), lambda a: jaxgc.Original(a, 2),
+    lambda a: jaxgc.Uncoded(a), lambda a: jaxgc.GraphCode(a)])
+def test_protocols_of_one_shape_share_one_compiled_solve(make):
+  """The assignment's and the protocol's arrays are arguments of the compiled solve, not
+  constants: a second protocol of the same class and shape (another order) reuses the first
+  one's program, and its coefficients equal those of a program compiled for it alone."""
+  from jaxgc.protocols import base
+  asg = assignments.cyclic(7, 3)
+  other = asg.with_order(np.array([np.roll(row, 1) for row in asg.order]))
+  first, second = make(asg), make(other)
+  counts = np.array([3, 1, 2, 0, 3, 2, 1])
+  first.coefficients(counts), first.condition_number(counts)
+  compiled = base._shared_call._cache_size()
+  for proto in (first, second):
+    enc, dec = proto.coefficients(counts)
+    own = jax.jit(proto.solve)(jnp.asarray(counts, jnp.int32))
+    np.testing.assert_array_equal(enc, own.enc)
+    np.testing.assert_array_equal(dec, own.dec)
+    assert float(proto.condition_number(counts)) > 0
+  assert base._shared_call._cache_size() == compiled     # nothing compiled for `second`

@@ -149,6 +149,11 @@ def test_the_synthetic_tasks_share_their_features():
 
 @pytest.mark.parametrize("name", data.DATASETS.names())
 def test_every_dataset_loads_with_its_defaults(name):
+  if name == "custom":        # the user's own data: no default, and it says which to give
+    with pytest.raises(ParamError, match="MODULE:FUNCTION") as e:
+      data.load(name)
+    assert e.value.param == "source"
+    return
   ds = data.load(name)
   n = ds.num_train + len(ds.x_test)
   assert ds.x_train.shape[1:] == ds.x_test.shape[1:] and len(ds.y_train) == ds.num_train
@@ -188,7 +193,7 @@ def test_old_uses_of_the_names_keep_working():
   assert protocols.PROTOCOLS["uncoded"] is protocols.Uncoded
   assert protocols.PROTOCOLS.get("nope", None) is None
   assert list(data.DATASETS) == sorted(["digits", "synthetic_logistic", "synthetic_linear",
-                                        "pystdlib"])
+                                        "pystdlib", "custom"])
   with pytest.raises(KeyError):
     protocols.PROTOCOLS["nope"]
 

@@ -192,3 +192,67 @@ def test_bad_straggler_option_names_its_flag(name, options, flag):
   with pytest.raises(experiment.ConfigError) as e:
     experiment.make_straggler_model(config)
   assert e.value.flag.split("=")[0] == f"--config.{flag}", e.value
+
+
+def test_the_flag_comes_from_param_alone_never_the_message():
+  """blame reads ParamError.param: a message that mentions another field changes nothing,
+  and an error without a param names the block's default flag."""
+  import importlib
+
+  import ml_collections
+
+  from jaxgc import experiment
+  from jaxgc.errors import ParamError
+  build = importlib.import_module("jaxgc.experiment.build")   # experiment.build is a function
+  config = experiment.default_config()
+  fields = ("network.bandwidth", "network.latency")
+  cases = [(ParamError("latency and bandwidth are both wrong", "bandwidth"), "network.bandwidth"),
+           (ParamError("bandwidth is fine, latency is not", "latency"), "network.latency"),
+           (ValueError("bandwidth must be positive"), "network.name"),     # no param
+           (ParamError("unknown network 'pss'", "name", "ps"), "network.name")]
+  for err, flag in cases:
+    with pytest.raises(experiment.ConfigError) as e, build.blame(config, "network", fields):
+      raise err
+    assert e.value.flag.split("=")[0] == f"--config.{flag}", e.value
+  # A suggestion is the flag to type, once.
+  assert str(e.value).endswith("unknown network 'pss' Did you mean --config.network.name=ps?")
+  config.optimizer.name = "sgd"
+  config.optimizer.sgd = ml_collections.ConfigDict({"nestrov": True})
+  with pytest.raises(experiment.ConfigError, match=r"^--config.optimizer.sgd.nestrov=True: "
+                                                   r"optax.sgd takes no option\(s\) \['nestrov'\]"
+                                                   r"; it takes \[.*'nesterov'"):
+    experiment.make_optimizer(config)
+
+
+def test_a_registry_suggestion_is_data_and_survives_pickling():
+  import pickle
+
+  from jaxgc.errors import ParamError
+  with pytest.raises(ParamError) as e:
+    jaxgc.get_protocol("partial_stragler", ASG, 1)
+  assert (e.value.param, e.value.suggestion) == ("name", "partial_straggler")
+  assert str(e.value) == f"{e.value.message} Did you mean 'partial_straggler'?"
+  back = pickle.loads(pickle.dumps(e.value))
+  assert (str(back), back.param, back.suggestion) == (str(e.value), "name", "partial_straggler")
+
+
+@pytest.mark.parametrize("build,param", [
+    (lambda: jaxgc.GraphCode(ASG, 2), "ell"),
+    (lambda: jaxgc.Uncoded(ASG, 0), "ell"),
+    (lambda: jaxgc.BackupWorkers(assignments.cyclic(6, 2), num_backup=6), "num_backup"),
+    (lambda: jaxgc.PartialStraggler(ASG, 2, decoding_matrix="spiral"), "decoding_matrix"),
+    (lambda: jaxgc.PartialStraggler(ASG, 2, decoding_matrix="ones"), "decoding_matrix"),
+    (lambda: jaxgc.PartialStraggler(ASG, 2, num_candidates=0, decoding_matrix="gaussian"),
+     "num_candidates"),
+    (lambda: jaxgc.Original(ASG, 1, construction="magic"), "construction"),
+    (lambda: jaxgc.PartialStraggler(ASG, 1, dtype=jnp.int32), "dtype"),
+    (lambda: jaxgc.stop_time(jaxgc.PartialStraggler(ASG, 1), tau(), mode="fast"), "mode"),
+    (lambda: jaxgc.stop_time(jaxgc.PartialStraggler(ASG, 1), tau(), mode="deadline"),
+     "deadline"),
+    (lambda: jaxgc.stop_time(jaxgc.PartialStraggler(ASG, 1), tau(), timeout=-1.0), "timeout"),
+])
+def test_protocol_errors_name_their_parameter(build, param):
+  from jaxgc.errors import ParamError
+  with pytest.raises(ParamError) as e:
+    build()
+  assert e.value.param == param, e.value

@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
+from jaxgc.errors import ParamError
 from jaxgc.protocols.base import Coefficients, Protocol
 from jaxgc.protocols.uncoded import designated_slots
 
@@ -34,13 +35,14 @@ class BackupWorkers(Protocol):
   def __init__(self, assignment: Assignment, ell: int = 1, *, num_backup: int = 1,
                dtype=jnp.float32, **options):
     if isinstance(ell, bool) or not isinstance(ell, (int, np.integer)) or ell < 1:
-      raise ValueError(f"ell must be a positive integer, got {ell!r}.")
+      raise ParamError(f"ell must be a positive integer, got {ell!r}.", "ell")
     super().__init__(assignment, 1, dtype=dtype, **options)
     m = assignment.num_workers
     if (isinstance(num_backup, bool) or not isinstance(num_backup, (int, np.integer))
         or not 0 <= num_backup < m):
-      raise ValueError(f"num_backup must be an integer with 0 <= num_backup < num_workers={m}, "
-                       f"got {num_backup!r}; the PS waits for num_workers - num_backup workers.")
+      raise ParamError(f"num_backup must be an integer with 0 <= num_backup < num_workers={m}, "
+                       f"got {num_backup!r}; the PS waits for num_workers - num_backup workers.",
+                       "num_backup")
     self.designated = designated_slots(assignment)
     if not np.all(self.designated.sum(axis=1) == 1):
       raise ValueError(

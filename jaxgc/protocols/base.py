@@ -12,9 +12,10 @@ derives from it. :func:`stop_time` is the one rule for when the PS stops.
 """
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -195,11 +196,11 @@ def min_norm_decoder(coef, target):
 def check_dtype(dtype):
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"dtype must be a floating type, got {dtype}.")
+    raise ParamError(f"dtype must be a floating type, got {dtype}.", "dtype")
   if dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
-    raise ValueError(
+    raise ParamError(
         "dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
-        "before building the protocol.")
+        "before building the protocol.", "dtype")
   return dtype
 
 
@@ -270,13 +271,34 @@ class Protocol:
     Run eagerly, a solve dispatches (and compiles, once per shape) each of its
     many small operations separately, which costs about ten times one compile.
     """
-    if isinstance(counts, jax.core.Tracer):
-      return self.solve(counts)
-    if self._jitted_solve is None:
-      self._jitted_solve = jax.jit(self.solve)
-    return self._jitted_solve(self.check_counts(counts))
+    return self._compiled("solve", counts)
 
-  _jitted_solve: Callable[..., Coefficients] | None = None
+  def _compiled(self, method: str, counts):
+    """``getattr(self, method)(counts)``, by one compiled program for a concrete state.
+
+    The program takes the protocol's arrays (its assignment's included) as arguments,
+    so every protocol of one class, shape and options shares it (:func:`_shared_call`);
+    one whose ``method`` needs its arrays' values while tracing compiles its own.
+    """
+    if isinstance(counts, jax.core.Tracer):
+      return getattr(self, method)(counts)
+    counts = self.check_counts(counts)
+    if self._solve_parts is None:
+      self._solve_parts = _solve_parts(self)
+    if self._solve_parts is not False:
+      skeleton, arrays = self._solve_parts
+      try:
+        return _shared_call(skeleton, method, arrays, counts)
+      except _NEEDS_VALUES:
+        self._solve_parts = False
+    if self._jitted is None:
+      self._jitted = {}
+    if method not in self._jitted:
+      self._jitted[method] = jax.jit(getattr(self, method))
+    return self._jitted[method](counts)
+
+  _jitted: dict[str, Callable[..., Any]] | None = None   # own programs, by method
+  _solve_parts: Any = None      # (skeleton, arrays) of _shared_call; False: compile our own
 
   def completion_time(self, durations):
     """Exact-recovery time ``[...]`` from durations ``[..., m, max_load]``; ``inf`` if never."""
@@ -292,10 +314,10 @@ class Protocol:
 
     Probed at the all-finished state, where every protocol's encoding is widest:
     ``Uncoded`` uses only each chunk's designated slot, so a backend need not
-    compute (or ship) the rest.
+    compute (or ship) the rest. One compiled solve (:meth:`_solved`), not an eager one.
     """
     a = self.assignment
-    enc = np.asarray(self.solve(jnp.asarray(a.loads, jnp.int32)).enc)
+    enc = np.asarray(self._solved(a.loads).enc)
     return np.any(enc != 0, axis=-1) & a.slot_mask
 
   def coverage(self, counts):
@@ -319,7 +341,7 @@ class Protocol:
 
     ``active`` ``[m, max_load]`` marks slots that contribute.
     """
-    order = jnp.asarray(np.maximum(self.assignment.order, 0))
+    order = jnp.maximum(jnp.asarray(self.assignment.order), 0)
     enc = jnp.take_along_axis(coef, order[:, :, None], axis=1)
     return jnp.where(active[..., None], enc, 0).astype(self.dtype)
 
@@ -329,6 +351,77 @@ class Protocol:
 
   def __repr__(self):
     return f"{type(self).__name__}({self.assignment!r}, ell={self.ell})"
+
+
+# -- one compiled solve per shape ----------------------------------------------
+
+# Tracing a solve that reads its arrays' values (numpy on them, int() of one) raises one
+# of these; that protocol then compiles its own program with its arrays as constants.
+_NEEDS_VALUES = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                 jax.errors.TracerIntegerConversionError, jax.errors.TracerBoolConversionError)
+_ASSIGNMENT_ARRAYS = ("loads", "slot_mask", "positions", "replication", "holders",
+                      "biadjacency")
+
+
+class _Skeleton(NamedTuple):
+  """A protocol without its arrays: class and non-array attributes (hashable, so it is
+  the static argument of :func:`_shared_call`); equal skeletons trace equal programs."""
+  cls: type
+  static: tuple[tuple[str, type, Hashable], ...]     # (name, type, value): 1 is not True
+  assignment: tuple[str, tuple[tuple[str, Hashable], ...]] | None
+
+  def rebuild(self, arrays: dict[str, Any]) -> Protocol:
+    """The protocol with ``arrays`` (tracers) in place of its own."""
+    view: Protocol = object.__new__(self.cls)
+    view.__dict__.update((name, v) for name, _, v in self.static)
+    view.__dict__.update({k: v for k, v in arrays.items() if k != "assignment"})
+    if self.assignment is not None:
+      name, static = self.assignment
+      asg = object.__new__(Assignment)     # no __post_init__: the arrays were checked
+      asg.__dict__.update(static)
+      asg.__dict__.update(arrays["assignment"])
+      view.__dict__[name] = asg
+    return view
+
+
+def _static(v) -> Hashable:
+  """``v`` if it may be a static argument (a value that is no array); raises ``TypeError``."""
+  if v is None or isinstance(v, (bool, int, float, str, np.dtype, np.generic)):
+    return v
+  if isinstance(v, tuple):
+    return tuple(_static(x) for x in v)
+  raise TypeError(type(v).__name__)
+
+
+def _solve_parts(protocol: Protocol) -> tuple[_Skeleton, dict[str, Any]] | bool:
+  """``(skeleton, arrays)`` of ``protocol`` for :func:`_shared_call`, the arrays on the
+  device once; ``False`` if an attribute is neither an array nor a static value."""
+  static, arrays, assignment = [], {}, None
+  for name, v in sorted(vars(protocol).items()):
+    if name in ("_jitted", "_solve_parts"):
+      continue
+    if isinstance(v, Assignment):
+      # Its derived arrays too: they are computed from ``order`` with NumPy, never traced.
+      parts = {k: getattr(v, k) for k in ("order", *_ASSIGNMENT_ARRAYS)}
+      arrays["assignment"] = jax.device_put(parts)
+      assignment = (name, (("num_chunks", v.num_chunks), ("kind", v.kind)))
+    elif isinstance(v, (np.ndarray, jax.Array)) and not isinstance(v, jax.core.Tracer):
+      arrays[name] = jax.device_put(v)     # jnp.asarray would compile a copy per shape
+    else:
+      try:
+        static.append((name, type(v), _static(v)))
+      except TypeError:
+        return False
+  return _Skeleton(type(protocol), tuple(static), assignment), arrays
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _shared_call(skeleton: _Skeleton, method: str, arrays: dict[str, Any], counts):
+  """``getattr(protocol, method)(counts)`` with the protocol's arrays as arguments: one
+  compile for every protocol of one skeleton and array shapes (e.g. all
+  ``PartialStraggler(cyclic(m, δ), ℓ)``, whatever the order), where closing over them
+  compiled one per instance."""
+  return getattr(skeleton.rebuild(arrays), method)(counts)
 
 
 # -- the stop rule and the estimate -------------------------------------------
@@ -342,17 +435,18 @@ def stop_time(protocol: Protocol, durations, mode: str = "exact", deadline=None,
   ``min(deadline, t*)``. The state the PS sees is ``timing.progress(durations, stop)``.
   """
   if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}.")
+    raise ParamError(f"unknown mode {mode!r}; choose one of {MODES}.", "mode")
   if mode == "exact" and not protocol.has_exact_mode:
-    raise ValueError(
+    raise ParamError(
         f"{protocol.name} never recovers the gradient exactly, so it has no exact mode; "
-        "use mode='deadline' with a deadline, or protocol 'uncoded' to wait for all workers.")
+        "use mode='deadline' with a deadline, or protocol 'uncoded' to wait for all workers.",
+        "mode")
   if mode == "deadline" and not _positive_finite(deadline, allow_none=False):
-    raise ValueError(
+    raise ParamError(
         f"deadline mode needs a positive finite deadline, got {deadline!r}; set "
-        "deadline=T (simulated seconds), or use mode='exact'.")
+        "deadline=T (simulated seconds), or use mode='exact'.", "deadline")
   if not _positive_finite(timeout, allow_none=True):
-    raise ValueError(f"timeout must be a positive finite time or None, got {timeout!r}.")
+    raise ParamError(f"timeout must be a positive finite time or None, got {timeout!r}.", "timeout")
   durations = protocol.check_durations(durations)
   t_star = protocol.completion_time(durations)
   if mode == "deadline":

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
+from jaxgc.errors import ParamError
 from jaxgc.protocols.base import Coefficients, Protocol, min_norm_decoder
 
 __all__ = ["GraphCode", "decoding_error", "effective_weights"]
@@ -77,10 +78,10 @@ class GraphCode(Protocol):
 
   def __init__(self, assignment: Assignment, ell: int = 1, *, dtype=jnp.float32, **options):
     if ell != 1:
-      raise ValueError(
+      raise ParamError(
           f"graph_code sends the plain sum of a worker's chunk gradients, so ell must be 1, "
           f"got ell={ell!r}. For ell > 1 use partial_straggler (any ell, uses partial work) "
-          "or original (construction='polynomial').")
+          "or original (construction='polynomial').", "ell")
     super().__init__(assignment, 1, dtype=dtype, **options)
     self.chunk_matrix = jnp.asarray(assignment.biadjacency.T, self.dtype)   # B: [N, m]
     self.tol = float((100 * jnp.finfo(self.dtype).eps) ** 2)

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
+from jaxgc.errors import ParamError
 from jaxgc.protocols.base import Coefficients, Protocol, min_norm_decoder
 
 __all__ = ["Original", "CONSTRUCTIONS", "frc_groups", "chebyshev_points",
@@ -126,7 +127,7 @@ def tandon_coefficients(assignment: Assignment, s: int, seed: int,
   smallest worst ``cond(B_F)`` over (sampled) finisher sets is kept.
   """
   if num_candidates < 1:
-    raise ValueError(f"num_candidates must be >= 1, got {num_candidates}.")
+    raise ParamError(f"num_candidates must be >= 1, got {num_candidates}.", "num_candidates")
   rng = np.random.default_rng(seed)
   best: np.ndarray | None = None
   best_cond = np.inf
@@ -168,19 +169,21 @@ class Original(Protocol):
           "PartialStraggler, which handles any assignment.")
     self.straggler_tolerance = int(rep[0]) - self.ell
     if construction not in CONSTRUCTIONS:
-      raise ValueError(f"unknown construction {construction!r}; choose one of {CONSTRUCTIONS}.")
+      raise ParamError(f"unknown construction {construction!r}; choose one of {CONSTRUCTIONS}.",
+                       "construction")
     groups = frc_groups(assignment)
     if construction == "auto":
       construction = ("frc" if groups is not None and ell == 1
                       else "tandon" if ell == 1 else "polynomial")
     if construction in ("frc", "tandon") and ell != 1:
-      raise ValueError(f"the {construction} code has ell=1; use construction='polynomial' "
-                       f"for ell={ell}.")
+      raise ParamError(f"the {construction} code has ell=1; use construction='polynomial' "
+                       f"for ell={ell}.", "ell")
     if construction == "frc" and groups is None:
-      raise ValueError("construction='frc' needs a fractional-repetition assignment "
-                       "(jaxgc.assignments.fractional_repetition).")
+      raise ParamError("construction='frc' needs a fractional-repetition assignment "
+                       "(jaxgc.assignments.fractional_repetition).", "construction")
     self.construction = construction
     self.groups = groups
+    self.num_groups = 0 if groups is None else int(groups.max()) + 1
     np_dtype = np.dtype(self.dtype.name)
     if construction == "frc":
       coef = assignment.biadjacency[:, :, None].astype(np_dtype)
@@ -214,9 +217,8 @@ class Original(Protocol):
 
   def _decoding(self, done):
     if self.construction == "frc":
-      groups = self._frc_groups()
-      g = jnp.asarray(groups)
-      per_group = jnp.zeros(int(groups.max()) + 1, jnp.int32).at[g].add(done.astype(jnp.int32))
+      g = jnp.asarray(self._frc_groups())
+      per_group = jnp.zeros(self.num_groups, jnp.int32).at[g].add(done.astype(jnp.int32))
       return (done / jnp.maximum(per_group[g], 1))[None].astype(self.dtype)
     coef = jnp.where(done[:, None, None], self.coef, 0)
     target = jnp.broadcast_to(jnp.eye(self.ell, dtype=self.dtype)[:, None, :],

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
+from jaxgc.errors import ParamError
 from jaxgc.protocols.base import Coefficients, Protocol
 
 __all__ = ["PartialStraggler", "MAX_RANK_CHECKS", "decoding_candidates", "check_full_rank",
@@ -35,8 +36,8 @@ def decoding_candidates(kind, ell: int, m: int, num_candidates: int, seed: int) 
   rng = np.random.default_rng(seed)
   if kind == "ones":
     if ell != 1:
-      raise ValueError("decoding_matrix='ones' has rank 1 and only works for ell=1; "
-                       "use 'orthogonal' or 'gaussian' for ell > 1.")
+      raise ParamError("decoding_matrix='ones' has rank 1 and only works for ell=1; "
+                       "use 'orthogonal' or 'gaussian' for ell > 1.", "decoding_matrix")
     return np.ones((1, 1, m))
   g = rng.standard_normal((num_candidates, m, ell))
   if kind == "gaussian":
@@ -80,11 +81,11 @@ def check_full_rank(cands: np.ndarray, assignment: Assignment, rcond: float) -> 
     workers = subsets[t].tolist()
     chunk = int(np.nonzero(assignment.biadjacency[workers].all(axis=0))[0][0])
     which = f"candidate {k} of decoding_matrix" if cands.shape[0] > 1 else "decoding_matrix"
-    raise ValueError(
+    raise ParamError(
         f"{which} is rank-deficient on workers {workers}, which hold chunk {chunk}: "
         f"when exactly they finish it, coverage reaches ell={ell} but the decode would be "
         "off by O(1). Use a matrix whose every ell columns among a chunk's holders are "
-        "linearly independent, e.g. decoding_matrix='orthogonal' or 'gaussian'.")
+        "linearly independent, e.g. decoding_matrix='orthogonal' or 'gaussian'.", "decoding_matrix")
 
 
 def condition_numbers(a, finished):
@@ -251,24 +252,24 @@ class PartialStraggler(Protocol):
     m = assignment.num_workers
     if isinstance(decoding_matrix, str):
       if decoding_matrix not in _MATRICES:
-        raise ValueError(f"unknown decoding_matrix {decoding_matrix!r}; choose one of "
-                         f"{_MATRICES} or pass an array [ell, m].")
+        raise ParamError(f"unknown decoding_matrix {decoding_matrix!r}; choose one of "
+                         f"{_MATRICES} or pass an array [ell, m].", "decoding_matrix")
       kind = decoding_matrix
       if kind == "auto":
         kind = "ones" if ell == 1 else "orthogonal"
       k = num_candidates if num_candidates is not None else (1 if kind == "ones" else 8)
       if k < 1:
-        raise ValueError(f"num_candidates must be >= 1, got {k}.")
+        raise ParamError(f"num_candidates must be >= 1, got {k}.", "num_candidates")
       cands = decoding_candidates(kind, ell, m, k, seed)
     else:
       cands = np.asarray(decoding_matrix, np.float64)
       if cands.ndim == 2:
         cands = cands[None]
       if cands.ndim != 3 or cands.shape[1:] != (ell, m):
-        raise ValueError(f"decoding_matrix must be [ell, m] = [{ell}, {m}] or "
-                         f"[K, ell, m], got shape {np.shape(decoding_matrix)}.")
+        raise ParamError(f"decoding_matrix must be [ell, m] = [{ell}, {m}] or "
+                         f"[K, ell, m], got shape {np.shape(decoding_matrix)}.", "decoding_matrix")
       if not np.isfinite(cands).all():
-        raise ValueError("decoding_matrix contains NaN or Inf.")
+        raise ParamError("decoding_matrix contains NaN or Inf.", "decoding_matrix")
     # pinv's threshold, relative to the [r, ℓ] matrix actually inverted (r = max
     # replication); relative to m it grew with the pod and dropped good directions.
     self._rcond = float(10 * max(int(assignment.replication.max()), ell)
@@ -277,13 +278,19 @@ class PartialStraggler(Protocol):
       # Random kinds are generic; a user's matrix may be structured (e.g. 0/1).
       check_full_rank(np.asarray(cands, np.dtype(self.dtype.name)), assignment, self._rcond)
     self.candidates = jnp.asarray(cands, self.dtype)
+    # Slot (j, t) holds chunk order[j, t], whose holder row lists j at column q[j, t].
+    workers, slots = assignment.holders
+    valid = workers >= 0
+    q = np.zeros(assignment.order.shape, np.int32)
+    q[workers[valid], slots[valid]] = np.nonzero(valid)[1]
+    self._holder_column = q
 
   def _finished_holders(self, counts):
     """bool ``[N, r]``: holder ``q`` of chunk ``i`` has finished it (in
     ``assignment.holders`` order)."""
-    workers, slots = self.assignment.holders
-    k = jnp.asarray(counts)[jnp.asarray(np.maximum(workers, 0))]
-    return jnp.asarray(workers >= 0) & (jnp.asarray(slots) < k)
+    workers, slots = (jnp.asarray(h) for h in self.assignment.holders)
+    k = jnp.asarray(counts)[jnp.maximum(workers, 0)]
+    return (workers >= 0) & (slots < k)
 
   def _best_candidate(self, fin):
     """The candidate ``A`` whose worst ``cond(A[:, S_i])`` is smallest, and that worst cond."""
@@ -304,14 +311,10 @@ class PartialStraggler(Protocol):
     a = self.candidates[0]
     if self.candidates.shape[0] > 1 and self.ell > 1:   # for ℓ = 1 every cond is 1
       a, _ = self._best_candidate(fin)
-    workers, slots = self.assignment.holders
-    b, cond = holder_solve(a, jnp.asarray(workers), fin, self._rcond)  # [N, r, ℓ]
-    # Slot (j, t) holds chunk order[j, t], whose holder row lists j at column q[j, t].
-    order = self.assignment.order
-    q = np.zeros(order.shape, np.int32)
-    valid = workers >= 0
-    q[workers[valid], slots[valid]] = np.nonzero(valid)[1]
-    enc = b[jnp.asarray(np.maximum(order, 0)), jnp.asarray(q)]        # [m, max_load, ℓ]
+    b, cond = holder_solve(a, jnp.asarray(self.assignment.holders[0]), fin,
+                           self._rcond)                                # [N, r, ℓ]
+    order = jnp.maximum(jnp.asarray(self.assignment.order), 0)
+    enc = b[order, jnp.asarray(self._holder_column)]                    # [m, max_load, ℓ]
     enc = jnp.where(self.finished_slots(counts)[..., None], enc, 0).astype(self.dtype)
     return enc, a, cond
 
@@ -327,8 +330,12 @@ class PartialStraggler(Protocol):
   def condition_number(self, counts):
     """Worst ``cond(A[:, S_i])`` over chunks at this state (the numerical-risk diagnostic).
 
-    Candidates' singular values only: cheaper than ``solve(counts).condition``.
+    Candidates' singular values only: cheaper than ``solve(counts).condition``. A concrete
+    state runs one compiled program, shared as the solve's is.
     """
+    return self._compiled("_worst_condition", counts)
+
+  def _worst_condition(self, counts):
     return self._best_candidate(self._finished_holders(self.check_counts(counts)))[1]
 
   def is_decodable(self, counts):

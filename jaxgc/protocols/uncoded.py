@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxgc import timing
 from jaxgc.assignments import Assignment
+from jaxgc.errors import ParamError
 from jaxgc.protocols.base import Coefficients, Protocol
 
 __all__ = ["Uncoded", "IgnoreStragglers", "designated_slots"]
@@ -39,7 +40,7 @@ class Uncoded(Protocol):
 
   def __init__(self, assignment: Assignment, ell: int = 1, *, dtype=jnp.float32, **options):
     if isinstance(ell, bool) or not isinstance(ell, (int, np.integer)) or ell < 1:
-      raise ValueError(f"ell must be a positive integer, got {ell!r}.")
+      raise ParamError(f"ell must be a positive integer, got {ell!r}.", "ell")
     super().__init__(assignment, 1, dtype=dtype, **options)
     self.designated = designated_slots(assignment)
     # r-th designated slot of a worker is its r-th processed chunk.

@@ -1,20 +1,6 @@
-"""The planner: which protocol, load and ``ℓ`` to deploy on a cluster (PROTOCOL.md §11).
+"""The planner's library: the grid, the simulation and the ranking (PROTOCOL.md §11).
 
-For each candidate ``(protocol, load, ℓ)`` on a cyclic assignment of ``m`` workers it
-draws ``trials`` steps of chunk durations ``τ [trials, m, load]`` from the straggler
-model, runs the one stop rule (:func:`jaxgc.protocols.stop_time`, the vectorised
-completion time) and the protocol's own solve at the state it stops in (its senders),
-and prices the messages with the network model (:func:`jaxgc.network.step_comm_time`):
-
-``step time = stop + comm``, ``E[step time]`` and its 95th percentile over the draws.
-
-Two stages, so a map over model sizes and bandwidths costs one simulation:
-:func:`simulate` (the stop times and sender counts, independent of ``d`` and the network)
-and :func:`rank` (prices them for one ``d`` and network). :func:`plan` does both.
-
-Backup workers drop ``num_backup`` workers' chunks every step (an inexact gradient); they
-are ranked on time alone, as a deployment would compare them. Uncoded and backup workers
-run at load 1 and ``ℓ = 1`` whatever the grid says.
+Public through :mod:`jaxgc.planner`; see its docstring for the method.
 """
 from __future__ import annotations
 
@@ -29,10 +15,12 @@ import numpy as np
 
 from jaxgc import assignments, protocols, timing
 from jaxgc import network as _network
+from jaxgc import precision as _precision
+from jaxgc.errors import ParamError
 
 __all__ = [
     "Candidate", "Simulated", "DEFAULT_PROTOCOLS", "DEFAULT_LOADS", "DEFAULT_ELLS",
-    "candidates", "simulate", "rank", "plan", "check_num_params",
+    "candidates", "simulate", "rank", "plan", "check_num_params", "check_message_dtypes",
 ]
 
 DEFAULT_PROTOCOLS = ("partial_straggler", "original", "uncoded", "backup_workers")
@@ -65,8 +53,8 @@ def check_num_params(num_params) -> int:
         and math.isfinite(num_params) and float(num_params) >= 1
         and float(num_params).is_integer())
   if not ok:
-    raise ValueError(f"num_params must be a positive whole number of parameters (e.g. 1e9), "
-                     f"got {num_params!r}.")
+    raise ParamError(f"num_params must be a positive whole number of parameters (e.g. 1e9), "
+                     f"got {num_params!r}.", "num_params")
   return int(num_params)
 
 
@@ -74,7 +62,8 @@ def _check_grid(name: str, values, low: int = 1) -> tuple[int, ...]:
   values = tuple(values)
   if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low
                        for v in values):
-    raise ValueError(f"{name} must be a non-empty list of integers >= {low}, got {values!r}.")
+    raise ParamError(f"{name} must be a non-empty list of integers >= {low}, got {values!r}.",
+                     name)
   return tuple(sorted(set(int(v) for v in values)))
 
 
@@ -84,31 +73,57 @@ def candidates(num_workers: int, names=DEFAULT_PROTOCOLS, loads=DEFAULT_LOADS,
 
   ``backups``: ``num_backup`` values for backup workers (default ``m/10`` and ``m/5``,
   at least 1).
+
+  Raises:
+    jaxgc.errors.ParamError: (a ``ValueError``) an unknown or inexact protocol
+      (``param="protocols"``), or a coded protocol left with no candidate: no load fits
+      ``num_workers`` (``"loads"``) or no ``ℓ`` fits a load (``"ells"``).
   """
   m = num_workers
-  loads = [n for n in _check_grid("loads", loads) if n <= m]
+  given_loads = _check_grid("loads", loads)
+  loads = [n for n in given_loads if n <= m]
   ells = _check_grid("ells", ells)
   if backups is None:
     backups = sorted({max(1, round(f * m)) for f in (0.1, 0.2)})
   backups = [b for b in _check_grid("backups", backups) if b < m]
-  out = []
+  out, empty = [], []
   for name in names:
     if name not in protocols.PROTOCOLS:
-      raise ValueError(f"unknown protocol {name!r}; choose from {sorted(protocols.PROTOCOLS)}.")
+      raise ParamError(f"unknown protocol {name!r}; choose from {sorted(protocols.PROTOCOLS)}.",
+                       "protocols")
     if not cast("type[protocols.Protocol]", protocols.PROTOCOLS[name]).has_exact_mode:
-      raise ValueError(f"{name} has no exact mode, so no step time to plan with; the planner "
-                       "ranks exact protocols and backup_workers.")
+      raise ParamError(f"{name} has no exact mode, so no step time to plan with; the planner "
+                       "ranks exact protocols and backup_workers.", "protocols")
     if name == "uncoded":
-      out.append(Candidate(name, 1, 1))
+      row = [Candidate(name, 1, 1)]
     elif name == "backup_workers":
-      out += [Candidate(name, 1, 1, b) for b in backups]
+      row = [Candidate(name, 1, 1, b) for b in backups]
     elif name == "graph_code":
-      out += [Candidate(name, n, 1) for n in loads]
+      row = [Candidate(name, n, 1) for n in loads]
     else:
-      out += [Candidate(name, n, e) for n in loads for e in ells if e <= n]
+      row = [Candidate(name, n, e) for n in loads for e in ells if e <= n]
+    out += row
+    empty += [] if row or name in _ONE_COPY else [name]
+  if empty:
+    # A coded protocol the caller asked for must not vanish from the table unseen.
+    raise _no_coded_candidate(empty, m, loads, ells, given_loads)
   if not out:
-    raise ValueError(f"no candidate fits num_workers={m} (loads {loads}, ells {ells}).")
+    raise ParamError(f"no candidate fits num_workers={m} (loads {loads}, ells {ells}).",
+                     "loads")
   return out
+
+
+def _no_coded_candidate(names: list[str], m: int, loads: list[int], ells: tuple[int, ...],
+                        given_loads: tuple[int, ...]) -> ParamError:
+  """``loads`` (none fits ``m``) or ``ells`` (none fits a load): what leaves ``names`` empty."""
+  if not loads:
+    return ParamError(
+        f"no coded candidate for {', '.join(names)}: every load in {list(given_loads)} exceeds "
+        f"num_workers={m}; pass loads <= {m}.", "loads")
+  bigger = f" or a load in {min(ells)}..{m}" if min(ells) <= m else ""
+  return ParamError(
+      f"no coded candidate for {', '.join(names)}: each needs ell <= load, but ells "
+      f"{list(ells)} are all above loads {loads}; pass an ell <= {max(loads)}{bigger}.", "ells")
 
 
 def _build(c: Candidate, num_workers: int):
@@ -131,9 +146,10 @@ def simulate(num_workers: int, straggler=None, grid: Sequence[Candidate] | None 
   """
   if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) \
       or num_workers < 2:
-    raise ValueError(f"num_workers must be an integer >= 2, got {num_workers!r}.")
+    raise ParamError(f"num_workers must be an integer >= 2, got {num_workers!r}.",
+                     "num_workers")
   if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
-    raise ValueError(f"trials must be a positive integer, got {trials!r}.")
+    raise ParamError(f"trials must be a positive integer, got {trials!r}.", "trials")
   straggler = _straggler(straggler)
   grid = candidates(num_workers) if grid is None else list(grid)
   protos = [_build(c, int(num_workers)) for c in grid]
@@ -149,8 +165,8 @@ def _straggler(straggler):
   if isinstance(straggler, str):
     return timing.get_straggler_model(straggler)
   if not hasattr(straggler, "sample"):
-    raise ValueError(f"straggler must be a jaxgc.timing model or a registered name, got "
-                     f"{straggler!r}.")
+    raise ParamError(f"straggler must be a jaxgc.timing model or a registered name, got "
+                     f"{straggler!r}.", "straggler")
   return straggler
 
 
@@ -178,42 +194,73 @@ def _simulate_all(protos, straggler, key, trials, timeout, need_senders):
   return jax.device_get(run(key))
 
 
+def check_message_dtypes(message_dtypes) -> tuple[str, ...]:
+  """The precisions to plan with, in :data:`jaxgc.precision.MESSAGE_DTYPES` order
+  (``None``: ``("float32",)``); a ``ParamError`` naming ``message_dtypes`` otherwise."""
+  if message_dtypes is None:
+    return ("float32",)
+  values = (message_dtypes,) if isinstance(message_dtypes, str) else tuple(message_dtypes)
+  try:
+    names = {_precision.check_message_dtype(v) for v in values}
+  except ParamError as e:
+    raise ParamError(e.message.replace("message_dtype", "message_dtypes", 1),
+                     "message_dtypes") from None
+  if not names:
+    raise ParamError(f"message_dtypes must name at least one of "
+                     f"{list(_precision.MESSAGE_DTYPES)}.", "message_dtypes")
+  return tuple(n for n in _precision.MESSAGE_DTYPES if n in names)
+
+
 def rank(simulated: Sequence[Simulated], num_params, network=None,
-         dtype=jnp.float32) -> list[dict]:
-  """Rows ``{protocol, load, ell, num_backup, mean_step_time, p95_step_time, compute_time,
-  comm_time, bytes_per_worker, exact_fraction}`` for gradient length ``num_params``, best
-  (lowest mean step time) first. Times in seconds; ``bytes_per_worker``: one message,
-  ``⌈d/ℓ⌉ · b``; ``exact_fraction``: the share of steps whose gradient is exact (0 for
-  backup workers, which drop chunks; below 1 where failures make a step undecodable)."""
+         dtype=jnp.float32, message_dtypes=None) -> list[dict]:
+  """Rows ``{protocol, load, ell, num_backup, message_dtype, mean_step_time, p95_step_time,
+  compute_time, comm_time, bytes_per_worker, exact_fraction, precision_eps}`` for gradient
+  length ``num_params``, best (lowest mean step time) first. Times in seconds;
+  ``bytes_per_worker``: one message, ``⌈d/ℓ⌉ · b``; ``exact_fraction``: the share of steps
+  whose gradient is exact (0 for backup workers, which drop chunks; below 1 where failures
+  make a step undecodable).
+
+  ``message_dtypes``: the precisions on the wire to choose from together with ``ℓ``
+  (PROTOCOL.md §15; default float32 only): one row per candidate and precision, the
+  messages priced by their real bytes (:func:`jaxgc.network.message_bytes`). A lower
+  precision only shortens the messages; its cost is the decode error, about
+  ``condition number × precision_eps`` (:func:`jaxgc.precision.epsilon`), so
+  among equal times the higher precision ranks first.
+  """
   d = check_num_params(num_params)
+  wires = check_message_dtypes(message_dtypes)
   network = _network.NoNetwork() if network is None else network
   if not isinstance(network, _network.Network):
-    raise ValueError(f"network must be a jaxgc.network model, got {network!r}; build one "
-                     "with jaxgc.network.get_network('ps', bandwidth=B, latency=L).")
+    raise ParamError(f"network must be a jaxgc.network model, got {network!r}; build one "
+                     "with jaxgc.network.get_network('ps', bandwidth=B, latency=L).", "network")
   rows = []
   for s in simulated:
     if network.depends_on_senders and np.isnan(s.senders).any():
       raise ValueError(f"{network.name} network: its time depends on the senders, which were not "
                        "simulated; call simulate(..., need_senders=True).")
-    comm = np.asarray(_network.step_comm_time(network, s.protocol, d, dtype, s.senders),
-                      np.float64)
-    total = s.stop + comm
-    rows.append({
-        "protocol": s.candidate.protocol, "load": s.candidate.load, "ell": s.candidate.ell,
-        "num_backup": s.candidate.num_backup,
-        "mean_step_time": float(np.mean(total)),
-        "p95_step_time": float(np.percentile(total, 95)),
-        "compute_time": float(np.mean(s.stop)), "comm_time": float(np.mean(comm)),
-        "bytes_per_worker": _network.message_bytes(s.protocol, d, dtype),
-        "exact_fraction": float(np.mean(s.exact)),
-    })
-  return sorted(rows, key=lambda r: (r["mean_step_time"], r["ell"], r["load"]))
+    for wire in wires:     # one simulation: the precision changes the messages only
+      comm = np.asarray(_network.step_comm_time(network, s.protocol, d, dtype, s.senders,
+                                                message_dtype=wire), np.float64)
+      total = s.stop + comm
+      rows.append({
+          "protocol": s.candidate.protocol, "load": s.candidate.load, "ell": s.candidate.ell,
+          "num_backup": s.candidate.num_backup, "message_dtype": wire,
+          "mean_step_time": float(np.mean(total)),
+          "p95_step_time": float(np.percentile(total, 95)),
+          "compute_time": float(np.mean(s.stop)), "comm_time": float(np.mean(comm)),
+          "bytes_per_worker": _network.message_bytes(s.protocol, d, dtype, wire),
+          "exact_fraction": float(np.mean(s.exact)),
+          "precision_eps": _precision.epsilon(wire),
+      })
+  return sorted(rows, key=lambda r: (r["mean_step_time"], r["ell"], r["load"],
+                                     r["precision_eps"]))
 
 
 def plan(num_workers: int, num_params, straggler=None, network=None, *,
          protocols=DEFAULT_PROTOCOLS, loads=DEFAULT_LOADS, ells=DEFAULT_ELLS, backups=None,
          trials: int = 1000, seed: int = 0, dtype=jnp.float32,
-         timeout: float | None = None) -> list[dict]:  # pylint: disable=redefined-outer-name
+         timeout: float | None = None,
+         message_dtypes=None) -> list[dict]:  # pylint: disable=redefined-outer-name
   """Simulates ``E[step time]`` for every ``(protocol, load, ℓ)`` and ranks them, best first.
 
   Args:
@@ -230,12 +277,15 @@ def plan(num_workers: int, num_params, straggler=None, network=None, *,
     seed: their key.
     dtype: the gradient's dtype (bytes per number).
     timeout: what a never-decodable step costs (failures), as in ``stop_time``.
+    message_dtypes: the messages' precisions to choose from with ``ℓ`` (e.g.
+      ``("float32", "bfloat16")``; default float32 only), as in :func:`rank`.
   Returns:
     rows (dicts) as in :func:`rank`.
   """
   d = check_num_params(num_params)
+  check_message_dtypes(message_dtypes)      # before the simulation, not after it
   network = _network.NoNetwork() if network is None else network
   grid = candidates(num_workers, protocols, loads, ells, backups)
   sims = simulate(num_workers, straggler, grid, trials=trials, seed=seed, timeout=timeout,
                   need_senders=network.depends_on_senders)
-  return rank(sims, d, network, dtype)
+  return rank(sims, d, network, dtype, message_dtypes)
