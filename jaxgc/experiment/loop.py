@@ -210,36 +210,39 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> TrainState:
   state, ckpt, meta = checkpoints.restore(exp, workdir, _init_state(exp, rep), rep, lead)
   start = int(state.step)
   log = _resume_log(exp, workdir, state, lead)
-  t0, wall_before = time.time(), float(meta.get("wall_time", 0.0))
-  inputs, input_for = _step_input(exp, rep)
-  if "input" in meta:   # the grain iterator's state: this pipeline's, at the restored step
-    inputs.set_state(meta["input"], start, workdir)
-  run = _Steps(exp, log, test_data, ckpt, lambda: wall_before + time.time() - t0, inputs)
-  if start == 0 or (start not in log.eval_steps and (start % cfg.eval_every == 0
-                                                      or start == cfg.num_steps)):
-    # (again, after a resume whose evaluation line was lost)
-    run.evaluate(state, start, float(state.sim_time))
-  next_input = input_for(start) if start < cfg.num_steps else None
-  input_bytes = _input_bytes_per_device(inputs, next_input)
-  # The handlers stay until the stop step is saved and summarised: more SIGTERMs wait.
-  with resilience.StopSignals() as signals:
-    state, stopped = run.steps(state, start, next_input, input_for, signals)
-    wall = run.wall()
-    if ckpt is not None:
-      if ckpt.latest_step() != int(state.step):
-        checkpoints.save(ckpt, exp, int(state.step), state, wall, force=True,
-                         extra_meta={"input": inputs.get_state(int(state.step))})
-      ckpt.close()
-    ev = run.ev
-    if not ev or (stopped and int(state.step) not in log.eval_steps):
-      # The summary's scores are the final state's (not logged: a resume logs them on time).
-      ev = evaluate(exp.model.apply, state.params, test_data, ds.is_regression,
-                    cfg.batch_size, getattr(state, "model_state", ()))
-    state = _summarise(exp, workdir, state, {
-        "wall_time_s": wall, "session_wall_time_s": time.time() - t0, "resumed_from": start,
-        **ev, "step_wall_time_s": run.step_wall,
-        "global_batch_bytes": inputs.global_batch_bytes(), "input_bytes_per_device":
-        input_bytes, "stopped_by": stopped}, rep, lead)
+  try:
+    t0, wall_before = time.time(), float(meta.get("wall_time", 0.0))
+    inputs, input_for = _step_input(exp, rep)
+    if "input" in meta:   # the grain iterator's state: this pipeline's, at the restored step
+      inputs.set_state(meta["input"], start, workdir)
+    run = _Steps(exp, log, test_data, ckpt, lambda: wall_before + time.time() - t0, inputs)
+    if start == 0 or (start not in log.eval_steps and (start % cfg.eval_every == 0
+                                                        or start == cfg.num_steps)):
+      # (again, after a resume whose evaluation line was lost)
+      run.evaluate(state, start, float(state.sim_time))
+    next_input = input_for(start) if start < cfg.num_steps else None
+    input_bytes = _input_bytes_per_device(inputs, next_input)
+    # The handlers stay until the stop step is saved and summarised: more SIGTERMs wait.
+    with resilience.StopSignals() as signals:
+      state, stopped = run.steps(state, start, next_input, input_for, signals)
+      wall = run.wall()
+      if ckpt is not None:
+        if ckpt.latest_step() != int(state.step):
+          checkpoints.save(ckpt, exp, int(state.step), state, wall, force=True,
+                           extra_meta={"input": inputs.get_state(int(state.step))})
+        ckpt.close()
+      ev = run.ev
+      if not ev or (stopped and int(state.step) not in log.eval_steps):
+        # The summary's scores are the final state's (not logged: a resume logs them on time).
+        ev = evaluate(exp.model.apply, state.params, test_data, ds.is_regression,
+                      cfg.batch_size, getattr(state, "model_state", ()))
+      state = _summarise(exp, workdir, state, {
+          "wall_time_s": wall, "session_wall_time_s": time.time() - t0, "resumed_from": start,
+          **ev, "step_wall_time_s": run.step_wall,
+          "global_batch_bytes": inputs.global_batch_bytes(), "input_bytes_per_device":
+          input_bytes, "stopped_by": stopped}, rep, lead)
+  finally:
+    log.close()
   if stopped:
     raise resilience.Preempted(int(state.step), stopped, saved=ckpt is not None)
   return state

@@ -181,6 +181,12 @@ class MetricsLog:
       if self.events is not None:
         self.events.write(record)
 
+  def close(self) -> None:
+    """Flushes and closes the event file (a run's files are all closed when it ends: the
+    workdir's file system can then be unmounted or made read-only)."""
+    if self.events is not None:
+      self.events.close()
+
 
 # -- one process per workdir ------------------------------------------------------------
 
