@@ -5,24 +5,10 @@ Each name read here warns (``DeprecationWarning``) and is the one in
 """
 from __future__ import annotations
 
-import warnings
-from typing import Any
+from jaxgc._moved import moved
 
 # Resolved on first use by __getattr__, each with a DeprecationWarning.
 _MOVED = ("RayStep", "WorkerPool", "connect", "measured_durations", "work_slots", "INSTALL_HINT",
           "ACTOR_XLA_FLAGS")
 __all__ = list(_MOVED)
-
-
-def __getattr__(name: str) -> Any:
-  if name not in _MOVED:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  warnings.warn(f"jaxgc.ray_backend is deprecated and goes in the next release; use "
-                f"jaxgc.backends.ray.{name} (from jaxgc.backends.ray import {name}).",
-                DeprecationWarning, stacklevel=2)
-  from jaxgc.backends import ray  # pylint: disable=import-outside-toplevel
-  return getattr(ray, name)
-
-
-def __dir__() -> list[str]:
-  return sorted(_MOVED)
+__getattr__, __dir__ = moved(__name__, "jaxgc.backends.ray", _MOVED)
