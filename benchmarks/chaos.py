@@ -17,6 +17,11 @@ with the same kill seeds, each until the test accuracy reaches ``--target``:
   time, measured) and resumes from its last checkpoint (every ``--ckpt_every``
   steps, a real ``np.savez`` to disk), so it loses the steps since then.
 
+With ``--num_spares=s`` the pool keeps ``s`` hot spares (warm actors hosting no
+worker): a killed actor's workers move to a spare at the next step, and the
+killed actor, once Ray has restarted it, becomes a spare (the kill loop kills
+the actors hosting workers, whichever they are by then).
+
 This baseline is generous to checkpoint-restart: a real job restart relaunches
 every process, reinitialises JAX and recompiles, where here only the killed
 actor restarts and failures are detected at once.
@@ -25,9 +30,11 @@ Reports per run the median over repeats of: faults injected, steps executed,
 degraded steps (with dead workers or erasures), steps lost to rollbacks, and
 wall seconds to the target, with the ratio to the run's failure-free twin; then
 the restart measurement (kill -> actor alive -> its first chunk report at the
-PS, in seconds and steps). Evaluation time is not counted.
+PS, in seconds and steps; with a spare, the spare's first report). Evaluation time
+is not counted.
 
   python benchmarks/chaos.py                        # ~12 minutes on 2 shared cores
+  python benchmarks/chaos.py --num_spares=1         # the same with one hot spare
   python benchmarks/chaos.py --mtbf=2 --repeats=5
 """
 from __future__ import annotations
@@ -130,6 +137,8 @@ def main():
   ap.add_argument("--workers", type=int, default=8)
   ap.add_argument("--load", type=int, default=3)
   ap.add_argument("--num_actors", type=int, default=4)
+  ap.add_argument("--num_spares", type=int, default=0,
+                  help="hot spares: warm actors that take over a killed one's workers")
   ap.add_argument("--mtbf", type=float, default=5.0, help="mean seconds between kills")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
@@ -141,6 +150,8 @@ def main():
   ap.add_argument("--lr", type=float, default=0.5)
   ap.add_argument("--max_wall", type=float, default=90.0, help="seconds per run at most")
   ap.add_argument("--restart_trials", type=int, default=3)
+  ap.add_argument("--runs", default="coded,coded+kills,uncoded,uncoded+ckpt",
+                  help="comma-separated runs to do (a ratio needs the run's failure-free twin)")
   args = ap.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -167,8 +178,12 @@ def main():
           ("coded+kills", "partial_straggler", args.mtbf, False),
           ("uncoded", "uncoded", 0.0, False),
           ("uncoded+ckpt", "uncoded", args.mtbf, True)]
+  chosen = args.runs.split(",")
+  if not set(chosen) <= {name for name, *_ in runs}:
+    ap.error(f"--runs: choose among {','.join(name for name, *_ in runs)}, got {args.runs!r}")
+  runs = [r for r in runs if r[0] in chosen]
   results = {name: [] for name, *_ in runs}
-  with WorkerPool(args.num_actors) as pool:
+  with WorkerPool(args.num_actors, num_spares=args.num_spares) as pool:
     steps = {p: RayStep(protocols.get_protocol(p, a, 1), straggler, loss_fn,
                         optax.sgd(args.lr), pool=pool, time_scale=args.time_scale)
              for p in ("partial_straggler", "uncoded")}
@@ -195,7 +210,7 @@ def measure_restart(pool, problem, args, like, trial):
   params, batches, _ = problem
   step = RayStep(like.protocol, like.straggler, like.loss_fn, like.tx, pool=pool,
                  time_scale=args.time_scale, fail_at=[(1, 3)])
-  _wait_all_alive(ray, pool.actors)
+  _wait_all_alive(ray, pool.actors + pool.spares)    # the spares too: warmed up below
   state = step.init_state(params, jax.random.key(trial))
   step.warmup(state.params, batches[0])
   t0 = time.perf_counter()
@@ -212,13 +227,14 @@ def _report_restarts(restarts, args):
   if not done:
     print("\nno restart closed within --max_wall")
     return
-  print(f"\nrestart of an actor killed by fail_at ({len(done)} trials, {args.num_actors} actors;"
-        " seconds from the kill):")
-  print(f"{'trial':>5s} {'alive_s':>8s} {'alive_step':>10s} {'report_s':>9s} {'steps':>6s} "
-        f"{'step_s':>7s}")
+  print(f"\nrestart of an actor killed by fail_at ({len(done)} trials, {args.num_actors} actors,"
+        f" {args.num_spares} spares; seconds from the kill; alive: the actor, or the spare that "
+        "took over):")
+  print(f"{'trial':>5s} {'spare':>5s} {'alive_s':>8s} {'alive_step':>10s} {'report_s':>9s} "
+        f"{'steps':>6s} {'step_s':>7s}")
   for i, (ev, w) in enumerate(done):
-    print(f"{i:5d} {ev.up_s:8.2f} {ev.up_step - ev.down_step:10d} {ev.first_report_s:9.2f} "
-          f"{ev.steps_lost:6d} {w:7.3f}")
+    print(f"{i:5d} {'yes' if ev.spare else 'no':>5s} {ev.up_s:8.2f} {ev.up_step - ev.down_step:10d}"
+          f" {ev.first_report_s:9.2f} {ev.steps_lost:6d} {w:7.3f}")
   print(f"median: alive after {np.median([ev.up_s for ev, _ in done]):.2f} s, first chunk report "
         f"after {np.median([ev.first_report_s for ev, _ in done]):.2f} s = "
         f"{np.median([ev.steps_lost for ev, _ in done]):.0f} steps")
@@ -229,12 +245,14 @@ def _report(results, args):
   med = lambda name, k: float(np.median([np.inf if np.isnan(r[k]) else r[k]
                                          for r in results[name]]))
   print(f"\nmedians over {args.repeats} repeats; kill loop MTBF {args.mtbf:g} s, "
-        f"target accuracy {args.target}, {args.num_actors} actors, {args.workers} workers")
+        f"target accuracy {args.target}, {args.num_actors} actors ({args.num_spares} spares), "
+        f"{args.workers} workers")
   print(f"{'run':14s} {'faults':>6s} {'steps':>6s} {'executed':>8s} {'degraded':>8s} "
         f"{'lost':>5s} {'stall_s':>7s} {'wall_s':>7s} {'x free':>7s}")
   twin = {"coded+kills": "coded", "uncoded+ckpt": "uncoded"}
   for name in results:
-    ratio = med(name, "wall") / med(twin.get(name, name), "wall")
+    ratio = (med(name, "wall") / med(twin.get(name, name), "wall")
+             if twin.get(name, name) in results else np.nan)
     print(f"{name:14s} {med(name, 'faults'):6.0f} {med(name, 'steps'):6.0f} "
           f"{med(name, 'executed'):8.0f} {med(name, 'degraded'):8.0f} {med(name, 'lost'):5.0f} "
           f"{med(name, 'stalled'):7.2f} {_secs(med(name, 'wall'), args)} {ratio:7.2f}")

@@ -63,7 +63,7 @@ def local_ray_pool(num_cpus: int, num_actors: int):
   import ray
 
   from jaxgc.backends.ray import WorkerPool
-  ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+  ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
            log_to_driver=False)
   try:
     with WorkerPool(num_actors) as pool:

@@ -15,7 +15,7 @@ import pytest
 from configs import default as default_config
 from jaxgc import data, experiment
 from jaxgc.errors import ParamError
-from tests import custom_source
+from tests import custom_source, warm
 from tests.test_resilience import assert_same_params, env, step_lines, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +138,7 @@ def test_custom_source_through_train_py_survives_sigterm_and_resumes_bit_identic
   wd, e = str(tmp_path / "run"), env(tmp_path / "cache")
   cmd = [sys.executable, TRAIN, f"--workdir={wd}",
          *[f"--config.{f}" for f in (*run_flags, "checkpoint_every=100")]]
-  a = subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.DEVNULL,
+  a = warm.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)
   wait_for(lambda: step_lines(wd) >= 5, a)
   os.kill(a.pid, signal.SIGTERM)
@@ -159,7 +159,7 @@ def test_custom_source_through_train_py_survives_sigterm_and_resumes_bit_identic
     changed.set_state(state, logged, wd)
   with pytest.raises(experiment.ConfigError, match=f"input state of step {logged}"):
     inputs.set_state(state, logged + 1, wd)
-  b = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
+  b = warm.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
   assert b.returncode == 0, b.stderr[-3000:]
   assert f"resuming {wd} from step {logged}" in b.stderr
   assert experiment.read_metrics(wd) == experiment.read_metrics(straight)
@@ -178,7 +178,7 @@ def test_bad_inputs_through_train_py_are_one_line(tmp_path):
       "batch_size=66": "--config.batch_size=66: batch_size=66 examples is not a multiple of the "
                        "number of chunks 4",
   }
-  procs = {flag: subprocess.Popen(
+  procs = {flag: warm.Popen(
       [sys.executable, TRAIN, f"--workdir={tmp_path / str(i)}",
        *[f"--config.{f}" for f in (*CUSTOM, flag)]], cwd=tmp_path, env=e,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, flag in enumerate(cases)}

@@ -2,7 +2,6 @@
 import functools
 import json
 import os
-import subprocess
 import sys
 import sysconfig
 
@@ -13,6 +12,7 @@ import optax
 import pytest
 
 from jaxgc import assignments, data, experiment, models, parallel, protocols, timing
+from tests import warm
 
 M, LOAD, ELL, BATCH, SEQ = 8, 3, 2, 16, 16     # 2 sequences of 16 bytes per chunk
 
@@ -109,7 +109,7 @@ def test_train_py_lm_coded_equals_uncoded_and_logs_perplexity(tmp_path):
   flags = ["--config.num_steps=4", "--config.eval_every=4", "--config.checkpoint_every=0",
            "--config.mode=exact", "--config.seed=3", "--config.corpus_bytes=200000",
            "--config.num_layers=1"]
-  out = subprocess.run([sys.executable, os.path.join(root, "train.py"),
+  out = warm.run([sys.executable, os.path.join(root, "train.py"),
                         f"--config={os.path.join(root, 'configs', 'lm.py')}",
                         f"--workdir={tmp_path}", "--compare=partial_straggler,uncoded", *flags],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import warm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
 
@@ -34,7 +36,7 @@ def run_all(cmds):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each sets its own count
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT
-  procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+  procs = [warm.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for c in cmds]
   outs = []
   try:

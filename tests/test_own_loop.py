@@ -1,7 +1,6 @@
 """Your model, your loop: jaxgc.coded_value_and_grad with batch norm, dropout, aux and NNX."""
 import os
 import re
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -14,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 import jaxgc
 from jaxgc import assignments, parallel, timing
+from tests import warm
 
 M, LOAD, CHUNK = 8, 3, 4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +230,7 @@ def test_update_without_tx_says_so(setup):
 @pytest.mark.parametrize("name", ["own_loop_linen.py", "own_loop_nnx.py"])
 def test_example_runs_and_the_loss_falls(name):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name)], env=env,
+  out = warm.run([sys.executable, os.path.join(ROOT, "examples", name)], env=env,
                        capture_output=True, text=True, timeout=240, check=True).stdout
   losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
   assert len(losses) >= 3, out

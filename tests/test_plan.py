@@ -2,7 +2,6 @@
 import importlib
 import json
 import math
-import subprocess
 import sys
 
 import jax
@@ -11,6 +10,7 @@ import pytest
 
 import jaxgc
 from jaxgc import assignments, network, planner, protocols, timing
+from tests import warm
 
 M, TRIALS = 6, 32
 STRAGGLER = timing.get_model("slowdown")
@@ -143,12 +143,12 @@ def test_command_line_contract_json():
   """The contract command: a JSON list of rows, best first; a bad flag is one line, exit 2."""
   cmd = [sys.executable, "-m", "jaxgc.planner", "--num_workers=20", "--num_params=1e9",
          "--bandwidth=1.25e9", "--latency=1e-4", "--json"]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+  out = warm.run(cmd, capture_output=True, text=True, timeout=300, check=True)
   rows = json.loads(out.stdout)
   assert rows and all({"protocol", "load", "ell", "mean_step_time"} <= set(r) for r in rows)
   means = [r["mean_step_time"] for r in rows]
   assert means == sorted(means)
-  bad = subprocess.run(cmd[:4] + ["--num_params=1e9", "--bandwidth=-2"], capture_output=True,
+  bad = warm.run(cmd[:4] + ["--num_params=1e9", "--bandwidth=-2"], capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode == 2 and bad.stdout == ""
   assert len(bad.stderr.strip().splitlines()) == 1 and "--bandwidth" in bad.stderr
@@ -158,7 +158,7 @@ def test_ells_and_loads_with_no_coded_candidate_is_one_line_naming_both_flags():
   """#27: --ells 5 --loads 2 used to print a table without any coded protocol, exit 0."""
   cmd = [sys.executable, "-m", "jaxgc.planner", "--num_workers=8", "--num_params=1e6",
          "--bandwidth=1e9", "--ells", "5", "--loads", "2"]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  out = warm.run(cmd, capture_output=True, text=True, timeout=300)
   assert out.returncode == 2 and out.stdout == "", out
   err = out.stderr.strip()
   assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -168,7 +168,7 @@ def test_ells_and_loads_with_no_coded_candidate_is_one_line_naming_both_flags():
 def test_the_old_command_still_runs_with_a_deprecation_warning():
   cmd = [sys.executable, "-m", "jaxgc.plan", "--num_workers=4", "--num_params=1e3",
          "--bandwidth=1e9", "--protocols=uncoded", "--trials=4", "--json"]
-  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  out = warm.run(cmd, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
   assert [r["protocol"] for r in json.loads(out.stdout)] == ["uncoded"]
   assert "DeprecationWarning" in out.stderr and "python -m jaxgc.planner" in out.stderr

@@ -1,8 +1,10 @@
 """Models written for pmap run unchanged: flax's ImageNet ResNet, its BatchNorm(axis_name='batch').
 
 The model file is flax's own (tests/flax_models/imagenet_resnet.py, copied unchanged
-with its licence header). With ``batch_axis_name='batch'`` each chunk runs with the
-axis bound to itself alone, so its batch statistics are its own: the coded gradient
+with its licence header); so are S5's (tests/flax_models/s5) and AlgoPerf's DeepSpeech
+(tests/flax_models/algoperf, a masked batch norm that psums its statistics). With
+``batch_axis_name='batch'`` each chunk runs with the axis bound to itself alone, so its
+batch statistics are its own: the coded gradient
 must equal the sum of the chunks' gradients each computed alone (``jax.grad`` under
 a size-1 ``vmap(axis_name='batch')``, outside any ``shard_map``), and the new
 ``batch_stats`` the step keeps must be the mean over chunks of each chunk's own.
@@ -26,6 +28,10 @@ from jaxgc.errors import ParamError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flax_models import imagenet_resnet  # noqa: E402  (flax's file, as published)
+
+# AlgoPerf's files import each other by their package path (algorithmic_efficiency....).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "flax_models",
+                                "algoperf"))
 
 M, LOAD, CHUNK = 8, 3, 4
 STRAGGLER = timing.Slowdown(timing.ShiftedExponential(1.0, 1.0), 0.25, 5.0)
@@ -132,6 +138,24 @@ def test_resnet_trains_on_a_workers_by_model_mesh(setup):
   assert rel(new.params, want_params) < 1e-6
   assert rel(jax.tree.map(lambda a, b: a - b, params, new.params), want_g) < 1e-4
   assert rel(new.model_state, jax.tree.map(lambda a: jnp.mean(a, 0), want_aux)) < 1e-5
+
+
+def test_plain_step_binds_the_batch_axis_as_the_coded_step_does(setup):
+  """make_plain_step(batch_axis_name='batch'), the uncoded reference: each chunk counted once
+  with its own statistics, its gradient is the direct per-chunk sum; the same refusals."""
+  loss_fn, chunks, params, stats, (want_loss, _, want_g) = setup
+  loss = lambda p, c: loss_fn(p, c, stats)[0]   # (the plain step passes no model state)
+  mesh, asg = parallel.make_mesh(8), assignments.cyclic(M, LOAD)
+  plain = parallel.make_plain_step(asg, loss, optax.sgd(1.0), mesh, batch_axis_name="batch")
+  g, value = jax.jit(plain.gradient)(params, chunks)
+  np.testing.assert_allclose(value, want_loss, rtol=1e-5)
+  assert rel(g, want_g) < 1e-5
+  with pytest.raises(ParamError) as e:
+    parallel.make_plain_step(asg, loss, optax.sgd(1.0), mesh).gradient(params, chunks)
+  assert e.value.param == "batch_axis_name" and "batch_axis_name='batch'" in one_line(e)
+  with pytest.raises(ParamError, match="already an axis of the mesh") as e:
+    parallel.make_plain_step(asg, loss, optax.sgd(1.0), mesh, batch_axis_name="workers")
+  assert e.value.param == "batch_axis_name"
 
 
 # -- refusals: one line, naming the axis and the argument -----------------------------------
@@ -251,3 +275,79 @@ def test_config_field_is_refused_on_a_backend_that_cannot_bind_it():
   with pytest.raises(experiment.ConfigError) as e:
     build.make_step(config, protocol(), STRAGGLER, None, None, None)
   assert "--config.step.batch_axis_name='batch'" in one_line(e) and "spmd" in str(e.value)
+
+
+# -- DeepSpeech (mlcommons/algorithmic-efficiency): a masked batch norm that psums -------------
+
+def test_algoperf_deepspeech_psum_statistics_are_each_chunks_own():
+  """AlgoPerf's DeepSpeech sums its batch norm's masked statistics over the devices with
+  ``jax.lax.psum(..., axis_name='batch')`` (padded utterances count for nothing). With
+  ``batch_axis_name='batch'`` each chunk's sums are its own: the coded gradient is the sum
+  of the chunks' own, and so are the new statistics, chunk by chunk (pooled, every chunk's
+  would be the same). Its LSTM scans from a constant zero carry, which JAX's varying-axes
+  check refuses inside ``shard_map``: ``check_vma=False``."""
+  from algorithmic_efficiency.workloads.librispeech_deepspeech.librispeech_jax import models
+  config = models.DeepspeechConfig(vocab_size=5, encoder_dim=4, num_lstm_layers=1,
+                                   num_ffn_layers=1, use_specaug=False, input_dropout_rate=0.0,
+                                   feed_forward_dropout_rate=0.0)
+  model = models.Deepspeech(config)
+  ka, kl, ky, kp = jax.random.split(jax.random.key(2), 4)
+  b, samples = 2, 4000                 # 2 utterances per chunk, 1/4 s of 16 kHz audio each
+  lengths = jax.random.randint(kl, (M, b), samples // 2, samples + 1)
+  chunks = {"audio": jax.random.normal(ka, (M, b, samples)) * 3000.0,
+            "pad": (jnp.arange(samples) >= lengths[..., None]).astype(jnp.float32),
+            "y": jax.random.randint(ky, (M, b, 2), 1, config.vocab_size),
+            "ypad": jnp.zeros((M, b, 2))}
+  # AlgoPerf's init_model_fn: jitted, train=False (no psum).
+  v = jax.jit(lambda k, a, p: model.init(k, a, p, train=False))(kp, chunks["audio"][0],
+                                                                 chunks["pad"][0])
+  params, stats = v["params"], v["batch_stats"]
+
+  def loss_fn(params, chunk, batch_stats):
+    """AlgoPerf's loss (its workload's CTC, summed), per chunk, and the new statistics."""
+    (logits, paddings), upd = model.apply({"params": params, "batch_stats": batch_stats},
+                                          chunk["audio"], chunk["pad"], train=True,
+                                          mutable=["batch_stats"])
+    per_example = optax.ctc_loss(nn.log_softmax(logits), paddings, chunk["y"], chunk["ypad"])
+    return jnp.sum(per_example) / (M * b), upd["batch_stats"]
+
+  want_loss, want_aux, want_g = direct(loss_fn, params, chunks, stats)
+  assert float(want_loss) < 100.0               # (every utterance can be aligned to its labels)
+  grad_fn = jaxgc.coded_value_and_grad(loss_fn, protocol(), STRAGGLER, parallel.make_mesh(8),
+                                       has_aux=True, batch_axis_name="batch", check_vma=False)
+  (loss, aux), g, info = jax.jit(grad_fn)(params, chunks, jax.random.key(1), stats)
+  assert bool(info["exact"])
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  assert rel(g, want_g) < 1e-5
+  assert rel(aux, want_aux) < 1e-5
+  # The chunks' statistics differ: so do their moves of the running averages (momentum .999).
+  moved = jax.tree.map(lambda new, old: new - old, want_aux, stats)
+  assert rel(jax.tree.map(lambda d: jnp.broadcast_to(d[:1], d.shape), moved), moved) > 1e-2
+
+
+def test_a_scan_from_a_constant_carry_is_refused_naming_check_vma_and_exact_without():
+  """flax's nn.RNN starts its scan from a constant zero carry; with the parameters varying
+  over the workers the carry's types differ, and JAX's varying-axes check raises a
+  TypeError deep in the scan. The step says so in one line naming check_vma, and with
+  check_vma=False the gradient is the sum of the chunks' own."""
+  class Recurrent(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jnp.sum(nn.RNN(nn.LSTMCell(3))(x) ** 2)
+
+  model = Recurrent()
+  chunks = {"x": jax.random.normal(jax.random.key(3), (M, CHUNK, 5, 2))}
+  params = model.init(jax.random.key(4), chunks["x"][0])
+  loss_fn = lambda p, chunk: model.apply(p, chunk["x"])
+  mesh = parallel.make_mesh(8)
+  strict = jaxgc.coded_value_and_grad(loss_fn, protocol(), STRAGGLER, mesh)
+  with pytest.raises(ParamError) as e:
+    strict(params, chunks, jax.random.key(0))
+  assert e.value.param == "check_vma" and "nn.RNN" in one_line(e)
+  loose = jaxgc.coded_value_and_grad(loss_fn, protocol(), STRAGGLER, mesh, check_vma=False)
+  value, g, info = jax.jit(loose)(params, chunks, jax.random.key(0))
+  one = jax.jit(jax.value_and_grad(loss_fn))
+  outs = [one(params, jax.tree.map(lambda x, i=i: x[i], chunks)) for i in range(M)]
+  assert bool(info["exact"])
+  assert abs(float(value) - sum(float(o[0]) for o in outs)) < 1e-4 * abs(float(value))
+  assert rel(g, jax.tree.map(lambda *xs: sum(xs), *[o[1] for o in outs])) < 1e-5

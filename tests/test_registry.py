@@ -202,6 +202,7 @@ def test_every_backend_declares_its_capabilities():
   for name in backends.BACKENDS:
     assert isinstance(backends.BACKENDS[name].capabilities, capabilities.Capabilities)
   assert capabilities.of("spmd") == capabilities.Capabilities(True, True, True, True)
-  assert capabilities.supporting("adaptive") == ["spmd"] and capabilities.of("ray").requires
+  assert capabilities.supporting("adaptive") == ["ray", "spmd"] and capabilities.of("ray").requires
+  assert capabilities.supporting("model_axis") == ["ray", "spmd"]
   with pytest.raises(ParamError):
     capabilities.of("mpi")

@@ -17,6 +17,7 @@ import pytest
 from configs import default as default_config
 from jaxgc import assignments, experiment, parallel, protocols, timing
 from jaxgc.experiment import checkpoints, runs
+from tests import warm
 from tests.helpers import digits_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +94,7 @@ def test_sigterm_and_sigint_save_and_resume_bit_identical_and_lock(tmp_path, tin
   experiment.train(tiny(f"num_steps={n}", "checkpoint_every=0", "eval_every=7"), straight)
   wd, e = str(tmp_path / "run"), env(tmp_path / "cache")
   cmd = [sys.executable, TRAIN, f"--workdir={wd}", *flags]
-  popen = lambda: subprocess.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.DEVNULL,
+  popen = lambda: warm.Popen(cmd, cwd=tmp_path, env=e, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
 
   # 1. SIGTERM: the run is frozen (SIGSTOP) mid-training with the signal pending, while a
@@ -103,7 +104,7 @@ def test_sigterm_and_sigint_save_and_resume_bit_identical_and_lock(tmp_path, tin
   os.kill(a.pid, signal.SIGSTOP)
   os.kill(a.pid, signal.SIGTERM)
   try:
-    b = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
+    b = warm.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
   finally:
     os.kill(a.pid, signal.SIGCONT)
   lines = b.stderr.strip().splitlines()
@@ -135,14 +136,14 @@ def test_sigterm_and_sigint_save_and_resume_bit_identical_and_lock(tmp_path, tin
       f"stopped at step {second} (SIGINT); rerun the same command to resume"]
 
   # 3. A holder killed with SIGKILL leaves its lock behind; the next run takes it over.
-  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from jaxgc.experiment "
+  holder = warm.Popen([sys.executable, "-c", "import sys, time; from jaxgc.experiment "
                              "import runs; runs.WorkdirLock(sys.argv[1]).acquire(); "
                              "print('held', flush=True); time.sleep(600)", wd],
                             env=e, stdout=subprocess.PIPE, text=True)
   assert holder.stdout.readline().strip() == "held"
   holder.kill()
   holder.wait()
-  d = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
+  d = warm.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
   assert d.returncode == 0, d.stderr[-3000:]
   assert f"took over the lock of pid {holder.pid} on host" in d.stderr
   assert experiment.read_metrics(wd) == experiment.read_metrics(straight)

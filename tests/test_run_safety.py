@@ -17,6 +17,7 @@ import pytest
 from jaxgc import experiment
 from jaxgc.experiment import checkpoints, resilience
 from tests import test_resilience as tr
+from tests import warm
 
 # Checkpoints at steps 2, 4 and 6 of a 6-step run.
 FLAGS = ("num_steps=6", "checkpoint_every=2", "max_checkpoints=3")
@@ -154,7 +155,7 @@ def test_results_without_a_checkpoint_are_never_overwritten(built, tmp_path, cac
   # The command line: one line, and the workdir untouched.
   cmd = [sys.executable, tr.TRAIN, f"--workdir={wd}",
          *[f"--config.{f}" for f in (*tr.TINY, "num_devices=2", *FLAGS)]]
-  out = subprocess.run(cmd, env=tr.env(cache), capture_output=True, text=True, timeout=300)
+  out = warm.run(cmd, env=tr.env(cache), capture_output=True, text=True, timeout=300)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
   assert lines[0].startswith(f"train.py: error: --workdir={wd}: holds a run that cannot "
@@ -165,7 +166,7 @@ def test_results_without_a_checkpoint_are_never_overwritten(built, tmp_path, cac
 def _start(tmp_path, cache, wd, *flags):
   cmd = [sys.executable, tr.TRAIN, f"--workdir={wd}",
          *[f"--config.{f}" for f in (*tr.TINY, "num_devices=2", *flags)]]
-  popen = subprocess.Popen(cmd, cwd=tmp_path, env=tr.env(cache),
+  popen = warm.Popen(cmd, cwd=tmp_path, env=tr.env(cache),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   return cmd, popen
 
@@ -211,7 +212,7 @@ def test_second_ctrl_c_aborts_with_one_line_and_the_rerun_resumes(built, tmp_pat
   assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
   assert "Traceback" not in err and "stopped at step" not in err, err[-3000:]
   assert [line for line in err.splitlines() if "SIGINT" in line] == [resilience.ABORT_LINE]
-  out = subprocess.run(cmd, cwd=tmp_path, env=tr.env(cache), capture_output=True, text=True,
+  out = warm.run(cmd, cwd=tmp_path, env=tr.env(cache), capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resuming" in out.stderr, out.stderr[-3000:]

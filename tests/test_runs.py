@@ -14,6 +14,7 @@ import pytest
 from configs import default as default_config
 from jaxgc import experiment, protocols
 from jaxgc.backends import StepBackend
+from tests import warm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -81,7 +82,7 @@ def test_bad_flags_give_one_line(tmp_path):
   procs = {}
   for i, flags in enumerate([*cases, (f"--config={broken}",)]):
     wd = [f for f in flags if f.startswith("--workdir=")] or [f"--workdir={tmp_path / str(i)}"]
-    procs[flags] = subprocess.Popen(
+    procs[flags] = warm.Popen(
         [sys.executable, TRAIN, *wd, *[f for f in flags if not f.startswith("--workdir=")]],
         cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for flags, proc in procs.items():
@@ -121,7 +122,7 @@ def test_lm_settings_fail_at_build_naming_the_flags():
 
 def _run_until(cmd, cwd, env_, moment, timeout=300):
   """Starts ``cmd`` and SIGKILLs it as soon as ``moment()`` is true; returns its stderr."""
-  proc = subprocess.Popen(cmd, cwd=cwd, env=env_, stdout=subprocess.DEVNULL,
+  proc = warm.Popen(cmd, cwd=cwd, env=env_, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + timeout
   while proc.poll() is None and time.time() < deadline:
@@ -175,7 +176,7 @@ def test_kill_9_at_any_moment_then_resume_matches_straight_run(tmp_path, tiny):
   text = (wd / "metrics.jsonl").read_text()
   (wd / "metrics.jsonl").write_text(text[:-len(text.splitlines()[-1]) // 2 - 1])
 
-  out = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
+  out = warm.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"set aside checkpoint {steps[-1]}" in out.stderr, out.stderr[-3000:]
   assert "compiling…" in out.stderr

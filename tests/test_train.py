@@ -9,6 +9,7 @@ import pytest
 
 from configs import default as default_config
 from jaxgc import experiment
+from tests import warm
 
 
 def small_config(*flags):
@@ -98,12 +99,13 @@ def test_backends_declare_what_a_config_may_ask_of_them(monkeypatch):
   assert not {"adaptive", "has_aux", "num_actors"} & set(options)
   cases = [
       (("backend=probe", "adaptive=True"), False, r"--config.adaptive: backend 'probe' does "
-       r"not support the adaptive PS \(the spmd backend does\); use --config.backend=spmd or "
-       r"--config.adaptive=False\."),
+       r"not support the adaptive PS \(the ray and spmd backends do\); use --config.backend=spmd "
+       r"or --config.adaptive=False\."),
       (("backend=probe", "mesh.model=2"), False, r"--config.mesh.model: backend 'probe' does not "
        r"support workers that are groups of devices .*--config.mesh.model=1\."),
       (("backend=probe",), True, r"--config.model.name='mlp': backend 'probe' does not support a "
-       r"model with state \(batch norm\) \(the spmd backend does\); use --config.backend=spmd\."),
+       r"model with state \(batch norm\) \(the ray and spmd backends do\); use "
+       r"--config.backend=spmd\."),
       (("backend=ray", *net), False, r"--config.network.name='ps': backend 'ray' does not "
        r"support a network model \(the probe and spmd backends do\); use --config.backend=probe "
        r"or --config.network.name=none\."),
@@ -242,11 +244,10 @@ def test_pod_config_validates():
 
 def test_command_line_defaults_from_any_directory(tmp_path):
   """`python train.py` needs no flags: configs/default.py is found beside train.py."""
-  import subprocess
-  import sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  import sys  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root)
-  run = lambda *flags: subprocess.run(
+  run = lambda *flags: warm.run(
       [sys.executable, os.path.join(root, "train.py"), *flags], cwd=tmp_path,
       capture_output=True, text=True, timeout=300, env=env)
   out = run("--config.num_steps=4", "--config.eval_every=2", "--config.checkpoint_every=0",

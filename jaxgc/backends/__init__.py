@@ -50,11 +50,15 @@ def spmd_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> St
 
 # Named ray_step, not ray: that name is the subpackage jaxgc.backends.ray.
 @BACKENDS.register("ray")
-@declare(Capabilities(requires="ray", install="Ray: pip install 'jaxgc[ray]'"))
+@declare(Capabilities(adaptive=True, model_state=True, model_axis=True, requires="ray",
+                      install="Ray: pip install 'jaxgc[ray]'"))
 def ray_step(protocol, straggler, loss_fn, tx, mesh=None, **options: Any) -> StepBackend:
-  """The Ray step: :class:`jaxgc.backends.ray.RayStep` with ``options`` (``mesh`` unused:
-  the workers are actors)."""
-  del mesh
+  """The Ray step: :class:`jaxgc.backends.ray.RayStep` with ``options``. The workers are
+  actors; of ``mesh`` only its ``model`` axis counts: each worker is a group of that many
+  devices of its actor (``model=``)."""
+  model = dict(getattr(mesh, "shape", {})).get("model", 1)
+  if model > 1:
+    options.setdefault("model", model)
   from jaxgc.backends.ray import RayStep  # pylint: disable=import-outside-toplevel
   return RayStep(protocol, straggler, loss_fn, tx, **options)
 

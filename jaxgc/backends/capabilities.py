@@ -24,8 +24,10 @@ class Capabilities(NamedTuple):
   Attributes:
     adaptive: takes ``adaptive=`` (a :class:`jaxgc.adaptive.AdaptivePS` that
       re-places the chunk lists between steps).
-    model_state: takes ``has_aux=True`` (a loss with model state: batch norm).
-    model_axis: runs workers that are groups of devices (a ``workers × model`` mesh).
+    model_state: takes ``has_aux=True`` (a loss with model state: batch norm), with the
+      per-chunk rule of :mod:`jaxgc.backends.chunk_rule`.
+    model_axis: runs workers that are groups of devices (a ``workers × model`` mesh; on
+      Ray, ``model=k`` devices of each actor).
     network_model: takes ``network=`` (a :mod:`jaxgc.network` model of message time).
     requires: a module the backend needs beyond jaxgc's own dependencies (``None``:
       nothing), imported to check before building.

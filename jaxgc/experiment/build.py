@@ -28,7 +28,7 @@ __all__ = [
     "Experiment", "build", "setup_devices", "make_dataset", "make_assignment",
     "make_protocol", "make_straggler_model", "make_network", "make_model", "make_optimizer",
     "make_step", "default_timeout", "TIMEOUT_FACTOR", "TIMEOUT_DRAWS", "sequence_length",
-    "check_memory", "has_model_state",
+    "check_memory", "has_model_state", "config_ell",
 ]
 
 TIMEOUT_FACTOR = 3.0   # default timeout: this many times the median uncoded step time
@@ -176,12 +176,40 @@ def make_assignment(config) -> assignments.Assignment:
     return assignments.ASSIGNMENTS.build(a.name, a.num_workers, a.load, **opts)
 
 
+def config_ell(config) -> int | tuple[int, ...]:
+  """``--config.ell``: a positive integer, or a set of them (``'(1, 2, 4)'``: ``ℓ`` chosen
+  per step by the partial-straggler PS, PROTOCOL.md §14); a :class:`ConfigError` names it."""
+  ell, name = config.protocol.ell, config.protocol.name
+  if isinstance(ell, list):
+    ell = tuple(ell)    # a config saved as JSON
+  if isinstance(ell, tuple):
+    try:
+      ell = protocols.dynamic_ell.check_ells(ell)
+    except ValueError as e:
+      raise ConfigError("--config.ell", str(e)) from None
+    if name != "partial_straggler":
+      raise ConfigError("--config.ell", f"a set of ells {ell} is chosen per step by the "
+                        f"partial_straggler PS only, not {name!r}; give one ell, e.g. "
+                        f"--config.ell={ell[0]}.")
+    return ell
+  if isinstance(ell, bool) or not isinstance(ell, int) or ell < 1:
+    raise ConfigError("--config.ell", f"must be a positive integer or a set such as "
+                      f"'(1, 2, 4)', got {ell!r}.")
+  return ell
+
+
 def make_protocol(config, assignment):
   p = config.protocol
+  ell = config_ell(config)
+  for e in ell if isinstance(ell, tuple) else ():   # one ell: the protocol's own check
+    try:
+      assignment.check_ell(e)
+    except ValueError as err:
+      raise ConfigError("--config.ell", str(err)) from None
   with blame(config, "protocol",
              _fields(config, "protocol") + ("assignment.load", "assignment.num_workers")):
     opts = _options(p, protocols.PROTOCOLS.options(p.name), config.seed)
-    return protocols.get_protocol(p.name, assignment, p.ell, **opts)
+    return protocols.get_protocol(p.name, assignment, ell, **opts)
 
 
 def make_straggler_model(config, failure_prob: float | None = None):
@@ -297,7 +325,9 @@ def _check_backend(config, network, has_aux: bool) -> capabilities.Capabilities:
     if getattr(caps, feature):
       continue
     able = capabilities.supporting(feature)
-    fixes = [f"--config.backend={b}" for b in able[:1]] + ([instead] if instead else [])
+    # Suggest first a backend that needs nothing installed beyond jaxgc.
+    first = sorted(able, key=lambda b: capabilities.of(b).requires is not None)[:1]
+    fixes = [f"--config.backend={b}" for b in first] + ([instead] if instead else [])
     where = (f"the {' and '.join(able)} backend{'s do' if len(able) > 1 else ' does'}"
              if able else "no backend does")
     raise ConfigError(flag, f"backend {name!r} does not support {capabilities.FEATURES[feature]}"
@@ -331,6 +361,14 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
     raise ConfigError(_flag("step.batch_axis_name", config),
                       f"backend {config.backend!r} cannot bind an axis per chunk; use "
                       "--config.backend=spmd, or a model without cross-replica collectives.")
+  if config.backend != "ray" and config.get("ray", {}).get("num_spares", 0):
+    raise ConfigError("--config.ray.num_spares", f"hot spares are Ray actors, but "
+                      f"--config.backend={config.backend}; use --config.backend=ray, or leave "
+                      "--config.ray.num_spares=0.")
+  if isinstance(protocol, protocols.DynamicEll) and config.backend != "spmd":
+    raise ConfigError("--config.ell", f"ell chosen per step {protocol.ells} runs on the spmd "
+                      f"backend only; use --config.backend=spmd, or one ell such as "
+                      f"--config.ell={protocol.ells[0]}.")
   net = make_network(config)
   caps = _check_backend(config, net, has_aux)
   kwargs: dict[str, Any] = dict(mode=s.mode, deadline=s.deadline,
@@ -401,12 +439,16 @@ def check_memory(config, model, loss_fn, tx, ds, assignment, num_devices: int,
   # The step streams over a device's chunk slots: one chunk gradient at a time, plus a
   # message of d/ell per worker on the device and the decoded gradient.
   workers = -(-assignment.num_workers // positions)
-  buffers = 2 + -(-workers // config.protocol.ell)
+  buffers = 2 + -(-workers // min(_as_tuple(config_ell(config))))   # the largest messages
   est = models.memory_estimate(loss_fn, params, chunk, assignment.max_load,
                                optimizer_slots=round(opt / max(p, 1)), gradient_buffers=buffers,
                                param_bytes=held)
   with blame(config, "memory", ("assignment.load", "memory_budget_gb"), "memory_budget_gb"):
     models.check_memory(est, budget, assignment.max_load)
+
+
+def _as_tuple(x) -> tuple:
+  return x if isinstance(x, tuple) else (x,)
 
 
 def has_model_state(model, example_x) -> bool:

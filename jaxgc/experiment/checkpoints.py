@@ -338,8 +338,11 @@ def restore(exp, workdir: str, state, sharding, lead: bool):
     logical = meta.get("format") == CHECKPOINT_FORMAT
     shapes = jax.eval_shape(lambda s: logical_state(s, layout) if logical else s, state)
     # Each leaf restores where this run keeps it: parameters and optimizer state sharded
-    # over a group of devices on a 2-D mesh, the rest replicated.
-    where = jax.tree.map(lambda x: getattr(x, "sharding", sharding), state)
+    # over a group of devices on a 2-D mesh, the rest replicated. (A host step's state
+    # mixes leaves placed on the mesh with fresh ones on one device; it restores all on
+    # the mesh, which its jitted update takes together.)
+    where = jax.tree.map(lambda x: getattr(x, "sharding", sharding) if exp.step.traced
+                         else sharding, state)
     return jax.tree.map(lambda x, w: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=w),
                         shapes, where)
 
@@ -360,14 +363,20 @@ def restore(exp, workdir: str, state, sharding, lead: bool):
               kind="warning")
   if meta.get("format") == CHECKPOINT_FORMAT:
     restored = layout_state(restored, layout, sharding)
+  if "membership" in meta and hasattr(exp.step, "resume_membership"):
+    # The Ray step's workers (PROTOCOL.md §16): another cluster size re-forms at once.
+    exp.step.resume_membership(meta["membership"], int(restored.step))
   return restored, ckpt, meta
 
 
 def save(ckpt, exp, step: int, state, wall: float, force: bool = False,
          extra_meta: dict | None = None) -> None:
   """Saves the logical state at ``step`` (when due, or ``force``); ``extra_meta`` (JSON,
-  e.g. the input iterator's state) goes into the checkpoint's ``meta``."""
+  e.g. the input iterator's state) goes into the checkpoint's ``meta``, and so does the
+  Ray step's membership (epoch, workers, actors, load)."""
   if ckpt is not None and (force or ckpt.due(step)):
+    membership = getattr(exp.step, "membership_record", None)
     ckpt.save(step, logical_state(state, _layout(exp)),
-              {**(extra_meta or {}), "wall_time": wall, "format": CHECKPOINT_FORMAT},
+              {**(extra_meta or {}), "wall_time": wall, "format": CHECKPOINT_FORMAT,
+               **({"membership": membership} if membership is not None else {})},
               force=force)

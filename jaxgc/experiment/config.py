@@ -64,6 +64,8 @@ NON_RESULT_FIELDS = (
     "platform", "num_devices", "num_cpu_devices", "coordinator_address", "num_processes",
     "process_id", "distributed_timeout", "ray.address", "memory_budget_gb", "mesh.model",
     "tensorboard",
+    # The Ray cluster's size: a resume on another one re-forms the code (PROTOCOL.md §16).
+    "ray.num_actors", "ray.num_spares", "ray.max_restarts",
 )
 
 # Shortcut flags: the short names users type (--config.ell) -> the field they set.
@@ -158,8 +160,9 @@ def _add_coding(c: ml_collections.ConfigDict) -> None:
   # by_speed: loads proportional to the workers' speeds (unset: equal, i.e. cyclic).
   c.assignment.by_speed.speeds = config_dict.placeholder(tuple)
   c.assignment.by_speed.load_min = config_dict.placeholder(int)
+  # ell: one value, or a set such as (1, 2, 4) that the PS chooses from each step (§14).
   c.protocol = ml_collections.ConfigDict(dict(
-      name="partial_straggler", ell=2,
+      name="partial_straggler", ell=config_dict.FieldReference(2, field_type=object),
       partial_straggler=dict(decoding_matrix="auto", num_candidates=None, seed=None),
       original=dict(construction="auto", seed=None),
       uncoded={}, ignore_stragglers=dict(rescale=True)))
@@ -203,8 +206,13 @@ def _add_runtime(c: ml_collections.ConfigDict) -> None:
   """Where and how the step runs: backend, memory, devices, the loop's cadence."""
   # Where the step runs: "spmd" (one shard_map program) or "ray" (one actor per worker).
   c.backend = "spmd"
-  c.ray = ml_collections.ConfigDict(dict(num_actors=4, time_scale=0.01, address=None))
+  # num_spares: warm actors that take over a dead one's workers at the next step;
+  # max_restarts: per actor (unset: no limit); one out of them, or on a node that left,
+  # is gone for good and the PS re-forms the code over the live workers (PROTOCOL.md §16).
+  c.ray = ml_collections.ConfigDict(dict(num_actors=4, time_scale=0.01, address=None,
+                                         num_spares=0, max_restarts=None))
   c.ray.address = config_dict.placeholder(str)
+  c.ray.max_restarts = config_dict.placeholder(int)
   # Per-device memory the step may use (GiB); unset: what the device reports (none on
   # CPU: no check). The model's estimate (jaxgc.models.memory_estimate) must fit.
   c.memory_budget_gb = config_dict.placeholder(float)

@@ -144,7 +144,7 @@ def _init_state(exp: Experiment, sharding):
   def init():   # keys built in the program from the static seed (see keys())
     params, model_state = models.init_variables(model, keys(seed)[0], example)  # (shapes only)
     if not traced:
-      return params
+      return params, model_state
     # A model with state (batch norm) keeps it in the TrainState, so it is checkpointed.
     extra = {"model_state": model_state} if model_state else {}
     return exp.step.init_state(params, keys(seed)[2], **extra)
@@ -154,7 +154,11 @@ def _init_state(exp: Experiment, sharding):
     sharding = sharding if placed is None else placed
   out = per_object(exp.step, ("init", traced, model, seed, example.shape, example.dtype),
                   lambda: jax.jit(init, out_shardings=sharding))()
-  return out if traced else exp.step.init_state(out, keys(seed)[2])
+  if traced:
+    return out
+  params, model_state = out     # the Ray step keeps a model's state (batch norm) too
+  return exp.step.init_state(params, keys(seed)[2], **(
+      {"model_state": model_state} if model_state else {}))
 
 
 def _write_outputs(exp: Experiment, workdir: str, state, summary: dict) -> None:
@@ -240,7 +244,9 @@ def _train(exp: Experiment, workdir: str, restart: bool) -> TrainState:
           "wall_time_s": wall, "session_wall_time_s": time.time() - t0, "resumed_from": start,
           **ev, "step_wall_time_s": run.step_wall,
           "global_batch_bytes": inputs.global_batch_bytes(), "input_bytes_per_device":
-          input_bytes, "stopped_by": stopped}, rep, lead)
+          input_bytes, "stopped_by": stopped,
+          # The Ray step's re-forms of the code (PROTOCOL.md §16), [] when none.
+          "reforms": getattr(exp.step, "reforms", None)}, rep, lead)
   finally:
     log.close()
   if stopped:

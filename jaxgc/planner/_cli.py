@@ -21,7 +21,7 @@ PROG = "python -m jaxgc.planner"
 # ParamError.param of the library -> the flag that set it.
 _FLAGS = {"num_workers": "--num_workers", "num_params": "--num_params", "trials": "--trials",
           "protocols": "--protocols", "loads": "--loads", "ells": "--ells",
-          "message_dtypes": "--dtypes"}
+          "message_dtypes": "--dtypes", "ell_sets": "--ell_sets"}
 
 
 class _Error(Exception):
@@ -91,6 +91,9 @@ def parse_args(argv=None) -> dict:
   p.add_argument("--protocols", default=",".join(_planner.DEFAULT_PROTOCOLS))
   p.add_argument("--loads", default=",".join(map(str, _planner.DEFAULT_LOADS)))
   p.add_argument("--ells", default=",".join(map(str, _planner.DEFAULT_ELLS)))
+  p.add_argument("--ell_sets", default="",
+                 help="sets of ell chosen per step, each one candidate, e.g. '1,2,4;1,2' "
+                      "(PROTOCOL.md §14)")
   p.add_argument("--trials", default="1000", help="simulated steps per candidate")
   p.add_argument("--dtype", default="float32", help="gradient dtype (bytes per number)")
   p.add_argument("--dtypes", default="float32",
@@ -127,15 +130,16 @@ def parse_args(argv=None) -> dict:
     raise _Error(f"--dtypes: {e}") from None
   names = tuple(n for n in a.protocols.replace(",", " ").split())
   loads, ells = _ints("--loads", a.loads), _ints("--ells", a.ells)
+  ell_sets = [_ints("--ell_sets", part) for part in a.ell_sets.split(";") if part.strip()]
   try:
-    _planner.candidates(int(workers), names, loads, ells)
+    _planner.candidates(int(workers), names, loads, ells, ell_sets=ell_sets)
   except ParamError as e:
     raise _Error(_grid_error(e, a)) from None
   return dict(
       num_workers=int(workers), num_params=int(d),
       network=_network.get_network(a.topology, bandwidth, latency),
       straggler=_straggler("--straggler", a.straggler, failure_prob),
-      protocols=names, loads=loads, ells=ells,
+      protocols=names, loads=loads, ells=ells, ell_sets=ell_sets,
       trials=int(trials), dtype=dtype, seed=int(_number("--seed", a.seed)), json=a.json,
       message_dtypes=message_dtypes)
 
@@ -153,12 +157,13 @@ def _grid_error(e: ParamError, a: argparse.Namespace) -> str:
 def format_table(rows: list[dict], top: int | None = None) -> str:
   """The rows as a fixed-width table (times in seconds, messages in MB, the share of steps
   with an exact gradient)."""
-  head = (f"{'protocol':<22}{'load':>5}{'ell':>4}{'wire':>9}{'E[step] s':>12}{'p95 s':>10}"
+  head = (f"{'protocol':<22}{'load':>5}{'ell':>8}{'wire':>9}{'E[step] s':>12}{'p95 s':>10}"
           f"{'compute s':>11}{'comm s':>10}{'MB/worker':>11}{'exact':>7}")
   lines = [head, "-" * len(head)]
   for r in rows[:top]:
     name = r["protocol"] + (f" (b={r['num_backup']})" if r.get("num_backup") else "")
-    lines.append(f"{name:<22}{r['load']:>5}{r['ell']:>4}{r.get('message_dtype', 'float32'):>9}"
+    ell = ",".join(map(str, r["ell"])) if isinstance(r["ell"], (tuple, list)) else r["ell"]
+    lines.append(f"{name:<22}{r['load']:>5}{ell:>8}{r.get('message_dtype', 'float32'):>9}"
                  f"{r['mean_step_time']:>12.4g}"
                  f"{r['p95_step_time']:>10.4g}{r['compute_time']:>11.4g}"
                  f"{r['comm_time']:>10.4g}{r['bytes_per_worker'] / 1e6:>11.4g}"

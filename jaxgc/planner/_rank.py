@@ -30,21 +30,29 @@ _ONE_COPY = ("uncoded", "backup_workers")      # each chunk computed once, load 
 
 
 class Candidate(NamedTuple):
-  """One deployment: protocol name, load, ``ℓ`` and ``num_backup`` (backup workers only)."""
+  """One deployment: protocol name, load, ``ℓ`` and ``num_backup`` (backup workers only).
+
+  ``ell`` may be a set (a sorted tuple) for partial_straggler: the PS chooses ``ℓ`` in it
+  each step (PROTOCOL.md §14), and the set is one candidate, ranked by that rule's steps.
+  """
   protocol: str
   load: int
-  ell: int
+  ell: int | tuple[int, ...]
   num_backup: int | None = None
 
 
 class Simulated(NamedTuple):
   """A candidate's simulated steps: stop times, first-round senders and whether the
-  gradient is exact at the stop, ``[trials]`` each."""
+  gradient is exact at the stop, ``[trials]`` each. A set of ``ℓ`` keeps its draws
+  (``durations``, ``[trials, m, max_load]``) and straggler model: its stop depends on
+  the network and ``d``, so :func:`rank` runs its rule."""
   candidate: Candidate
   stop: np.ndarray
   senders: np.ndarray
   protocol: Any
   exact: np.ndarray
+  durations: Any = None
+  straggler: Any = None
 
 
 def check_num_params(num_params) -> int:
@@ -68,11 +76,12 @@ def _check_grid(name: str, values, low: int = 1) -> tuple[int, ...]:
 
 
 def candidates(num_workers: int, names=DEFAULT_PROTOCOLS, loads=DEFAULT_LOADS,
-               ells=DEFAULT_ELLS, backups=None) -> list[Candidate]:
+               ells=DEFAULT_ELLS, backups=None, ell_sets=()) -> list[Candidate]:
   """The grid: coded protocols over ``load ≤ m`` and ``ℓ ≤ load``; one-copy ones once.
 
   ``backups``: ``num_backup`` values for backup workers (default ``m/10`` and ``m/5``,
-  at least 1).
+  at least 1). ``ell_sets``: sets of ``ℓ`` (e.g. ``[(1, 2, 4)]``), each one
+  partial_straggler candidate per load ``≥ max(set)`` (PROTOCOL.md §14).
 
   Raises:
     jaxgc.errors.ParamError: (a ``ValueError``) an unknown or inexact protocol
@@ -102,6 +111,9 @@ def candidates(num_workers: int, names=DEFAULT_PROTOCOLS, loads=DEFAULT_LOADS,
       row = [Candidate(name, n, 1) for n in loads]
     else:
       row = [Candidate(name, n, e) for n in loads for e in ells if e <= n]
+      if name == "partial_straggler":
+        row += [Candidate(name, n, s) for s in _check_sets(ell_sets) for n in loads
+                if max(s) <= n]
     out += row
     empty += [] if row or name in _ONE_COPY else [name]
   if empty:
@@ -124,6 +136,15 @@ def _no_coded_candidate(names: list[str], m: int, loads: list[int], ells: tuple[
   return ParamError(
       f"no coded candidate for {', '.join(names)}: each needs ell <= load, but ells "
       f"{list(ells)} are all above loads {loads}; pass an ell <= {max(loads)}{bigger}.", "ells")
+
+
+def _check_sets(ell_sets) -> list[tuple[int, ...]]:
+  """``ell_sets`` as sorted tuples (:func:`jaxgc.protocols.dynamic_ell.check_ells`)."""
+  try:
+    return [protocols.dynamic_ell.check_ells(tuple(s)) for s in ell_sets]
+  except (TypeError, ValueError) as e:
+    raise ParamError(f"ell_sets must be sets of positive integers such as [(1, 2, 4)], got "
+                     f"{ell_sets!r} ({e}).", "ell_sets") from None
 
 
 def _build(c: Candidate, num_workers: int):
@@ -153,9 +174,11 @@ def simulate(num_workers: int, straggler=None, grid: Sequence[Candidate] | None 
   straggler = _straggler(straggler)
   grid = candidates(num_workers) if grid is None else list(grid)
   protos = [_build(c, int(num_workers)) for c in grid]
-  stops, senders, exact = _simulate_all(protos, straggler, jax.random.key(seed), int(trials),
-                                        timeout, need_senders)
-  return [Simulated(c, np.asarray(t, np.float64), np.asarray(s, np.float64), p, np.asarray(e))
+  stops, senders, exact, draws = _simulate_all(protos, straggler, jax.random.key(seed),
+                                               int(trials), timeout, need_senders)
+  return [Simulated(c, np.asarray(t, np.float64), np.asarray(s, np.float64), p, np.asarray(e),
+                    *((draws[p.assignment.max_load], straggler)
+                      if isinstance(p, protocols.DynamicEll) else ()))
           for c, p, t, s, e in zip(grid, protos, stops, senders, exact, strict=True)]
 
 
@@ -190,8 +213,31 @@ def _simulate_all(protos, straggler, key, trials, timeout, need_senders):
         senders.append(jnp.sum(jax.vmap(p.solve)(counts).senders, axis=-1, dtype=jnp.float32))
       else:                       # NaN: not simulated (rank refuses a network that needs them)
         senders.append(jnp.full_like(stop, jnp.nan))
-    return stops, senders, exact
+    # The draws of the loads a set of ℓ uses: rank() runs its rule on them.
+    dynamic = {p.assignment.max_load for p in protos if isinstance(p, protocols.DynamicEll)}
+    return stops, senders, exact, {n: tau[n] for n in dynamic}
   return jax.device_get(run(key))
+
+
+def _dynamic_steps(s: Simulated, d: int, network, dtype, wire: str):
+  """``(stop + comm, stop, comm, exact)`` ``[trials]`` of a set of ``ℓ``: the causal rule
+  (:func:`jaxgc.protocols.choose_ell`) on the candidate's draws, with this network."""
+  proto = s.protocol
+  comm = protocols.dynamic_ell.comm_model(network, proto, d, dtype, wire)
+  scenarios = protocols.dynamic_ell.scenarios_of(s.straggler, proto.assignment)
+
+  @jax.jit
+  def run(tau):
+    c = jax.vmap(lambda t: protocols.choose_ell(proto, t, scenarios, comm))(tau)
+    counts = timing.progress(tau, c.stop)
+    senders = jnp.sum(counts > 0, axis=-1)
+    per = jnp.stack([comm(k, senders) for k in range(len(proto.ells))])
+    cost = per[c.member, jnp.arange(tau.shape[0])]
+    exact = jnp.stack([p.is_decodable(counts) for p in proto.members])[c.member,
+                                                                        jnp.arange(tau.shape[0])]
+    return c.stop, cost, exact
+  stop, comm_time, exact = (np.asarray(x, np.float64) for x in run(jnp.asarray(s.durations)))
+  return stop + comm_time, stop, comm_time, exact
 
 
 def check_message_dtypes(message_dtypes) -> tuple[str, ...]:
@@ -239,28 +285,38 @@ def rank(simulated: Sequence[Simulated], num_params, network=None,
       raise ValueError(f"{network.name} network: its time depends on the senders, which were not "
                        "simulated; call simulate(..., need_senders=True).")
     for wire in wires:     # one simulation: the precision changes the messages only
-      comm = np.asarray(_network.step_comm_time(network, s.protocol, d, dtype, s.senders,
-                                                message_dtype=wire), np.float64)
-      total = s.stop + comm
+      stop, exact = s.stop, s.exact
+      if s.durations is not None:
+        total, stop, comm, exact = _dynamic_steps(s, d, network, dtype, wire)
+      else:
+        comm = np.asarray(_network.step_comm_time(network, s.protocol, d, dtype, s.senders,
+                                                  message_dtype=wire), np.float64)
+        total = s.stop + comm
       rows.append({
           "protocol": s.candidate.protocol, "load": s.candidate.load, "ell": s.candidate.ell,
           "num_backup": s.candidate.num_backup, "message_dtype": wire,
           "mean_step_time": float(np.mean(total)),
           "p95_step_time": float(np.percentile(total, 95)),
-          "compute_time": float(np.mean(s.stop)), "comm_time": float(np.mean(comm)),
+          "compute_time": float(np.mean(stop)), "comm_time": float(np.mean(comm)),
+          # A set of ℓ: its largest message (the smallest ℓ).
           "bytes_per_worker": _network.message_bytes(s.protocol, d, dtype, wire),
-          "exact_fraction": float(np.mean(s.exact)),
+          "exact_fraction": float(np.mean(exact)),
           "precision_eps": _precision.epsilon(wire),
       })
-  return sorted(rows, key=lambda r: (r["mean_step_time"], r["ell"], r["load"],
+  # A set of ℓ sorts by its smallest ℓ among equal times.
+  return sorted(rows, key=lambda r: (r["mean_step_time"], min(_as_tuple(r["ell"])), r["load"],
                                      r["precision_eps"]))
+
+
+def _as_tuple(ell) -> tuple:
+  return ell if isinstance(ell, tuple) else (ell,)
 
 
 def plan(num_workers: int, num_params, straggler=None, network=None, *,
          protocols=DEFAULT_PROTOCOLS, loads=DEFAULT_LOADS, ells=DEFAULT_ELLS, backups=None,
          trials: int = 1000, seed: int = 0, dtype=jnp.float32,
          timeout: float | None = None,
-         message_dtypes=None) -> list[dict]:  # pylint: disable=redefined-outer-name
+         message_dtypes=None, ell_sets=()) -> list[dict]:  # pylint: disable=redefined-outer-name
   """Simulates ``E[step time]`` for every ``(protocol, load, ℓ)`` and ranks them, best first.
 
   Args:
@@ -279,13 +335,15 @@ def plan(num_workers: int, num_params, straggler=None, network=None, *,
     timeout: what a never-decodable step costs (failures), as in ``stop_time``.
     message_dtypes: the messages' precisions to choose from with ``ℓ`` (e.g.
       ``("float32", "bfloat16")``; default float32 only), as in :func:`rank`.
+    ell_sets: sets of ``ℓ`` chosen per step (e.g. ``[(1, 2, 4)]``), each ranked as one
+      partial_straggler candidate by its causal rule's step times (PROTOCOL.md §14).
   Returns:
     rows (dicts) as in :func:`rank`.
   """
   d = check_num_params(num_params)
   check_message_dtypes(message_dtypes)      # before the simulation, not after it
   network = _network.NoNetwork() if network is None else network
-  grid = candidates(num_workers, protocols, loads, ells, backups)
+  grid = candidates(num_workers, protocols, loads, ells, backups, ell_sets)
   sims = simulate(num_workers, straggler, grid, trials=trials, seed=seed, timeout=timeout,
                   need_senders=network.depends_on_senders)
   return rank(sims, d, network, dtype, message_dtypes)

@@ -18,6 +18,7 @@ from jaxgc.protocols.base import (
   expected_mse,
   stop_time,
 )
+from jaxgc.protocols.dynamic_ell import DynamicEll, EllChoice, choose_ell
 from jaxgc.protocols.graph_code import GraphCode
 from jaxgc.protocols.original import Original
 from jaxgc.protocols.partial_straggler import PartialStraggler
@@ -28,6 +29,9 @@ __all__ = [
     "Protocol",
     "Coefficients",
     "PartialStraggler",
+    "DynamicEll",
+    "EllChoice",
+    "choose_ell",
     "Original",
     "Uncoded",
     "IgnoreStragglers",
@@ -52,7 +56,8 @@ for _cls in (PartialStraggler, Original, Uncoded, IgnoreStragglers, GraphCode, B
 del _cls
 
 
-def get_protocol(name: str, assignment: Assignment, ell: int = 1, **options: Any) -> Protocol:
+def get_protocol(name: str, assignment: Assignment, ell: int | tuple[int, ...] = 1,
+                 **options: Any) -> Protocol:
   """Builds the protocol registered as ``name`` in :data:`PROTOCOLS`.
 
   Every protocol takes ``(assignment, ell, **options)``.

@@ -245,6 +245,14 @@ class PartialStraggler(Protocol):
   name = "partial_straggler"
   reports_condition = True
 
+  def __new__(cls, assignment=None, ell=1, *args, **kwargs):
+    # A set of ells is a DynamicEll (PROTOCOL.md §14), which __init__ then builds.
+    del assignment, args, kwargs
+    if cls is PartialStraggler and isinstance(ell, (tuple, list)):
+      from jaxgc.protocols.dynamic_ell import DynamicEll  # pylint: disable=import-outside-toplevel
+      return super().__new__(DynamicEll)
+    return super().__new__(cls)
+
   def __init__(self, assignment: Assignment, ell: int = 1, *, decoding_matrix="auto",
                num_candidates: int | None = None, seed: int = 0, dtype=jnp.float32,
                **options):
@@ -344,7 +352,10 @@ class PartialStraggler(Protocol):
 
   def completion_time(self, durations):
     """``t* = max_i (ℓ-th smallest of {F_{j,pos_j(i)} : j ∈ W(i)})``, ``[...]``."""
-    f = timing.finish_times(self.check_durations(durations))
+    return self.completion_from_finish(timing.finish_times(self.check_durations(durations)))
+
+  def completion_from_finish(self, f):
+    """:meth:`completion_time` from finish times ``F [..., m, max_load]`` (``inf``: never)."""
     m, width = self.assignment.num_workers, self.assignment.max_load
     workers, slots = self.assignment.holders
     idx = np.where(workers >= 0, workers * width + slots, m * width)   # pad → the inf column

@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxgc import adaptive as _adaptive
 from jaxgc import protocols as _protocols
 from jaxgc.backends import base as _backend
 from jaxgc.backends import core
+from jaxgc.backends.chunk_rule import chunk_keys
 from jaxgc.memo import per_object
 
-__all__ = ["apply_update", "draw", "ps_functions", "unravel"]
+__all__ = ["apply_update", "chunk_key_data", "draw", "ps_functions", "unravel"]
 
 
 def _solve(protocol, counts):
@@ -65,28 +67,48 @@ def ps_functions(protocol):
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(7)))
-def draw(protocol, straggler, mode, deadline, timeout, loss_prob, nan_prob, key, step,
-         straggler_state):
-  """One step's injected durations, faults and simulated stop, from ``fold_in(key, step)``.
+def draw(protocol, straggler, mode, deadline, timeout, loss_prob, nan_prob, step_key,
+         straggler_state, perm=None):
+  """One step's injected durations, faults and simulated stop, from the step's key
+  (``fold_in(key, step)`` in training).
 
   The SPMD step's draw (:func:`jaxgc.backends.base.draw_step`), so both backends
-  inject the same durations and faults. Module-level with static settings: steps
-  with equal settings share one compile.
+  inject the same durations and faults. With an adaptive PS's placement ``perm``
+  ``[m]`` the durations are the logical workers' (:func:`jaxgc.adaptive.apply_placement`),
+  as in the SPMD step. Module-level with static settings: steps with equal settings
+  share one compile.
   """
   durations, lost, corrupt, straggler_state = _backend.draw_step(
-      straggler, protocol.assignment, jax.random.fold_in(key, step), straggler_state,
-      loss_prob, nan_prob)
+      straggler, protocol.assignment, step_key, straggler_state, loss_prob, nan_prob)
+  if perm is not None:
+    durations = _adaptive.apply_placement(durations, perm, protocol.assignment)
   sim_stop = _protocols.stop_time(protocol, durations, mode=mode, deadline=deadline,
                                     timeout=timeout)
   return durations, lost, corrupt, sim_stop, straggler_state
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def apply_update(tx, state, g, outcome):
+def apply_update(tx, state, g, outcome, fields=None):
   """``(new_state, outcome)``: :func:`jaxgc.backends.core.apply_step` with the flat
   gradient ``g [d]`` (``outcome``: ``skipped``, ``exact``, ``erasures``,
-  ``step_sim_time``)."""
-  return core.apply_step(state, ravel_pytree(state.params)[1](g), outcome, tx)
+  ``step_sim_time``); ``fields``: other state fields to replace (``model_state``,
+  kept when the step is skipped; ``adaptive_state``)."""
+  return core.apply_step(state, ravel_pytree(state.params)[1](g), outcome, tx, **(fields or {}))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _chunk_keys(step_key, num_chunks: int):
+  return chunk_keys(step_key, num_chunks)
+
+
+def chunk_key_data(step_key, num_chunks: int):
+  """``(key data [N, ...], impl)``: the chunks' keys (:func:`jaxgc.chunk_keys`, the SPMD
+  step's) as NumPy for the actors; ``impl`` is ``None`` for raw ``uint32`` keys, else
+  the name :func:`jax.random.wrap_key_data` takes back."""
+  keys = _chunk_keys(step_key, int(num_chunks))
+  if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    return np.asarray(jax.random.key_data(keys)), str(jax.random.key_impl(keys))
+  return np.asarray(keys), None
 
 
 def unravel(like, flat):

@@ -61,8 +61,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
   if address is None:
     if ray.is_initialized():
       return False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    # address="local": a new instance, never a cluster that another process on this
+    # machine started (a bare ray.init() would join it, and then refuse num_cpus).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             configure_logging=False, log_to_driver=False)
     return True
   _check_reachable(address, connect_timeout)
   if ray.is_initialized():

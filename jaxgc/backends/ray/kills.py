@@ -37,7 +37,8 @@ class KillLoop:
 
   Args:
     ray: the ``ray`` module.
-    actors: actor handles (e.g. ``WorkerPool.actors``).
+    actors: actor handles (e.g. ``WorkerPool.actors``); a list is read live, so a spare that
+      took over a slot is killed there, not the actor it replaced.
     mtbf: mean seconds between kills (exponential gaps).
     seed: of the gaps and the choice of actor.
     min_gap: seconds added to every gap (no two kills closer than this).
@@ -46,7 +47,8 @@ class KillLoop:
   def __init__(self, ray, actors, mtbf: float, *, seed: int = 0, min_gap: float = 0.0):
     if not np.isfinite(mtbf) or mtbf <= 0:
       raise ValueError(f"mtbf must be a positive number of seconds, got {mtbf!r}.")
-    self.ray, self.actors, self.mtbf, self.min_gap = ray, list(actors), float(mtbf), min_gap
+    self.ray, self.mtbf, self.min_gap = ray, float(mtbf), min_gap
+    self.actors = actors if isinstance(actors, list) else list(actors)
     self.rng = np.random.default_rng(seed)
     self.kills: list[tuple[float, int]] = []
     self._stop = threading.Event()
@@ -55,12 +57,13 @@ class KillLoop:
   def _loop(self) -> None:
     t0 = time.perf_counter()
     while not self._stop.wait(self.min_gap + self.rng.exponential(self.mtbf)):
-      live = [h for h, a in enumerate(self.actors) if actor_state(self.ray, a)[0] == "ALIVE"]
+      actors = list(self.actors)     # a snapshot: the PS may swap a spare in meanwhile
+      live = [h for h, a in enumerate(actors) if actor_state(self.ray, a)[0] == "ALIVE"]
       if not live:
         continue
       h = int(self.rng.choice(live))
       try:
-        self.ray.kill(self.actors[h], no_restart=False)
+        self.ray.kill(actors[h], no_restart=False)
       except Exception:  # pylint: disable=broad-except
         continue
       self.kills.append((time.perf_counter() - t0, h))

@@ -6,7 +6,9 @@ or restarting gets no work and counts in the step's ``dead_workers``; its actor
 gets the current parameters again in the first step after it is back. Each
 outage is one :class:`Restart`: when the actor went down, when the GCS saw it
 alive again, and when its first chunk report reached the PS (the moment it is
-useful again), in steps and in seconds.
+useful again), in steps and in seconds. With hot spares
+(:mod:`jaxgc.backends.ray.membership`) a spare takes over the dead actor's slot: the
+outage ends with the spare's first report (``Restart.spare``).
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ class Restart:
   ``cause``: ``"fail_at"`` (killed by the fault schedule), ``"error"`` (a call
   to it failed) or ``"gcs"`` (the GCS called it not alive). ``up_s`` and
   ``first_report_s`` are seconds since ``down_at``; ``None`` until they happen.
+  ``spare``: a hot spare took over the slot at ``up_step`` (the first report is the
+  spare's). ``actor`` is the slot at the outage (a later shrink may renumber slots).
   """
   actor: int
   cause: str
@@ -55,6 +59,7 @@ class Restart:
   up_s: float | None = None
   first_report_step: int | None = None
   first_report_s: float | None = None
+  spare: bool = False
 
   @property
   def steps_lost(self) -> int | None:
@@ -77,6 +82,7 @@ class ActorLiveness:
     self.restarts: list[Restart] = []
     self.waiting: dict[int, Restart] = {}   # up again, no report yet
     self.lost: set[int] = set()
+    self.polled: int | None = None          # the step of the last poll of the GCS
 
   def _mark_down(self, h: int, step: int, cause: str, now: float) -> None:
     if h in self.down:
@@ -101,8 +107,14 @@ class ActorLiveness:
     """A call to actor ``h`` failed (it died, or Ray lost it): down until the GCS says otherwise."""
     self._mark_down(h, step, "error", time.perf_counter())
 
-  def poll(self, step: int) -> np.ndarray:
-    """``bool [num_actors]``: the actors to give work at ``step``, from the GCS's table."""
+  def poll(self, step: int, cached: bool = False) -> np.ndarray:
+    """``bool [num_actors]``: the actors to give work at ``step``, from the GCS's table.
+
+    ``cached``: the answer of this step's last poll if nothing changed since (the PS
+    polls at the step boundary, then again before the dispatch).
+    """
+    if cached and self.polled == step:
+      return self._alive()
     now = time.perf_counter()
     for h, actor in enumerate(self.actors):
       if h in self.lost:
@@ -127,7 +139,36 @@ class ActorLiveness:
         self.restarts.append(ev)
         self.waiting[h] = ev
         self.known[h] = n
+    self.polled = int(step)
+    return self._alive()
+
+  def _alive(self) -> np.ndarray:
     return np.array([h not in self.down for h in range(len(self.actors))], bool)
+
+  def replace(self, h: int, step: int) -> None:
+    """A spare now fills slot ``h`` (``actors[h]`` already swapped): the slot's outage
+    waits for the spare's first report."""
+    now = time.perf_counter()
+    ev = self.down.pop(h, None)
+    if ev is None:
+      ev = Restart(h, "gcs", int(step), now)
+      self.restarts.append(ev)
+    ev.up_step, ev.up_s, ev.spare = int(step), now - ev.down_at, True
+    self.need.pop(h, None)
+    self.lost.discard(h)
+    self.known[h] = max(actor_state(self.ray, self.actors[h])[1], 0)
+    self.waiting[h] = ev
+
+  def drop(self, h: int) -> None:
+    """Slot ``h`` left (``actors`` already without it): later slots move down by one."""
+    move = lambda d: {k - (k > h): v for k, v in d.items() if k != h}
+    self.down, self.need, self.waiting = move(self.down), move(self.need), move(self.waiting)
+    self.lost = {k - (k > h) for k in self.lost if k != h}
+    del self.known[h]
+
+  def add(self) -> None:
+    """A new last slot (``actors`` already has it)."""
+    self.known.append(max(actor_state(self.ray, self.actors[-1])[1], 0))
 
   def reported(self, h: int, step: int) -> None:
     """Actor ``h`` delivered a chunk report at ``step``: closes its outage, if one is open."""
@@ -141,7 +182,7 @@ class ActorLiveness:
     A step with no live actor could only be skipped; a restart takes seconds, so
     the PS waits for one instead of skipping a burst of steps.
     """
-    alive = self.poll(step)
+    alive = self.poll(step, cached=True)
     until = time.perf_counter() + timeout
     while not alive.any() and len(self.lost) < len(alive) and time.perf_counter() < until:
       time.sleep(0.05)

@@ -12,6 +12,7 @@ import collections
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,13 @@ from jaxgc import protocols as _protocols
 from jaxgc.backends import base as _backend
 from jaxgc.backends import core
 from jaxgc.backends.base import TrainState
-from jaxgc.backends.ray.compute import apply_update, draw, ps_functions, unravel
+from jaxgc.backends.chunk_rule import ChunkLoss, chunk_mean
+from jaxgc.backends.ray.actor import actor_xla_flags
+from jaxgc.backends.ray.chunk_aux import gather_aux
+from jaxgc.backends.ray.compute import apply_update, chunk_key_data, draw, ps_functions, unravel
 from jaxgc.backends.ray.kills import kill_scheduled
 from jaxgc.backends.ray.liveness import ActorLiveness
+from jaxgc.backends.ray.membership import Membership
 from jaxgc.backends.ray.messages import collect
 from jaxgc.backends.ray.pool import WorkerPool
 from jaxgc.backends.ray.records import Rounds, Seen
@@ -45,7 +50,9 @@ class RayStep:
   Args:
     protocol: a :mod:`jaxgc.protocols` protocol.
     straggler: a :mod:`jaxgc.timing` model; its durations become injected sleeps.
-    loss_fn: ``loss(params, chunk) -> scalar`` (:func:`jaxgc.models.chunk_loss_fn`).
+    loss_fn: ``loss(params, chunk, *args) -> scalar`` (``-> (loss, aux)`` with
+      ``has_aux``), the SPMD step's contract (:mod:`jaxgc.backends.chunk_rule`): a
+      keyword parameter ``rng`` gets the chunk's key (:func:`jaxgc.chunk_keys`).
     tx: an ``optax.GradientTransformation``.
     mode: ``"exact"`` or ``"deadline"``.
     deadline: ``T`` in simulated seconds (deadline mode): the PS stops at
@@ -68,10 +75,32 @@ class RayStep:
     message_dtype: the messages' precision on the wire (PROTOCOL.md §15,
       :mod:`jaxgc.precision`): ``"float32"``, ``"bfloat16"`` or ``"int8"``.
       The actors encode in float32 and send the cast message; the PS decodes in float32.
+    has_aux: the loss returns ``(loss, aux)``; with a ``model_state`` in the state, ``aux``
+      is the chunk's new model state and the next is the mean over the chunks that
+      arrived (ghost batch norm, as :meth:`jaxgc.parallel.CodedStep.update`).
+    adaptive: a :class:`jaxgc.adaptive.AdaptivePS` of ``protocol``: logical worker
+      ``j``'s list runs on the actor of physical worker ``perm[j]`` with its injected
+      durations, and the PS observes the state it saw (counts, and the stop in simulated
+      seconds: wall seconds / ``time_scale``) to place the next step; its state is
+      ``TrainState.adaptive_state``. ``None``: the static placement.
+    num_spares: hot spares (:mod:`jaxgc.backends.ray.membership`): warm actors, one of
+      which takes over a dead actor's workers at the next step (ignored with ``pool``:
+      the pool's own).
+    max_restarts: restarts Ray gives each actor (``None``: no limit; ignored with ``pool``).
+    reform_protocol: ``assignment -> protocol`` for the re-formed code when the
+      membership changes (PROTOCOL.md §16); default the same protocol class and ``ℓ``
+      (at most the new load) with default options. A re-form drops ``adaptive``.
+    model: each worker is a group of ``model`` devices of its actor, on a local
+      ``workers × model`` mesh with the SPMD step's FSDP placement
+      (:func:`jaxgc.parallel.place_params`): a CPU actor starts with ``model`` host
+      devices, a GPU one (the PS's JAX runs on GPU) asks Ray for ``num_gpus=model``.
+      With ``pool``, the pool's actors must have them.
 
   Attributes:
     liveness: the PS's :class:`jaxgc.backends.ray.ActorLiveness`; its ``restarts``
       lists each actor outage and how many steps and seconds it cost.
+    membership: the :class:`jaxgc.backends.ray.membership.Membership`: epoch, spares
+      and each re-form (:attr:`reforms`).
   """
 
   # A jaxgc.backends.StepBackend that runs on the host: no trace, host chunks, host params.
@@ -84,10 +113,28 @@ class RayStep:
                message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                pool: WorkerPool | None = None, message_timeout: float = 60.0,
                keep_records: int = 1000, fail_at=None, report_condition: bool = True,
-               message_dtype: str = "float32"):
+               message_dtype: str = "float32", has_aux: bool = False, adaptive=None,
+               num_spares: int = 0, max_restarts: int | None = None,
+               reform_protocol: Callable | None = None, model: int = 1):
     _backend.check_step_args(protocol, mode, deadline, timeout, message_loss_prob,
                              nan_message_prob)
     _backend.check_straggler(straggler)
+    self.chunk_loss = ChunkLoss(loss_fn, has_aux)
+    self.has_aux = has_aux
+    if getattr(protocol, "ells", None) is not None:
+      raise ParamError(f"protocol: an ell chosen per step from {protocol.ells} runs on the spmd "
+                       "backend only; give the Ray step one ell (PartialStraggler(assignment, "
+                       "ell=2)).", "protocol")
+    a = protocol.assignment
+    if adaptive is not None and (adaptive.protocol.assignment.num_workers != a.num_workers
+                                 or not np.array_equal(adaptive.protocol.assignment.order,
+                                                       a.order)):
+      raise ParamError("adaptive: the AdaptivePS was built for another assignment; build it "
+                       "with the step's protocol, AdaptivePS(protocol).", "adaptive")
+    self.adaptive = adaptive
+    # The PS's placement and observation, jitted once (used only with an adaptive PS).
+    self._placement: Any = None if adaptive is None else jax.jit(adaptive.placement)
+    self._observe: Any = None if adaptive is None else jax.jit(adaptive.observe)
     if not np.isfinite(time_scale) or time_scale <= 0:
       raise ParamError(f"time_scale must be positive (wall seconds per simulated second), got "
                        f"{time_scale!r}; pass e.g. time_scale=0.01.", "time_scale")
@@ -105,9 +152,22 @@ class RayStep:
     self.faults = _faults.fault_schedule(fail_at, protocol.assignment.num_workers)
     self.report_condition = bool(report_condition) and protocol.reports_condition
     self.closed = False
+    if not isinstance(model, (int, np.integer)) or isinstance(model, bool) or model < 1:
+      raise ParamError(f"model must be a positive integer (devices per worker), got {model!r}; "
+                       "set --config.mesh.model.", "model")
+    self.model = int(model)
     self.owns_pool = pool is None
-    self.pool = WorkerPool(num_actors, address=address) if pool is None else pool
+    self.pool = WorkerPool(num_actors, address=address, num_spares=num_spares,
+                           max_restarts=max_restarts, **_device_options(self.model)
+                           ) if pool is None else pool
     self.ray = self.pool.ray
+    if self.model > 1 and self.pool.actors:
+      have = len(self.ray.get(self.pool.actors[0].devices.remote()))
+      if have < self.model:
+        raise ParamError(f"model={self.model}: the pool's actors have {have} device(s) each; "
+                         f"build the pool with xla_flags=actor_xla_flags({self.model}) (CPU) or "
+                         f"actor_options={{'num_gpus': {self.model}}}, or leave pool unset.",
+                         "model")
     self.token, self.setup = self.pool.program(loss_fn)
     self.key = uuid.uuid4().hex
     self.records: collections.deque = collections.deque(maxlen=keep_records)
@@ -116,15 +176,40 @@ class RayStep:
     self._straggler_state = None
     self._coefficients, self._complete, self._finish = ps_functions(protocol)
     self.liveness = ActorLiveness(self.ray, self.pool.actors)
+    self._fail_pairs = self.faults.pairs      # fail_at as given, for a re-formed code
+    self._warm_call: Callable | None = None
+    self.reform_protocol = reform_protocol or (lambda a: _protocols.get_protocol(
+        protocol.name, a, min(protocol.ell, int(a.replication.min()))))
+    self.membership = Membership(self, lambda h: None if self._warm_call is None
+                                 else self._warm_call(h))
+
+  def set_protocol(self, protocol) -> None:
+    """Runs ``protocol`` (a re-formed code, PROTOCOL.md §16) from the next step on.
+
+    Its programs compile at the next step's warm-up; ``fail_at`` keeps the workers that
+    still exist; an adaptive placement (made for the old assignment) is dropped.
+    """
+    self.protocol, self.assignment = protocol, protocol.assignment
+    m = protocol.assignment.num_workers
+    self.slots = core.work_slots(protocol)
+    self.faults = _faults.fault_schedule([(j, s) for j, s in self._fail_pairs if j < m], m)
+    self.report_condition = self.report_condition and protocol.reports_condition
+    self._coefficients, self._complete, self._finish = ps_functions(protocol)
+    self.adaptive = self._placement = self._observe = None
+    self._warm = False
 
   def _check_open(self):
     if self.closed:
       raise ValueError("this RayStep is closed (its actors are gone); make a new one.")
 
   # -- state ------------------------------------------------------------------------
-  def init_state(self, params, key) -> TrainState:
-    """A fresh :class:`jaxgc.parallel.TrainState` (``plan`` unused: the PS plans in real time)."""
-    state = TrainState.create(params, self.tx)
+  def init_state(self, params, key, model_state=()) -> TrainState:
+    """A fresh :class:`jaxgc.parallel.TrainState` (``plan`` unused: the PS plans in real time).
+
+    ``model_state``: the model's untrained variables (e.g. ``{"batch_stats": ...}``).
+    """
+    state = TrainState.create(params, self.tx, model_state=model_state, adaptive_state=(
+        () if self.adaptive is None else self.adaptive.init()))
     s0 = _backend.init_straggler_state(self.straggler, key, self.assignment.num_workers)
     if hasattr(state, "straggler_state"):
       state = state.replace(straggler_state=s0)
@@ -132,30 +217,51 @@ class RayStep:
       self._straggler_state = s0
     return state
 
-  def warmup(self, params, chunks, straggler_state=None):
+  def warmup(self, params, chunks, straggler_state=None, args=(), model_state=()):
     """Compiles every actor's programs and the PS's, outside any step's clock.
 
     The first :meth:`update` or :meth:`gradient` calls it; call it earlier to
-    keep compilation out of a measurement. Waits for restarting actors.
+    keep compilation out of a measurement. Waits for restarting actors. ``args``:
+    the loss's extra arguments (``model_state`` first, when the state has one).
     """
     self._check_open()
     host = jax.device_get(params)
     d = sum(int(np.size(x)) for x in jax.tree.leaves(host))
-    self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)), d)
+    if jax.tree.leaves(model_state):
+      args = (model_state,) + tuple(args)
+    self._warmup(self.ray.put(host), jax.tree.map(np.asarray, jax.device_get(chunks)), d,
+                 jax.random.key(0), args)
     straggler_state = () if straggler_state is None else straggler_state
+    adaptive_state = () if self.adaptive is None else self.adaptive.init()
+    perm = None if self.adaptive is None else self._placement(adaptive_state)
     draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
-         self.message_loss_prob, self.nan_message_prob, jax.random.key(0), 0, straggler_state)
-    state = TrainState.create(params, self.tx, straggler_state=straggler_state)
-    apply_update(self.tx, state, np.zeros(d, np.float32), _outcome(False, False, 0, 0.0))
+         self.message_loss_prob, self.nan_message_prob, jax.random.key(0), straggler_state,
+         perm)
+    state = TrainState.create(params, self.tx, straggler_state=straggler_state,
+                              model_state=model_state, adaptive_state=adaptive_state)
+    apply_update(self.tx, state, np.zeros(d, np.float32), _outcome(False, False, 0, 0.0),
+                 self._fields(state, model_state, adaptive_state))
 
-  def _warmup(self, params_ref, chunks, d):
+  def _fields(self, state, model_state, adaptive_state) -> dict:
+    """The state fields an update replaces beyond the parameters (:func:`apply_update`)."""
+    fields = {}
+    if jax.tree.leaves(state.model_state):
+      fields["model_state"] = model_state
+    if self.adaptive is not None:
+      fields["adaptive_state"] = adaptive_state
+    return fields
+
+  def _warmup(self, params_ref, chunks, d, step_key, args=()):
     """Each actor compiles on one chunk (restarting: waited for; dead: skipped), then the PS."""
     ray, a = self.ray, self.assignment
     one = jax.tree.map(lambda x: np.asarray(x[0]), chunks)
+    keys = self._keys(step_key)
+    args_ref = self.ray.put(jax.device_get(tuple(args)))
     pending, until = list(self.pool.actors), time.perf_counter() + self.pool.startup_timeout
     while pending:
       refs = [(h, h.warmup.remote(self.token, self.setup, params_ref, one, a.max_load,
-                                  self.protocol.ell, self.message_dtype)) for h in pending]
+                                  self.protocol.ell, self.message_dtype, self.has_aux, keys,
+                                  args_ref, self.model)) for h in pending]
       pending = []
       for h, ref in refs:
         try:
@@ -175,43 +281,77 @@ class RayStep:
     jax.block_until_ready((self._complete(never), self._finish(
         msgs, dec, counts, np.any(enc != 0, axis=(1, 2)), float(condition), 0, False, d,
         self.report_condition)))
+    # A spare (or a joining actor) compiles the same programs when it can.
+    self._warm_call = lambda h: h.warmup.remote(
+        self.token, self.setup, params_ref, one, a.max_load, self.protocol.ell,
+        self.message_dtype, self.has_aux, keys, args_ref, self.model)
+    self.membership.warm_spares(self.pool.startup_timeout)
     self._warm = True
 
-  def gradient(self, params, chunks, key, step: int = 0, straggler_state=None):
+  def gradient(self, params, chunks, key, *args, step: int = 0, straggler_state=None):
     """Runs the workers and the PS for one step: ``(ĝ as a pytree, metrics)``.
 
-    ``ĝ`` may be NaN only when ``metrics['skipped']``. The step's record goes to
-    :attr:`last_record` and :attr:`records`.
+    Step ``step`` of base key ``key`` (it draws from ``fold_in(key, step)``, as
+    :meth:`update`); ``args`` go to the loss after the chunk, the same on every
+    worker. ``ĝ`` may be NaN only when ``metrics['skipped']``. With ``has_aux``,
+    ``metrics["aux"]`` has leaves ``[N, ...]`` and ``metrics["aux_chunks"]`` bool ``[N]``
+    marks the chunks whose ``aux`` arrived (zeros elsewhere). The step's record goes
+    to :attr:`last_record` and :attr:`records`.
     """
-    g, metrics, _ = self._gradient(params, chunks, key, step, straggler_state)
+    g, metrics, _ = self._gradient(params, chunks, jax.random.fold_in(key, step), step,
+                                   straggler_state, args)
     return unravel(params, g), metrics
 
-  def _gradient(self, params, chunks, key, step, straggler_state):
-    """One step in the phases of the module docstring: ``(g [d], metrics, straggler_state)``."""
+  def _keys(self, step_key):
+    """The chunks' keys as the actors take them, ``None`` for a loss without ``rng``."""
+    if not self.chunk_loss.uses_rng:
+      return None
+    return chunk_key_data(step_key, self.assignment.num_chunks)
+
+  def _gradient(self, params, chunks, step_key, step, straggler_state, args=(),
+                adaptive_state=None):
+    """One step in the phases of the module docstring: ``(g [d], metrics, straggler_state)``.
+
+    ``step_key``: the step's own key (durations, faults, the chunks' keys).
+    """
     self._check_open()
     wall0 = time.perf_counter()
+    # The step boundary: fail_at's kills, then takeovers by spares and re-forms.
+    injected = kill_scheduled(self.liveness, self.faults, step)
+    if self.membership.boundary(step):   # re-formed: the model's memory starts over for m'
+      straggler_state = _backend.init_straggler_state(self.straggler, step_key,
+                                                      self.assignment.num_workers)
+    perm = (None if self.adaptive is None else np.asarray(self._placement(
+        self.adaptive.init() if adaptive_state is None else adaptive_state)))
     tau, lost, corrupt, sim_stop, straggler_state = draw(
         self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
-        self.message_loss_prob, self.nan_message_prob, key, step,
-        () if straggler_state is None else straggler_state)
+        self.message_loss_prob, self.nan_message_prob, step_key,
+        () if straggler_state is None else straggler_state, perm)
     tau, lost, corrupt = np.asarray(tau, np.float64), np.asarray(lost), np.asarray(corrupt)
     host_params = jax.device_get(params)
     d = sum(int(np.size(x)) for x in jax.tree.leaves(host_params))
     chunks = jax.tree.map(np.asarray, jax.device_get(chunks))
     params_ref = self.ray.put(host_params)
+    keys, args_ref = self._keys(step_key), self.ray.put(jax.device_get(tuple(args)))
     if not self._warm:
-      self._warmup(params_ref, chunks, d)
+      self._warmup(params_ref, chunks, d, step_key, args)
       wall0 = time.perf_counter()
-    injected = kill_scheduled(self.liveness, self.faults, step)
     a0 = time.perf_counter()
     alive = self.liveness.wait_alive(step, self.message_timeout)
     alive_wait = time.perf_counter() - a0
-    t0, gens, workers_of = self._dispatch(step, tau, chunks, params_ref, alive)
+    t0, gens, workers_of = self._dispatch(step, tau, chunks, params_ref, alive, keys, args_ref,
+                                          perm)
     seen = self._watch(step, gens, workers_of, t0, alive)
     rounds = self._round(step, seen, workers_of, lost, corrupt, d)
     g, metrics = self._decode(seen, rounds, d)
+    if self.has_aux:
+      metrics["aux"], metrics["aux_chunks"] = gather_aux(
+          self.pool, self.key, step, self.assignment, self.slots, seen, workers_of,
+          self.message_timeout)
     metrics.update(step_sim_time=float(sim_stop), faults_injected=injected,
-                   alive_wait_s=alive_wait)
+                   alive_wait_s=alive_wait,
+                   live_workers=self.assignment.num_workers - metrics["dead_workers"],
+                   membership_epoch=self.membership.epoch)
     self.last_record = {
         "step": int(step), "time_scale": self.time_scale, "durations": tau,
         "lost": lost, "corrupt": corrupt,
@@ -224,15 +364,18 @@ class RayStep:
     self.records.append(self.last_record)
     return g, metrics, straggler_state
 
-  def _dispatch(self, step, tau, chunks, params_ref, alive):
-    """Phase 1: each live actor gets its workers' lists, sleeps, chunks and the parameters.
+  def _dispatch(self, step, tau, chunks, params_ref, alive, keys=None, args_ref=(), perm=None):
+    """Phase 1: each live actor gets its workers' lists, sleeps, chunks and the parameters
+    (and the chunks' keys ``keys``, the loss's extra arguments ``args_ref``).
 
     Returns ``(t0, {generator: actor}, workers_of)``; ``workers_of[h]`` lists actor
-    ``h``'s workers (worker ``j`` on actor ``j mod num_actors``).
+    ``h``'s workers (worker ``j`` on actor ``j mod num_actors``; with an adaptive
+    placement ``perm``, logical worker ``j`` on the actor of physical worker ``perm[j]``).
     """
     a, m, num_actors = self.assignment, self.assignment.num_workers, len(self.pool.actors)
     chunk_of = [a.order[j, self.slots[j]] for j in range(m)]
-    workers_of = [list(range(h, m, num_actors)) for h in range(num_actors)]
+    phys = np.arange(m) if perm is None else np.asarray(perm)
+    workers_of = [[j for j in range(m) if phys[j] % num_actors == h] for h in range(num_actors)]
     gens = {}
     t0 = time.perf_counter()
     for h, actor in enumerate(self.pool.actors):
@@ -244,8 +387,10 @@ class RayStep:
       work = [(j, np.array([row[int(i)] for i in chunk_of[j]], np.int32), self.slots[j],
                tau[j, :len(self.slots[j])] * self.time_scale) for j in mine]
       sub = jax.tree.map(lambda x, ids=ids: x[ids], chunks)
+      sub_keys = None if keys is None else (keys[0][ids], keys[1])
       gen = actor.run.options(num_returns="streaming").remote(
-          self.token, self.setup, self.key, step, params_ref, sub, work, a.max_load)
+          self.token, self.setup, self.key, step, params_ref, sub, work, a.max_load,
+          self.has_aux, sub_keys, args_ref, self.model)
       gens[gen] = h
     return t0, gens, workers_of
 
@@ -318,8 +463,13 @@ class RayStep:
     })
     return np.asarray(g), metrics
 
-  def update(self, state: TrainState, chunks, key):
+  def update(self, state: TrainState, chunks, key, *args):
     """One optimizer step: ``(new_state, metrics)``; never writes NaN into the parameters.
+
+    As :meth:`jaxgc.parallel.CodedStep.update`: the loss gets ``state.model_state``
+    (when it has one) and then ``args`` after the chunk, and
+    ``rng=chunk_keys(fold_in(key, step), N)[i]`` when it takes ``rng``; with a model
+    state the loss must have ``has_aux`` and return its chunk's new model state.
 
     Args:
       state: from :meth:`init_state`.
@@ -327,14 +477,35 @@ class RayStep:
       key: the *base* key; step ``s`` draws from ``fold_in(key, s)``, so a run is a
         function of ``(key, data)`` and resumes exactly from a checkpoint.
     """
+    model_state = getattr(state, "model_state", ())
+    has_model_state = bool(jax.tree.leaves(model_state))
+    if has_model_state and not self.has_aux:
+      raise ParamError("the state has a model_state, so the loss must return (loss, "
+                       "new_model_state) and the step be built with has_aux=True.", "has_aux")
     if not self._warm:
-      self.warmup(state.params, chunks, getattr(state, "straggler_state", self._straggler_state))
+      self.warmup(state.params, chunks, getattr(state, "straggler_state", self._straggler_state),
+                  args, model_state)
     wall0 = time.perf_counter()
     step = int(state.step)
     s_state = getattr(state, "straggler_state", self._straggler_state)
-    g, metrics, s_state = self._gradient(state.params, chunks, key, step, s_state)
+    a_state = getattr(state, "adaptive_state", ()) if self.adaptive is not None else None
+    if a_state == ():      # a state made without this PS (TrainState.create)
+      a_state = self.adaptive.init()
+    loss_args = ((model_state,) if has_model_state else ()) + tuple(args)
+    g, metrics, s_state = self._gradient(state.params, chunks, jax.random.fold_in(key, step),
+                                         step, s_state, loss_args, a_state)
+    new_model_state = model_state
+    aux, have = metrics.pop("aux", None), metrics.pop("aux_chunks", None)
+    if has_model_state and aux is not None:     # ghost batch norm over the chunks that arrived
+      new_model_state = chunk_mean(model_state, jax.tree.map(lambda x: x[have], aux))
+    if self.adaptive is not None:
+      # The PS learns from what it saw: the counts at its stop, in simulated seconds.
+      rec = self.last_record or {}
+      a_state = self._observe(a_state, np.asarray(rec["counts_observed"], np.int32),
+                              np.float32(rec["stop_wall"] / self.time_scale))
     new, tail = apply_update(self.tx, state, g, _outcome(
-        metrics["skipped"], metrics["exact"], metrics["erasures"], metrics["step_sim_time"]))
+        metrics["skipped"], metrics["exact"], metrics["erasures"], metrics["step_sim_time"]),
+        self._fields(state, new_model_state, a_state))
     if hasattr(state, "straggler_state"):
       new = new.replace(straggler_state=s_state)
     else:
@@ -361,6 +532,20 @@ class RayStep:
     """Every actor outage seen so far (:class:`jaxgc.backends.ray.Restart`)."""
     return self.liveness.restarts
 
+  @property
+  def reforms(self) -> list[dict]:
+    """Each re-form so far: step, epoch, ``m`` and actors before and after, load, why."""
+    return [r.as_dict() for r in self.membership.reforms]
+
+  @property
+  def membership_record(self) -> dict:
+    """The membership a checkpoint keeps (:meth:`resume_membership` reads it back)."""
+    return self.membership.record()
+
+  def resume_membership(self, saved: dict, step: int) -> None:
+    """Continues a checkpoint's membership; re-forms at once on another cluster size."""
+    self.membership.resume(saved, step)
+
   def close(self):
     """Stops the actors (unless the pool was passed in) and a Ray instance this step started.
 
@@ -375,6 +560,16 @@ class RayStep:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _device_options(model: int) -> dict:
+  """The pool's options for workers of ``model`` devices: GPUs from Ray where the PS's
+  JAX runs on GPU, else ``model`` host devices per CPU actor."""
+  if model == 1:
+    return {}
+  if jax.default_backend() == "gpu":
+    return {"actor_options": {"num_gpus": model}, "xla_flags": None}
+  return {"xla_flags": actor_xla_flags(model)}
 
 
 def _outcome(skipped: bool, exact: bool, erasures: int, step_sim_time: float) -> dict:

@@ -18,6 +18,11 @@
 5. :func:`step_metrics`: :func:`jaxgc.backends.core.step_outcome` (skipped,
    exactness, coverage), with the simulated time and the work done.
 
+With ``ℓ`` chosen per step (PROTOCOL.md §14) phases 1, 3 and 4 run in one
+``lax.switch`` branch per ``ℓ`` (:func:`member_round`), each with its own message
+layout of ``⌈d/ℓ⌉`` numbers: only the plan's ``ℓ`` runs, and its messages are
+really that long. The metrics add ``ell`` and the clairvoyant ``ell_oracle_time``.
+
 The functions take a :class:`GradientSpec`, the step's configuration fixed when it
 is built (layout, chunk loss, look-ahead, network, axis); they hold no state.
 """
@@ -45,7 +50,7 @@ from jaxgc.errors import ParamError
 
 __all__ = [
     "GradientSpec", "DeviceShare", "sharded_gradient", "stream_round", "plan_next",
-    "decode_round", "redo_round", "step_metrics", "chunk_mesh", "check_axes",
+    "decode_round", "redo_round", "step_metrics", "member_round", "chunk_mesh", "check_axes",
     "check_vma_alone",
 ]
 
@@ -109,9 +114,9 @@ def sharded_gradient(spec: GradientSpec, params, worker_chunks: WorkerChunks, pl
   rides in the decode all-reduce: one synchronisation per step.
   """
   lay, ax = spec.layout, spec.axis_name
-  msg = MessageLayout(placement(spec.placement, params), spec.lookahead.protocol.ell)
   leaves = jax.tree.leaves(params)
   d, dtype = sum(int(np.size(x)) for x in leaves), jnp.result_type(*leaves)
+  place = placement(spec.placement, params)
   # The last device holds the phantom workers, so it has the least (often no)
   # gradient work: it plays the PS, and runs the PS-side work once for all.
   ps_device = lay.mesh.shape[ax] - 1
@@ -121,19 +126,18 @@ def sharded_gradient(spec: GradientSpec, params, worker_chunks: WorkerChunks, pl
     dev = DeviceShare(wids, pvary(params, ax), local,
                       jnp.asarray(lay.loss_owner, jnp.float32)[wids],
                       chunk_inputs(lay, wids, *extra))
-    z, bad, loss, computed, aux = stream_round(spec, dev, plan, msg)
-    nxt = plan_next(spec, next_draw, ps_device)
-    part, erased, (loss, computed, nxt, aux) = decode_round(
-        spec, dev, plan, msg, z, bad, (loss, computed, nxt, aux))
-    num_erased = jnp.sum(erased, dtype=jnp.int32)
-    keep = lambda: (part, plan.counts, plan.solve, jnp.zeros((), jnp.int32))
-    redo = lambda: redo_round(spec, dev, plan, msg, erased, ps_device)
-    part, counts, solve, again = jax.lax.cond(num_erased > 0, redo, keep)
-    g = msg.join(part)
-    metrics = step_metrics(spec, plan, (part, counts, solve), num_erased, loss, computed,
-                           again, d, dtype)
-    if spec.chunk_loss.has_aux:
-      metrics["aux"] = aux
+    nxt = plan_next(spec, next_draw, ps_device, (d, dtype))
+    if not spec.lookahead.dynamic:
+      return member_round(spec, dev, plan, place, nxt, ps_device, d, dtype)
+    ells = spec.lookahead.protocol.ells
+    branches = [lambda nxt, k=k: member_round(_member_spec(spec, k), dev,
+                                              _member_plan(plan, ells[k]), place, nxt,
+                                              ps_device, d, dtype)
+                for k in range(len(ells))]
+    g, metrics, nxt = jax.lax.switch(plan.choice.member, branches, nxt)
+    metrics["ell"] = jnp.asarray(ells, jnp.int32)[plan.choice.member]
+    key = "ell_oracle_time" if spec.lookahead.mode == "exact" else "ell_oracle_error"
+    metrics[key] = plan.choice.oracle
     return g, metrics, nxt
 
   key = key if spec.chunk_loss.uses_rng else None
@@ -144,10 +148,40 @@ def sharded_gradient(spec: GradientSpec, params, worker_chunks: WorkerChunks, pl
                      axis_names={ax, *batch}, check_vma=spec.check_vma)
   try:
     return fn(params, worker_chunks.data, plan, next_draw, (key, tuple(args)))
-  except AssertionError:
+  except (AssertionError, TypeError):
     if spec.check_vma:
       check_vma_alone(spec, params, worker_chunks, key, args)
     raise
+
+
+def member_round(spec: GradientSpec, dev: DeviceShare, plan: Plan, place, nxt, ps_device: int,
+                 d: int, dtype):
+  """Phases *stream*, *decode* and *redo* and the metrics for one ``ℓ``
+  (``spec.lookahead.protocol.ell``): ``(ĝ, metrics, nxt)``, ``nxt`` psummed in the decode."""
+  msg = MessageLayout(place, spec.lookahead.protocol.ell)
+  z, bad, loss, computed, aux = stream_round(spec, dev, plan, msg)
+  part, erased, (loss, computed, nxt, aux) = decode_round(
+      spec, dev, plan, msg, z, bad, (loss, computed, nxt, aux))
+  num_erased = jnp.sum(erased, dtype=jnp.int32)
+  keep = lambda: (part, plan.counts, plan.solve, jnp.zeros((), jnp.int32))
+  redo = lambda: redo_round(spec, dev, plan, msg, erased, ps_device)
+  part, counts, solve, again = jax.lax.cond(num_erased > 0, redo, keep)
+  metrics = step_metrics(spec, plan, (part, counts, solve), num_erased, loss, computed,
+                         again, d, dtype)
+  if spec.chunk_loss.has_aux:
+    metrics["aux"] = aux
+  return msg.join(part), metrics, nxt
+
+
+def _member_spec(spec: GradientSpec, k: int) -> GradientSpec:
+  """``spec`` with the protocol of the ``k``-th ``ℓ`` (its redo solves with that one)."""
+  return spec._replace(lookahead=spec.lookahead.member(k))
+
+
+def _member_plan(plan: Plan, ell: int) -> Plan:
+  """``plan`` with its solve cut from the largest ``ℓ`` to ``ell`` (the padding is zero)."""
+  s = plan.solve
+  return plan._replace(solve=s._replace(enc=s.enc[..., :ell], dec=s.dec[:ell]), choice=None)
 
 
 def chunk_mesh(mesh: Mesh, batch_axis_name: str | None) -> Mesh:
@@ -168,29 +202,37 @@ def chunk_mesh(mesh: Mesh, batch_axis_name: str | None) -> Mesh:
 
 
 def check_vma_alone(spec: GradientSpec, params, worker_chunks: WorkerChunks, key, args) -> None:
-  """After an ``AssertionError`` while tracing the step: traces the chunk loss alone in a
-  one-device ``shard_map`` with the varying-axes check, and if it fails there too, says so.
+  """After an ``AssertionError`` or ``TypeError`` while tracing the step: traces the chunk
+  loss alone in a one-device ``shard_map``, its parameters device-varying as in the step,
+  with the varying-axes check and without; if only the check fails, says so.
 
-  A loss that binds its own axis (``vmap(axis_name=...)``, flax ``nn.vmap``) and does a
-  collective over it fails that check in JAX (an empty ``AssertionError`` in ``pvary``);
-  ``check_vma=False`` runs it, and exactly.
+  Two kinds of loss fail that check in JAX and run exactly without it:
+  - a collective over an axis the loss binds itself (``vmap(axis_name=...)``, flax
+    ``nn.vmap``): an empty ``AssertionError`` in ``pvary``;
+  - a ``scan``/``while`` whose carry starts as a constant while the parameters vary
+    (flax ``nn.RNN``'s zero initial state): "the manual axis types do not match".
   """
   one = _one_chunk(spec, params, worker_chunks, key, args)
   probe = Mesh(np.asarray(spec.layout.mesh.devices).reshape(-1)[:1], ("_jaxgc_probe",))
   env = () if spec.batch_axis_name is None else (spec.batch_axis_name,)
-  loss = lambda p, c, k, a: spec.chunk_loss(p, c, k, a)[0]
-  fn = jax.shard_map(loss, mesh=chunk_mesh(probe, spec.batch_axis_name), in_specs=P(),
-                     out_specs=P(), axis_names={"_jaxgc_probe", *env}, check_vma=True)
-  try:
-    jax.eval_shape(fn, *one)
-  except AssertionError:
+  loss = lambda p, c, k, a: spec.chunk_loss(pvary(p, "_jaxgc_probe"), c, k, a)[0]
+
+  def traces(check_vma: bool) -> bool:
+    fn = jax.shard_map(loss, mesh=chunk_mesh(probe, spec.batch_axis_name), in_specs=P(),
+                       out_specs=P(), axis_names={"_jaxgc_probe", *env}, check_vma=check_vma)
+    try:
+      jax.eval_shape(fn, *one)
+    except Exception:  # noqa: BLE001  (any failure: see the caller's error)
+      return False
+    return True
+
+  if not traces(True) and traces(False):
     raise ParamError(
-        "loss_fn fails JAX's varying-axes check inside shard_map (an AssertionError in "
-        "pvary): it does a collective over an axis it binds itself (vmap(axis_name=...) "
-        "or flax nn.vmap(..., axis_name=...)); build the step with check_vma=False, which "
-        "runs it exactly.", "check_vma") from None
-  except Exception:  # noqa: BLE001  (another failure: the step's own error stands)
-    return
+        "loss_fn fails JAX's varying-axes check inside shard_map: it does a collective over "
+        "an axis it binds itself (vmap(axis_name=...), flax nn.vmap), or a scan/while whose "
+        "carry starts as a constant while the parameters vary (flax nn.RNN's zero initial "
+        "state); build the step with check_vma=False, which runs it exactly.",
+        "check_vma") from None
 
 
 def _one_chunk(spec: GradientSpec, params, worker_chunks: WorkerChunks, key, args):
@@ -231,13 +273,15 @@ def stream_round(spec: GradientSpec, dev: DeviceShare, plan: Plan, msg: MessageL
   return z, bad, loss, computed, aux
 
 
-def plan_next(spec: GradientSpec, next_draw, ps_device: int):
+def plan_next(spec: GradientSpec, next_draw, ps_device: int, grad=None):
   """Phase *plan*: ``(next Plan, adaptive PS state)`` from ``next_draw`` on the PS device,
-  zeros on the others (the decode all-reduce sums it); ``None`` without a next draw."""
+  zeros on the others (the decode all-reduce sums it); ``None`` without a next draw.
+  ``grad``: ``(d, dtype)``, for dynamic ``ℓ`` (:meth:`Lookahead.plan`)."""
   if next_draw is None:
     return None
-  return compute_once(lambda: spec.lookahead.plan_observed(*next_draw), spec.axis_name,
-                      ps_device, broadcast=False)
+  draw, adaptive_state = next_draw
+  return compute_once(lambda: spec.lookahead.plan_observed(draw, adaptive_state, grad=grad),
+                      spec.axis_name, ps_device, broadcast=False)
 
 
 def decode_round(spec: GradientSpec, dev: DeviceShare, plan: Plan, msg: MessageLayout, z, bad,

@@ -11,6 +11,11 @@ device, while the others compute gradients (PROTOCOL.md §6):
    state ``k = progress(τ, stop)`` and the :class:`Solve` at ``k``;
 3. :meth:`Lookahead.plan_observed`: the adaptive PS observes ``k``.
 
+With ``ℓ`` chosen per step (a :class:`jaxgc.protocols.DynamicEll`, PROTOCOL.md §14),
+step 2's stop time and ``ℓ`` come from :func:`jaxgc.protocols.choose_ell` (it needs
+the messages' cost, so the gradient's size ``d``), and the :class:`Solve` is the
+chosen member's, padded to the largest ``ℓ``.
+
 :class:`Plan` and :class:`Solve` are what :attr:`jaxgc.backends.base.TrainState.plan`
 holds (and checkpoints keep).
 """
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxgc import adaptive as _adaptive
 from jaxgc import faults as _faults
+from jaxgc import network as _network
 from jaxgc import protocols as _protocols
 from jaxgc import timing
 from jaxgc.backends import base as _backend
@@ -67,12 +73,16 @@ class Plan(NamedTuple):
     lost: bool ``[m_pad]``, messages lost in transit.
     corrupt: bool ``[m_pad]``, messages that arrive non-finite.
     solve: the :class:`Solve` at ``counts``.
+    choice: with ``ℓ`` chosen per step, the :class:`jaxgc.protocols.EllChoice` (its
+      ``member`` picks the ``ℓ``; ``solve`` is that member's, padded to the largest
+      ``ℓ``); ``None`` otherwise (no leaf: static plans keep their structure).
   """
   stop: jax.Array
   counts: jax.Array
   lost: jax.Array
   corrupt: jax.Array
   solve: Solve
+  choice: Any = None
 
 
 class Lookahead(NamedTuple):
@@ -84,6 +94,8 @@ class Lookahead(NamedTuple):
       ``slots``: the plan is padded to it).
     fail_at: a checked :class:`jaxgc.faults.FaultSchedule`.
     adaptive: a :class:`jaxgc.adaptive.AdaptivePS`, or ``None`` (static placement).
+    network: the messages' cost model (dynamic ``ℓ`` only: the rule weighs it).
+    message_dtype: the messages' precision on the wire (dynamic ``ℓ`` only).
   """
   protocol: Any
   straggler: Any
@@ -95,10 +107,31 @@ class Lookahead(NamedTuple):
   nan_message_prob: float
   fail_at: _faults.FaultSchedule
   adaptive: _adaptive.AdaptivePS | None
+  network: _network.Network | None = None
+  message_dtype: str = "float32"
 
-  def solve(self, counts) -> Solve:
+  @property
+  def dynamic(self) -> bool:
+    """Whether ``ℓ`` is chosen per step (the protocol is a :class:`~jaxgc.protocols.DynamicEll`)."""
+    return isinstance(self.protocol, _protocols.DynamicEll)
+
+  def member(self, index: int) -> Lookahead:
+    """This look-ahead with the protocol of the ``index``-th ``ℓ`` (static)."""
+    return self._replace(protocol=self.protocol.members[index])
+
+  def solve(self, counts, index=None) -> Solve:
     """The coefficients at state ``counts`` ``[m]``, padded to ``m_pad`` workers and the
-    layout's ``slots``."""
+    layout's ``slots``; with ``ℓ`` chosen per step, member ``index``'s (``[]`` int32,
+    traced: one solve runs), padded to the largest ``ℓ``."""
+    if self.dynamic:
+      top = max(self.protocol.ells)
+      def one(k):
+        s = self.member(k).solve(counts)
+        grow = top - self.protocol.ells[k]
+        return s._replace(enc=jnp.pad(s.enc, ((0, 0), (0, 0), (0, grow))),
+                          dec=jnp.pad(s.dec, ((0, grow), (0, 0))))
+      branches = [lambda k=k: one(k) for k in range(len(self.protocol.ells))]
+      return jax.lax.switch(index, branches)
     lay, proto = self.layout, self.protocol
     c = proto.solve(counts)
     cov = core.coverage(proto, counts)
@@ -133,19 +166,40 @@ class Lookahead(NamedTuple):
     pad = lambda x: jnp.pad(x, (0, self.layout.m_pad - self.layout.m))
     return (durations, pad(lost), pad(corrupt)), straggler_state
 
-  def plan(self, durations, lost, corrupt) -> Plan:
-    """The costly part: the stop rule, the state and the solve."""
+  def plan(self, durations, lost, corrupt, grad=None) -> Plan:
+    """The costly part: the stop rule, the state and the solve.
+
+    ``grad``: ``(d, dtype)`` of the gradient, which dynamic ``ℓ`` needs (the messages'
+    cost enters its rule); unused otherwise.
+    """
+    if self.dynamic:
+      return self._plan_dynamic(durations, lost, corrupt, grad)
     stop = _protocols.stop_time(self.protocol, durations, self.mode, self.deadline, self.timeout)
     counts = timing.progress(durations, stop)
     return Plan(jnp.asarray(stop, jnp.float32), counts, lost, corrupt, self.solve(counts))
 
-  def plan_observed(self, draw, adaptive_state):
+  def _plan_dynamic(self, durations, lost, corrupt, grad) -> Plan:
+    """:func:`jaxgc.protocols.choose_ell`'s stop and ``ℓ``, and that member's solve."""
+    if grad is None:
+      raise ValueError("ell is a set: the PS's choice weighs the messages' cost, so the plan "
+                       "needs the gradient's size; plan with grad=(d, dtype).")
+    d, dtype = grad
+    proto = self.protocol
+    comm = _protocols.dynamic_ell.comm_model(self.network, proto, d, dtype, self.message_dtype)
+    scenarios = _protocols.dynamic_ell.scenarios_of(self.straggler, proto.assignment)
+    choice = _protocols.choose_ell(proto, durations, scenarios, comm, self.mode, self.deadline,
+                                   self.timeout)
+    counts = timing.progress(durations, choice.stop)
+    return Plan(choice.stop, counts, lost, corrupt, self.solve(counts, choice.member), choice)
+
+  def plan_observed(self, draw, adaptive_state, grad=None):
     """``(plan, adaptive_state)``: the plan, then the adaptive PS's observation of its state.
 
     The PS observes the counts before any erasure zeroes them: an erased message
-    says nothing about its worker's speed.
+    says nothing about its worker's speed. ``grad``: as :meth:`plan`.
     """
-    plan = self.plan(*draw)
+    durations, lost, corrupt = draw
+    plan = self.plan(durations, lost, corrupt, grad=grad)
     if self.adaptive is not None:
       adaptive_state = self.adaptive.observe(adaptive_state, plan.counts, plan.stop)
     return plan, adaptive_state
@@ -159,13 +213,13 @@ class Lookahead(NamedTuple):
     """The adaptive PS's state before step 0 (the static placement); ``()`` without a PS."""
     return () if self.adaptive is None else self.adaptive.init()
 
-  def plan_step(self, key, step=0, straggler_state=None, adaptive_state=None):
+  def plan_step(self, key, step=0, straggler_state=None, adaptive_state=None, grad=None):
     """``(plan, straggler_state, adaptive_state)``: the :class:`Plan` of step ``step`` and
     the model's and the PS's states after it.
 
     ``key`` is the base key (step ``s`` draws from ``fold_in(key, s)``);
     ``straggler_state`` and ``adaptive_state`` are the states before step
-    ``step`` (default: the initial ones).
+    ``step`` (default: the initial ones). ``grad``: as :meth:`plan`.
     """
     if straggler_state is None:
       straggler_state = self.init_straggler_state(key)
@@ -173,5 +227,5 @@ class Lookahead(NamedTuple):
       adaptive_state = self.init_adaptive_state()
     draw, straggler_state = self.draw(jax.random.fold_in(key, step), straggler_state,
                                       adaptive_state, step)
-    plan, adaptive_state = self.plan_observed(draw, adaptive_state)
+    plan, adaptive_state = self.plan_observed(draw, adaptive_state, grad)
     return plan, straggler_state, adaptive_state

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -33,8 +32,9 @@ from jaxgc import protocols as _protocols
 from jaxgc.backends import base as _backend
 from jaxgc.backends import core
 from jaxgc.backends.base import TrainState
+from jaxgc.backends.chunk_rule import ChunkLoss
+from jaxgc.backends.chunk_rule import chunk_mean as _chunk_mean
 from jaxgc.backends.spmd import placement as _placement
-from jaxgc.backends.spmd.chunk_fn import ChunkLoss
 from jaxgc.backends.spmd.devices import AXIS
 from jaxgc.backends.spmd.gradient import GradientSpec, sharded_gradient
 from jaxgc.backends.spmd.layout import WorkerChunks, WorkerLayout
@@ -43,7 +43,7 @@ from jaxgc.backends.spmd.placement import PlacementSpec
 from jaxgc.backends.spmd.sharding import Placement
 from jaxgc.errors import ParamError
 
-__all__ = ["CodedStep", "make_coded_step", "MODES"]
+__all__ = ["CodedStep", "make_coded_step", "MODES", "check_batch_axis"]
 
 MODES = _protocols.MODES
 
@@ -119,11 +119,11 @@ class CodedStep:
     self.layout = WorkerLayout(a, mesh, core.slot_width(protocol), axis_name)
     self.param_sharding = param_sharding
     _placement.check_mesh(mesh, axis_name)
-    self.batch_axis_name = _check_batch_axis(batch_axis_name, mesh)
+    self.batch_axis_name = check_batch_axis(batch_axis_name, mesh)
     self.place = PlacementSpec(mesh, axis_name, param_sharding)
     self.lookahead = Lookahead(protocol, straggler, self.layout, mode, self.deadline,
                                self.timeout, self.message_loss_prob, self.nan_message_prob,
-                               self.fail_at, adaptive)
+                               self.fail_at, adaptive, self.network, self.message_dtype)
     # What the gradient depends on (it never calls back into the step).
     self.spec = GradientSpec(self.layout, self.chunk_loss, self.lookahead, self.network,
                              axis_name, self.place, check_vma, self.report_condition,
@@ -154,15 +154,17 @@ class CodedStep:
     """The adaptive PS's state before step 0 (the static placement); ``()`` without a PS."""
     return self.lookahead.init_adaptive_state()
 
-  def plan_step(self, key, step=0, straggler_state=None, adaptive_state=None):
+  def plan_step(self, key, step=0, straggler_state=None, adaptive_state=None, params=None):
     """``(plan, straggler_state, adaptive_state)``: the :class:`Plan` of step ``step`` and
     the straggler model's and the adaptive PS's states after it.
 
     ``key`` is the base key (step ``s`` draws from ``fold_in(key, s)``);
     ``straggler_state`` and ``adaptive_state`` are the states before step
-    ``step`` (default: the initial ones).
+    ``step`` (default: the initial ones). ``params`` (or their shapes): the
+    gradient's size, which an ``ℓ`` chosen per step weighs (PROTOCOL.md §14).
     """
-    return self.lookahead.plan_step(key, step, straggler_state, adaptive_state)
+    return self.lookahead.plan_step(key, step, straggler_state, adaptive_state,
+                                    _grad_size(params))
 
   def init_state(self, params, key, model_state=()) -> TrainState:
     """A fresh :class:`TrainState` whose first step is already planned, its parameters
@@ -171,7 +173,7 @@ class CodedStep:
     ``model_state``: the model's untrained variables (e.g. ``{"batch_stats": ...}``).
     """
     tx = self._need_tx("init_state")
-    plan, straggler_state, adaptive_state = self.plan_step(key)
+    plan, straggler_state, adaptive_state = self.plan_step(key, params=params)
     place = self.placement(params)
     params = place.place(params) if place.sharded else params
     state = TrainState.create(params, tx, plan=plan, straggler_state=straggler_state,
@@ -205,12 +207,15 @@ class CodedStep:
       ``decodable``, ``erasures``, ``skipped``, ``exact``, ``senders``,
       ``computed_fraction``, ``recomputed_fraction``, ``condition_number``
       when the protocol reports one) plus the final state ``counts`` ``[m]``,
-      and with ``has_aux`` the chunks' ``aux`` (leaves ``[N, ...]``).
+      and with ``has_aux`` the chunks' ``aux`` (leaves ``[N, ...]``). With ``ℓ``
+      chosen per step (a set of ``ell``, PROTOCOL.md §14): the chosen ``ell`` and
+      the clairvoyant bound ``ell_oracle_time`` (deadline mode: ``ell_oracle_error``).
     """
     draw, _ = self.lookahead.draw(key, self.init_straggler_state(key),
                                   self.init_adaptive_state())
     g, metrics, _ = sharded_gradient(self.spec, params, self.layout.worker_chunks(chunks),
-                                     self.lookahead.plan(*draw), None, key, args)
+                                     self.lookahead.plan(draw[0], draw[1], draw[2],
+                                                         grad=_grad_size(params)), None, key, args)
     return g, metrics
 
   # -- full update --------------------------------------------------------------
@@ -232,6 +237,9 @@ class CodedStep:
         a function of ``(key, data)`` and resumes exactly from a checkpoint.
     """
     tx = self._need_tx("update")
+    # (imported here: value_and_grad imports this module)
+    from jaxgc.backends.spmd.value_and_grad import _check_key  # pylint: disable=C0415
+    _check_key(key)
     worker_chunks = self.layout.worker_chunks(chunks)
     has_model_state = bool(jax.tree.leaves(state.model_state))
     if has_model_state and not self.has_aux:
@@ -243,7 +251,7 @@ class CodedStep:
       # A fresh state: the model's and the PS's initial states.
       fresh = lambda s: None if not jax.tree.leaves(s) else s
       plan, straggler_state, adaptive_state = self.plan_step(
-          key, state.step, fresh(straggler_state), fresh(adaptive_state))
+          key, state.step, fresh(straggler_state), fresh(adaptive_state), state.params)
     next_draw, straggler_state = self.lookahead.draw(jax.random.fold_in(key, state.step + 1),
                                                      straggler_state, adaptive_state,
                                                      state.step + 1)
@@ -339,7 +347,16 @@ def make_coded_step(protocol, straggler, loss_fn, tx=None, mesh=None, *, mode: s
                    batch_axis_name=batch_axis_name)
 
 
-def _check_batch_axis(name, mesh: Mesh) -> str | None:
+def _grad_size(params):
+  """``(d, dtype)`` of a gradient like ``params`` (``None`` without them)."""
+  if params is None:
+    return None
+  leaves = jax.tree.leaves(params)
+  return (sum(int(np.prod(x.shape)) for x in leaves),
+          jax.numpy.result_type(*(x.dtype for x in leaves)))
+
+
+def check_batch_axis(name, mesh: Mesh) -> str | None:
   """``batch_axis_name``: ``None`` or a name that is not already one of the mesh's axes."""
   if name is None:
     return None
@@ -353,15 +370,3 @@ def _check_batch_axis(name, mesh: Mesh) -> str | None:
                      f"chunk), so build the mesh without it (jaxgc.parallel.make_mesh).",
                      "batch_axis_name")
   return name
-
-
-def _chunk_mean(model_state, aux):
-  """The new model state: the mean over chunks of each chunk's (ghost batch norm)."""
-  # (the ignore: jaxlib has no stub for PyTreeDef, so mypy cannot compare two)
-  if jax.tree.structure(aux) != jax.tree.structure(model_state):  # type: ignore[operator]
-    raise ValueError(f"the loss's aux must be the chunk's new model state, with the structure "
-                     f"of state.model_state {jax.tree.structure(model_state)}, got "
-                     f"{jax.tree.structure(aux)}.")
-  mean = lambda a, old: (jnp.mean(a, 0).astype(old.dtype)
-                         if jnp.issubdtype(a.dtype, jnp.floating) else a[0])
-  return jax.tree.map(mean, aux, model_state)

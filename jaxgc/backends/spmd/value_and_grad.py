@@ -8,6 +8,9 @@ The analogue of ``jax.value_and_grad`` (PROTOCOL.md §12)::
 
 ``value = Σ_i loss_i`` over the ``N`` chunks, ``grads = ĝ`` (exactly ``Σ_i g_i``
 when ``info["exact"]``). It is :meth:`jaxgc.parallel.CodedStep.gradient`: one code path.
+``backend="ray"`` (no mesh) runs the workers as Ray actors in real time instead
+(:mod:`jaxgc.backends.ray.value_and_grad`): the same signature and outputs, a host
+function that cannot be jitted.
 """
 from __future__ import annotations
 
@@ -25,15 +28,17 @@ from jaxgc.errors import ParamError
 __all__ = ["coded_value_and_grad", "chunk_keys"]
 
 
-def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh, *,
+def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh | None = None, *,
                          has_aux: bool = False, mode: str = "exact",
                          deadline: float | None = None, timeout: float | None = None,
                          message_loss_prob: float = 0.0, nan_message_prob: float = 0.0,
                          axis_name: str = AXIS, report_condition: bool = True,
                          message_dtype: str = "float32",
                          batch_axis_name: str | None = None,
-                         check_vma: bool = True) -> Callable:
-  """``grad_fn(params, chunks, key, *args) -> (value, grads, info)``, coded over ``mesh``.
+                         check_vma: bool = True, backend: str = "spmd",
+                         **ray_options) -> Callable:
+  """``grad_fn(params, chunks, key, *args) -> (value, grads, info)``, coded over ``mesh``
+  (or, with ``backend="ray"``, over Ray actors).
 
   Args:
     loss_fn: ``loss_fn(params, chunk, *args) -> loss []`` (``-> (loss, aux)`` with
@@ -44,7 +49,8 @@ def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh, *,
       statistics) are the same on every worker.
     protocol: a :mod:`jaxgc.protocols` protocol (``N`` chunks, ``m`` workers).
     straggler: a :mod:`jaxgc.timing` model, e.g. ``Slowdown(ShiftedExponential(1, 1), .25, 5)``.
-    mesh: a mesh with an axis ``axis_name`` (:func:`jaxgc.parallel.make_mesh`).
+    mesh: a mesh with an axis ``axis_name`` (:func:`jaxgc.parallel.make_mesh`);
+      ``None`` with ``backend="ray"``.
     has_aux: as in :func:`jaxgc.make_coded_step`.
     mode: as in :func:`jaxgc.make_coded_step`.
     deadline: as in :func:`jaxgc.make_coded_step`.
@@ -59,9 +65,13 @@ def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh, *,
     check_vma: as in :func:`jaxgc.make_coded_step`; ``False`` for a loss that binds its
       own axis (``vmap(axis_name=...)``) and does a collective over it.
     axis_name: the mesh axis of the workers.
+    backend: ``"spmd"`` (a ``mesh`` is required) or ``"ray"`` (no ``mesh``: the workers
+      are Ray actors; ``ray_options`` are :class:`jaxgc.backends.ray.RayStep`'s, e.g.
+      ``num_actors``, ``time_scale``, ``pool``). The Ray ``grad_fn`` is a host function:
+      it cannot be jitted; ``close()`` it (or use ``with``) to stop its actors.
 
   Returns:
-    ``grad_fn``, jittable. ``chunks``: a pytree (dict, tuple, ...) of leaves
+    ``grad_fn``, jittable (``backend="spmd"``). ``chunks``: a pytree (dict, tuple, ...) of leaves
     ``[N, chunk_batch, ...]``; ``key`` draws the step (durations, faults) and the
     chunks' keys. It returns
 
@@ -77,6 +87,33 @@ def coded_value_and_grad(loss_fn: Callable, protocol, straggler, mesh: Mesh, *,
       ``counts [m]`` (the state ``k``), ``coverage [N]`` (``c_i(k)`` after
       erasures) and ``finished [N]`` (``coverage > 0``).
   """
+  if backend == "ray":
+    if mesh is not None:
+      raise ParamError("mesh is the spmd backend's; with backend='ray' the workers are Ray "
+                       "actors: leave mesh=None (or use backend='spmd').", "mesh")
+    spmd_only = {k: v for k, v in (("axis_name", axis_name != AXIS),
+                                   ("batch_axis_name", batch_axis_name is not None),
+                                   ("check_vma", not check_vma)) if v}
+    if spmd_only:
+      raise ParamError(f"{next(iter(spmd_only))} is the spmd backend's (it names or checks a "
+                       f"mesh axis); drop it with backend='ray'.", next(iter(spmd_only)))
+    from jaxgc.backends.ray.value_and_grad import (  # pylint: disable=import-outside-toplevel
+        ray_value_and_grad,
+    )
+    return ray_value_and_grad(loss_fn, protocol, straggler, has_aux=has_aux, mode=mode,
+                              deadline=deadline, timeout=timeout,
+                              message_loss_prob=message_loss_prob,
+                              nan_message_prob=nan_message_prob,
+                              report_condition=report_condition, message_dtype=message_dtype,
+                              **ray_options)
+  if backend != "spmd":
+    raise ParamError(f"backend must be 'spmd' or 'ray', got {backend!r}.", "backend")
+  if ray_options:
+    raise ParamError(f"{sorted(ray_options)[0]} is not an option of the spmd backend; Ray's "
+                     f"options need backend='ray'.", sorted(ray_options)[0])
+  if mesh is None:
+    raise ParamError("mesh is required with backend='spmd': pass jaxgc.parallel.make_mesh() "
+                     "(or backend='ray' for Ray actors).", "mesh")
   step = make_coded_step(protocol, straggler, loss_fn, None, mesh, has_aux=has_aux, mode=mode,
                          deadline=deadline, timeout=timeout,
                          message_loss_prob=message_loss_prob,

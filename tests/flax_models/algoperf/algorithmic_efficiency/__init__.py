@@ -1,0 +1,18 @@
+# Part of MLCommons AlgoPerf (mlcommons/algorithmic-efficiency), licensed under the
+# Apache License, Version 2.0 (the "License"); you may not use this file except in
+# compliance with the License. You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+#
+# From https://github.com/mlcommons/algorithmic-efficiency/blob/5b4914ff18f2bb28a01c5669285b6a001ea84111/algorithmic_efficiency/__init__.py
+# (tag v0.5.0, commit 5b4914ff18f2bb28a01c5669285b6a001ea84111), unchanged below this header.
+#
+"""Algorithmic Efficiency."""
+
+__version__ = '0.1.0'
