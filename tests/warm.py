@@ -149,6 +149,9 @@ class Popen:
     self.returncode = code
     with contextlib.suppress(OSError):
       self._conn.sendall(b"k")
+      self._conn.settimeout(30)
+      while self._conn.recv(64):   # the server closes once it has reaped the child
+        pass
     self._conn.close()
 
   def wait(self, timeout=None):
