@@ -62,6 +62,26 @@ def _wait_all_alive(ray, actors, timeout: float = 120.0) -> bool:
   return False
 
 
+def digits_problem(args):
+  """``(params, batches, accuracy, loss_fn)``: the MLP on digits, ``args.batch`` examples a
+  step in ``args.workers`` chunks (shared with ``benchmarks/race.py``)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from jaxgc import data, models  # pylint: disable=import-outside-toplevel
+  m, b = args.workers, args.batch
+  ds = data.load("digits")
+  model = models.get_model("mlp", ds.num_classes, (16,))
+  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
+  loss_fn = models.chunk_loss_fn(model.apply, b)
+  batches = [(ds.x_train[s * b:(s + 1) * b].reshape(m, b // m, -1),
+              ds.y_train[s * b:(s + 1) * b].reshape(m, b // m))
+             for s in range(len(ds.x_train) // b)]
+  accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, ds.x_test), -1)
+                                        == ds.y_test))
+  return params, batches, accuracy, loss_fn
+
+
 def train_to_target(step, pool, problem, args, mtbf, seed, checkpoint_restart):
   """One run until ``args.target``: a dict of counts and wall seconds."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -154,25 +174,14 @@ def main():
                   help="comma-separated runs to do (a ratio needs the run's failure-free twin)")
   args = ap.parse_args()
 
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
 
-  from jaxgc import assignments, data, models, protocols, timing  # pylint: disable=import-outside-toplevel
+  from jaxgc import assignments, protocols, timing  # pylint: disable=import-outside-toplevel
   from jaxgc.backends.ray import RayStep, WorkerPool  # pylint: disable=import-outside-toplevel
 
-  m, b = args.workers, args.batch
-  ds = data.load("digits")
-  model = models.get_model("mlp", ds.num_classes, (16,))
-  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
-  loss_fn = models.chunk_loss_fn(model.apply, b)
-  batches = [(ds.x_train[s * b:(s + 1) * b].reshape(m, b // m, -1),
-              ds.y_train[s * b:(s + 1) * b].reshape(m, b // m))
-             for s in range(len(ds.x_train) // b)]
-  accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, ds.x_test), -1)
-                                        == ds.y_test))
+  params, batches, accuracy, loss_fn = digits_problem(args)
   problem = (params, batches, accuracy)
-  a = assignments.cyclic(m, args.load)
+  a = assignments.cyclic(args.workers, args.load)
   straggler = timing.get_model("slowdown")
   runs = [("coded", "partial_straggler", 0.0, False),
           ("coded+kills", "partial_straggler", args.mtbf, False),

@@ -57,8 +57,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# The checkpoint baseline's machinery is chaos.py's: wait for restarts, read a checkpoint.
-from benchmarks.chaos import _restore, _wait_all_alive  # noqa: E402  pylint: disable=wrong-import-position
+# chaos.py's problem (the MLP on digits) and its checkpoint baseline's machinery: wait for
+# restarts, read a checkpoint.
+from benchmarks.chaos import _restore, _wait_all_alive, digits_problem  # noqa: E402  pylint: disable=wrong-import-position
 
 __all__ = ["CONTENDERS", "SCENARIOS", "WallDurations", "build", "calibrate", "checks",
            "digits_problem", "local_pool", "main", "parse_args", "planned_step", "planned_steps",
@@ -120,25 +121,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not names:
       ap.error(f"{flag} takes names from {','.join(valid)}, got {names!r}")
   return args
-
-
-def digits_problem(args):
-  """``(params, batches, accuracy, loss_fn)``: the MLP on digits, as in chaos.py."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from jaxgc import data, models  # pylint: disable=import-outside-toplevel
-  m, b = args.workers, args.batch
-  ds = data.load("digits")
-  model = models.get_model("mlp", ds.num_classes, (16,))
-  params = models.init_params(model, jax.random.key(0), ds.x_train[:1])
-  loss_fn = models.chunk_loss_fn(model.apply, b)
-  batches = [(ds.x_train[s * b:(s + 1) * b].reshape(m, b // m, -1),
-              ds.y_train[s * b:(s + 1) * b].reshape(m, b // m))
-             for s in range(len(ds.x_train) // b)]
-  accuracy = jax.jit(lambda p: jnp.mean(jnp.argmax(model.apply({"params": p}, ds.x_test), -1)
-                                        == ds.y_test))
-  return params, batches, accuracy, loss_fn
 
 
 @contextlib.contextmanager

@@ -22,7 +22,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["CONTRACT", "ChunkLoss", "chunk_keys", "chunk_mean", "takes_rng"]
+from jaxgc.errors import ParamError
+
+__all__ = ["CONTRACT", "ChunkLoss", "check_key", "chunk_keys", "chunk_mean", "takes_rng"]
 
 # fold_in data separating the chunks' keys from the step's other draws (durations, faults).
 _CHUNK_KEYS = 0x6368756E
@@ -110,3 +112,28 @@ def chunk_mean(model_state, aux):
   mean = lambda a, old: (jnp.mean(a, 0).astype(old.dtype)
                          if jnp.issubdtype(a.dtype, jnp.floating) else a[0])
   return jax.tree.map(mean, aux, model_state)
+
+
+def check_key(key, name: str = "key") -> None:
+  """Refuses anything but one PRNG key: a typed key ``[]`` (``jax.random.key``) or raw key
+  data ``uint32 [2]`` (``jax.random.PRNGKey``; ``[4]`` for the rbg generators).
+
+  JAX's own error for an integer, ``invalid PRNG key data``, names no argument.
+
+  Raises:
+    ParamError: naming ``name`` and the fix.
+  """
+  dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if not shape:
+      return
+    got = f"{shape[0] if len(shape) == 1 else shape} keys (a key array of shape {shape})"
+  elif dtype == jnp.uint32 and shape in ((2,), (4,)):
+    return
+  elif dtype is None:
+    got = f"{type(key).__name__} {key!r}"
+  else:
+    got = f"an array {jnp.dtype(dtype).name}{list(shape)}"
+  raise ParamError(f"{name} must be one PRNG key, e.g. jax.random.key(0) or "
+                   f"jax.random.PRNGKey(0) (one per step: jax.random.fold_in(key, step)); "
+                   f"got {got}.", name)

@@ -18,10 +18,10 @@ from jaxgc.protocols.base import (
   expected_mse,
   stop_time,
 )
-from jaxgc.protocols.dynamic_ell import DynamicEll, EllChoice, choose_ell
+from jaxgc.protocols.dynamic_ell import EllChoice, choose_ell
 from jaxgc.protocols.graph_code import GraphCode
 from jaxgc.protocols.original import Original
-from jaxgc.protocols.partial_straggler import PartialStraggler
+from jaxgc.protocols.partial_straggler import DynamicEll, PartialStraggler
 from jaxgc.protocols.uncoded import IgnoreStragglers, Uncoded
 from jaxgc.registry import Registry
 

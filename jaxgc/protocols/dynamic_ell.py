@@ -1,8 +1,9 @@
-"""``ℓ`` chosen each step from a set ``L`` (PROTOCOL.md §14): :class:`DynamicEll` and its rule.
+"""``ℓ`` chosen each step from a set ``L`` (PROTOCOL.md §14): the rule of a
+:class:`~jaxgc.protocols.DynamicEll` (the class lives in :mod:`jaxgc.protocols.partial_straggler`).
 
 The message length is fixed only when the PS sends the coefficients, so the PS may
 pick, per step, any ``ℓ ∈ L`` that the state allows. ``PartialStraggler(assignment,
-ell=(1, 2, 4))`` builds a :class:`DynamicEll`: one :class:`PartialStraggler` per
+ell=(1, 2, 4))`` builds a ``DynamicEll``: one ``PartialStraggler`` per
 ``ℓ`` (its own decoding matrix ``A_ℓ``), and :func:`choose_ell`, the causal rule.
 
 Exact mode. ``T_ℓ`` is the first time with ``min_i c_i ≥ ℓ``. At each such time
@@ -30,8 +31,9 @@ from the state it already has; no gradient and no message is involved.
 """
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +42,8 @@ from jaxgc import timing
 from jaxgc.assignments import Assignment
 from jaxgc.errors import ParamError
 from jaxgc.protocols.base import MODES
-from jaxgc.protocols.partial_straggler import PartialStraggler
 
-__all__ = ["DynamicEll", "EllChoice", "check_ells", "choose_ell", "conditioned_finish_times",
+__all__ = ["EllChoice", "EllSet", "check_ells", "choose_ell", "conditioned_finish_times",
            "comm_model", "scenarios_of", "SAMPLES", "SEED", "PRIOR_CHUNKS"]
 
 SAMPLES = 128
@@ -80,40 +81,18 @@ class EllChoice(NamedTuple):
   oracle: jax.Array
 
 
-class DynamicEll(PartialStraggler):
-  """Partial-straggler coding whose ``ℓ`` is chosen per step from ``ells``.
+class EllSet(typing.Protocol):
+  """What the rule reads of a :class:`jaxgc.protocols.DynamicEll` (a structural type: the
+  class lives with :class:`~jaxgc.protocols.PartialStraggler`, which builds it and
+  imports this module's checks)."""
+  assignment: Assignment
+  ells: tuple[int, ...]
+  members: tuple[Any, ...]
 
-  As a :class:`~jaxgc.protocols.Protocol` (``solve``, ``is_decodable``,
-  ``completion_time``, ``message_size``) it is the member of the smallest ``ℓ``:
-  the exact-recovery condition and the largest message. The step uses
-  :attr:`members` and :func:`choose_ell`. Options as :class:`PartialStraggler`'s;
-  a ``decoding_matrix`` array cannot serve several ``ℓ`` (use a kind).
-  """
-
-  def __init__(self, assignment: Assignment, ell=(1, 2, 4), *, decoding_matrix="auto",
-               num_candidates: int | None = None, seed: int = 0, dtype=jnp.float32,
-               **options):
-    ells = check_ells(ell)
-    if not isinstance(decoding_matrix, str):
-      raise ParamError("decoding_matrix must be a kind ('auto', 'orthogonal', 'gaussian') "
-                       f"when ell is a set {ells}: an array fits one ell only.",
-                       "decoding_matrix")
-    for e in ells:
-      assignment.check_ell(e)
-    kw = dict(decoding_matrix=decoding_matrix, num_candidates=num_candidates, seed=seed,
-              dtype=dtype)
-    super().__init__(assignment, ells[0], **kw, **options)
-    self.ells = ells
-    # 'ones' fits ell = 1 only; the larger ells take the 'auto' kind's frame.
-    self.members = tuple(PartialStraggler(assignment, e, **dict(
-        kw, decoding_matrix="auto" if e > 1 and decoding_matrix == "ones" else decoding_matrix))
-        for e in ells)
-
-  def __repr__(self):
-    return f"{type(self).__name__}({self.assignment!r}, ell={self.ells})"
+  def check_durations(self, durations): ...
 
 
-def comm_model(network, protocol: DynamicEll, d: int, dtype,
+def comm_model(network, protocol: EllSet, d: int, dtype,
                message_dtype: str = "float32") -> Callable[[int, jax.Array], jax.Array]:
   """``comm(k, S)``: seconds of one round of member ``k``'s messages (``⌈d/ℓ_k⌉`` numbers)
   with ``S`` senders (:func:`jaxgc.network.step_comm_time`)."""
@@ -181,7 +160,7 @@ def _fallback(finish, timeout):
   return jnp.max(jnp.where(jnp.isfinite(finish), finish, 0.0))
 
 
-def _expected_costs(protocol: DynamicEll, finish, t, scenarios, comm):
+def _expected_costs(protocol: EllSet, finish, t, scenarios, comm):
   """``E[T_ℓ + comm_ℓ(S(T_ℓ)) | state at t]`` per member, ``[K]``."""
   fin = conditioned_finish_times(finish, t, scenarios)
   out = []
@@ -191,7 +170,7 @@ def _expected_costs(protocol: DynamicEll, finish, t, scenarios, comm):
   return jnp.stack(out)
 
 
-def _choose_exact(protocol: DynamicEll, durations, scenarios, comm, timeout) -> EllChoice:
+def _choose_exact(protocol: EllSet, durations, scenarios, comm, timeout) -> EllChoice:
   f = timing.finish_times(durations)
   big = len(protocol.ells)
   t_true = jnp.stack([p.completion_from_finish(f) for p in protocol.members])  # [K], grows
@@ -223,7 +202,7 @@ def _error(ell: int, coverage):
   return jnp.sum(jnp.maximum(0, ell - coverage), axis=-1) / ell
 
 
-def _choose_deadline(protocol: DynamicEll, durations, scenarios, comm, deadline) -> EllChoice:
+def _choose_deadline(protocol: EllSet, durations, scenarios, comm, deadline) -> EllChoice:
   f = timing.finish_times(durations)
   a, m, big = protocol.assignment, protocol.assignment.num_workers, len(protocol.ells)
   ells = protocol.ells
@@ -256,7 +235,7 @@ def _choose_deadline(protocol: DynamicEll, durations, scenarios, comm, deadline)
   return EllChoice(stop.astype(jnp.float32), index, oracle.astype(jnp.float32))
 
 
-def choose_ell(protocol: DynamicEll, durations, scenarios, comm, mode: str = "exact",
+def choose_ell(protocol: EllSet, durations, scenarios, comm, mode: str = "exact",
                deadline=None, timeout=None) -> EllChoice:
   """The PS's causal choice of ``ℓ`` and its stop time from durations ``[m, max_load]``.
 

@@ -18,10 +18,11 @@ from jaxgc import timing
 from jaxgc.assignments import Assignment
 from jaxgc.errors import ParamError
 from jaxgc.protocols.base import Coefficients, Protocol
+from jaxgc.protocols.dynamic_ell import check_ells
 
-__all__ = ["PartialStraggler", "MAX_RANK_CHECKS", "decoding_candidates", "check_full_rank",
-           "condition_numbers", "min_norm_solve", "holder_columns", "holder_condition_numbers",
-           "holder_solve"]
+__all__ = ["PartialStraggler", "DynamicEll", "MAX_RANK_CHECKS", "decoding_candidates",
+           "check_full_rank", "condition_numbers", "min_norm_solve", "holder_columns",
+           "holder_condition_numbers", "holder_solve"]
 
 _MATRICES = ("auto", "ones", "gaussian", "orthogonal")
 MAX_RANK_CHECKS = 100_000   # ℓ-subsets of holder sets checked exhaustively; sampled beyond
@@ -249,7 +250,6 @@ class PartialStraggler(Protocol):
     # A set of ells is a DynamicEll (PROTOCOL.md §14), which __init__ then builds.
     del assignment, args, kwargs
     if cls is PartialStraggler and isinstance(ell, (tuple, list)):
-      from jaxgc.protocols.dynamic_ell import DynamicEll  # pylint: disable=import-outside-toplevel
       return super().__new__(DynamicEll)
     return super().__new__(cls)
 
@@ -363,3 +363,36 @@ class PartialStraggler(Protocol):
     flat = jnp.concatenate([flat, jnp.full((*flat.shape[:-1], 1), jnp.inf, flat.dtype)], -1)
     per_chunk = timing.kth_smallest(flat[..., jnp.asarray(idx)], self.ell)
     return jnp.max(per_chunk, axis=-1)
+
+
+class DynamicEll(PartialStraggler):
+  """Partial-straggler coding whose ``ℓ`` is chosen per step from ``ells``.
+
+  As a :class:`~jaxgc.protocols.Protocol` (``solve``, ``is_decodable``,
+  ``completion_time``, ``message_size``) it is the member of the smallest ``ℓ``:
+  the exact-recovery condition and the largest message. The step uses
+  :attr:`members` and :func:`choose_ell`. Options as :class:`PartialStraggler`'s;
+  a ``decoding_matrix`` array cannot serve several ``ℓ`` (use a kind).
+  """
+
+  def __init__(self, assignment: Assignment, ell=(1, 2, 4), *, decoding_matrix="auto",
+               num_candidates: int | None = None, seed: int = 0, dtype=jnp.float32,
+               **options):
+    ells = check_ells(ell)
+    if not isinstance(decoding_matrix, str):
+      raise ParamError("decoding_matrix must be a kind ('auto', 'orthogonal', 'gaussian') "
+                       f"when ell is a set {ells}: an array fits one ell only.",
+                       "decoding_matrix")
+    for e in ells:
+      assignment.check_ell(e)
+    kw = dict(decoding_matrix=decoding_matrix, num_candidates=num_candidates, seed=seed,
+              dtype=dtype)
+    super().__init__(assignment, ells[0], **kw, **options)
+    self.ells = ells
+    # 'ones' fits ell = 1 only; the larger ells take the 'auto' kind's frame.
+    self.members = tuple(PartialStraggler(assignment, e, **dict(
+        kw, decoding_matrix="auto" if e > 1 and decoding_matrix == "ones" else decoding_matrix))
+        for e in ells)
+
+  def __repr__(self):
+    return f"{type(self).__name__}({self.assignment!r}, ell={self.ells})"

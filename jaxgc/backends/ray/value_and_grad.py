@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxgc.backends import base as _backend
+from jaxgc.backends.chunk_rule import check_key
 from jaxgc.backends.ray.compute import unravel
 from jaxgc.backends.ray.ps import RayStep
 
@@ -44,8 +45,7 @@ class RayGradFn:
     self.step = step
 
   def __call__(self, params, chunks, key, *args):
-    from jaxgc.backends.spmd.value_and_grad import _check_key  # pylint: disable=C0415
-    _check_key(key)
+    check_key(key)
     m = self.step.assignment.num_workers
     s0 = _backend.init_straggler_state(self.step.straggler, key, m)
     g, info, _ = self.step._gradient(params, chunks, key, 0, s0, args)  # pylint: disable=W0212

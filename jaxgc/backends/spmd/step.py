@@ -32,7 +32,7 @@ from jaxgc import protocols as _protocols
 from jaxgc.backends import base as _backend
 from jaxgc.backends import core
 from jaxgc.backends.base import TrainState
-from jaxgc.backends.chunk_rule import ChunkLoss
+from jaxgc.backends.chunk_rule import ChunkLoss, check_key
 from jaxgc.backends.chunk_rule import chunk_mean as _chunk_mean
 from jaxgc.backends.spmd import placement as _placement
 from jaxgc.backends.spmd.devices import AXIS
@@ -237,9 +237,7 @@ class CodedStep:
         a function of ``(key, data)`` and resumes exactly from a checkpoint.
     """
     tx = self._need_tx("update")
-    # (imported here: value_and_grad imports this module)
-    from jaxgc.backends.spmd.value_and_grad import _check_key  # pylint: disable=C0415
-    _check_key(key)
+    check_key(key)
     worker_chunks = self.layout.worker_chunks(chunks)
     has_model_state = bool(jax.tree.leaves(state.model_state))
     if has_model_state and not self.has_aux:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxgc.backends.chunk_rule import check_key
 from jaxgc.backends.spmd.chunk_fn import chunk_keys
 from jaxgc.backends.spmd.devices import AXIS
 from jaxgc.backends.spmd.step import CodedStep, make_coded_step
@@ -130,7 +130,7 @@ class _GradFn:
     self.step = step
 
   def __call__(self, params, chunks, key, *args):
-    _check_key(key)
+    check_key(key)
     grads, info = self.step.gradient(params, chunks, key, *args)
     loss = info.pop("loss")
     value = (loss, info.pop("aux")) if self.step.has_aux else loss
@@ -142,28 +142,3 @@ class _GradFn:
   def shard_chunks(self, chunks):
     """Lays ``chunks`` out per worker once (:meth:`CodedStep.shard_chunks`), for reuse."""
     return self.step.shard_chunks(chunks)
-
-
-def _check_key(key, name: str = "key") -> None:
-  """Refuses anything but one PRNG key: a typed key ``[]`` (``jax.random.key``) or raw key
-  data ``uint32 [2]`` (``jax.random.PRNGKey``; ``[4]`` for the rbg generators).
-
-  JAX's own error for an integer, ``invalid PRNG key data``, names no argument.
-
-  Raises:
-    ParamError: naming ``name`` and the fix.
-  """
-  dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
-  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-    if not shape:
-      return
-    got = f"{shape[0] if len(shape) == 1 else shape} keys (a key array of shape {shape})"
-  elif dtype == jnp.uint32 and shape in ((2,), (4,)):
-    return
-  elif dtype is None:
-    got = f"{type(key).__name__} {key!r}"
-  else:
-    got = f"an array {jnp.dtype(dtype).name}{list(shape)}"
-  raise ParamError(f"{name} must be one PRNG key, e.g. jax.random.key(0) or "
-                   f"jax.random.PRNGKey(0) (one per step: jax.random.fold_in(key, step)); "
-                   f"got {got}.", name)
