@@ -8,7 +8,7 @@ import pytest
 from helpers import digits_mlp
 
 import jaxgc
-from jaxgc import adaptive, assignments, data, parallel, timing
+from jaxgc import adaptive, assignments, data, detector, parallel, timing
 
 M, LOAD, ELL, BATCH = 20, 4, 2, 160
 SLOW = timing.FixedSlowdown(timing.ShiftedExponential(1.0, 1.0), (0, 1, 2, 3), 5.0)
@@ -30,9 +30,10 @@ def setup():
 
 @pytest.fixture(scope="module")
 def run(setup):
-  """One adaptive run of STEPS steps: the states before each step, and the metrics."""
+  """One adaptive run (with a straggler detector) of STEPS steps: the states before each
+  step, and the metrics."""
   _, params, _, proto, make, chunks = setup
-  coded = make(adaptive.AdaptivePS(proto))
+  coded = make(adaptive.AdaptivePS(proto, detector=detector.Detector()))
   update = jax.jit(coded.update)
   states, metrics = [coded.init_state(params, KEY)], []
   for s in range(STEPS):
@@ -88,6 +89,37 @@ def test_adaptive_beats_static_under_adjacent_slow_workers(setup, run):
   assert adaptive_mean < 0.85 * static_mean, (adaptive_mean, static_mean)
 
 
+def test_slow_workers_are_reported_per_step_and_are_the_slow_ones(setup, run):
+  """metrics["slow_workers"] (bool [m], physical workers) finds the four 5x slower workers
+  within two steps; after that it misses at most 5% of their flags and raises at most 2%
+  false ones on the 16 others (measured: 1 miss in 92, 2 false in 368), and names exactly
+  the slow four at 80% of the steps or more (measured 21 of 23)."""
+  _, _, _, metrics = run
+  flags = np.array([np.asarray(m["slow_workers"]) for m in metrics])
+  assert flags.shape == (STEPS, M) and flags.dtype == bool
+  truth = np.isin(np.arange(M), SLOW.workers)
+  first = next(s for s in range(STEPS) if (flags[s] == truth).all())
+  assert first <= 2, flags.astype(int)
+  later = flags[first:]
+  assert later[:, truth].mean() >= 0.95, flags.astype(int)
+  assert later[:, ~truth].mean() <= 0.02, flags.astype(int)
+  assert (later == truth).all(axis=1).mean() >= 0.8, flags.astype(int)
+
+
+def test_slow_workers_absent_without_a_detector(setup):
+  _, params, _, proto, make, chunks = setup
+  coded = make(adaptive.AdaptivePS(proto))
+  _, met = jax.eval_shape(coded.update, coded.init_state(params, KEY), chunks[0], KEY)
+  assert "slow_workers" not in met and "exact" in met
+
+
+def test_adaptive_that_would_reassign_is_refused(setup):
+  mesh, _, loss_fn, proto, _, _ = setup
+  with pytest.raises(ValueError, match="reassign=False"):
+    parallel.make_coded_step(proto, SLOW, loss_fn, optax.sgd(0.1), mesh,
+                             adaptive=adaptive.AdaptivePS(proto, reassign=True))
+
+
 def test_adaptive_for_another_assignment_is_refused(setup):
   mesh, _, loss_fn, proto, _, _ = setup
   other = adaptive.AdaptivePS(jaxgc.PartialStraggler(assignments.cyclic(M, 3), ELL))
@@ -105,6 +137,14 @@ def test_config_adaptive_builds_the_adaptive_step(setup):
   experiment.apply_overrides(cfg, [("adaptive", "True")])
   step = experiment.make_step(cfg, proto, SLOW, loss_fn, tx, mesh)
   assert step.adaptive is not None and step.adaptive.protocol is proto
+  assert step.adaptive.detector is None
+  experiment.apply_overrides(cfg, [("detector", "True")])
+  assert isinstance(experiment.make_step(cfg, proto, SLOW, loss_fn, tx, mesh).adaptive.detector,
+                    detector.Detector)
+  experiment.apply_overrides(cfg, [("adaptive", "False")])
+  with pytest.raises(experiment.ConfigError, match="--config.adaptive=True") as e:
+    experiment.make_step(cfg, proto, SLOW, loss_fn, tx, mesh)
+  assert e.value.flag == "--config.detector"
   # Both backends run it (a backend that does not is refused: test_train's probe backend).
   from jaxgc.backends import capabilities  # pylint: disable=import-outside-toplevel
   assert capabilities.supporting("adaptive") == ["ray", "spmd"]

@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 ray = pytest.importorskip("ray")
 
 import jaxgc  # pylint: disable=wrong-import-position
-from jaxgc import adaptive, assignments, data, models, parallel, timing  # pylint: disable=C0413
+from jaxgc import adaptive, assignments, data, detector, models, parallel, timing  # noqa: E402  (after importorskip)
 from jaxgc.backends import capabilities  # pylint: disable=wrong-import-position
 from jaxgc.backends.ray import RayStep  # pylint: disable=wrong-import-position
 from jaxgc.errors import ParamError  # pylint: disable=wrong-import-position
@@ -138,15 +138,23 @@ def test_adaptive_ps_on_ray_moves_lists_and_stays_exact(pool, cnn_bn):
   slow = timing.RecordedDurations(np.array([[10.0, 10.0], [10.0, 10.0], [1.0, 1.0], [1.0, 1.0]],
                                            np.float32))
   step = RayStep(proto, slow, loss_fn, optax.sgd(0.1), pool=pool, time_scale=0.01,
-                 has_aux=True, adaptive=adaptive.AdaptivePS(proto, decay=1.0))
+                 has_aux=True, adaptive=adaptive.AdaptivePS(
+                     proto, decay=1.0, detector=detector.Detector(slow_factor=1.5)))
   state = step.init_state(params, jax.random.key(0), model_state=model_state)
-  perms = []
+  perms, flags = [], []
   for s in range(STEPS):
     state, metrics = step.update(state, batches[s], jax.random.key(0))
     assert metrics["exact"]
     perms.append(np.asarray(step.adaptive.placement(state.adaptive_state)))
+    flags.append(metrics["slow_workers"])
   assert not np.array_equal(perms[-1], np.arange(M))       # the slow worker's list moved
   assert int(state.adaptive_state.num_obs) == STEPS
+  # The detector, fed the reports' arrival times, ranks the two slow workers at least twice
+  # as slow as the others and names them. (Half the fleet is slow, so the fleet's median
+  # lies between the groups: hence slow_factor 1.5 rather than the default 2.)
+  level = np.asarray(state.adaptive_state.detect.level)
+  assert level[:2].min() - level[2:].max() > np.log(2.0), level
+  np.testing.assert_array_equal(flags[-1], [True, True, False, False], str(flags))
 
 
 def test_train_runs_cnn_bn_on_ray(pool, tmp_path):

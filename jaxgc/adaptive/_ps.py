@@ -133,7 +133,7 @@ class AdaptivePS(NamedTuple):
   (``DetectorState.precision``: slowness drawn afresh each step is not worth
   re-placing work for). For a cyclic-like assignment
   (``N = m``) of the partial-straggler protocol in exact mode; in :func:`simulate`
-  (the SPMD step keeps its assignment: see :meth:`observe`).
+  (the steps keep their assignment and refuse ``reassign``).
   """
   protocol: Any
   decay: float = 0.3
@@ -207,10 +207,10 @@ class AdaptivePS(NamedTuple):
 
     ``durations``: the step's logical durations ``[m, slots]`` (``inf`` = empty). With
     them the PS knows when each worker ran out of work (:func:`busy_times`), so its
-    rate ``(k_j + ½ b_j) / e_j`` needs no censoring; without them (the SPMD step passes counts
-    and the stop only) a worker that finished its list only bounds its rate from below
-    (:func:`update_rates`). After a step that ran ``state.order`` (``reassign``), counts
-    and durations are by physical worker.
+    rate ``(k_j + ½ b_j) / e_j`` needs no censoring (both steps pass them: the PS times
+    each chunk's report); without them a worker that finished its list only bounds its
+    rate from below (:func:`update_rates`). After a step that ran ``state.order``
+    (``reassign``), counts and durations are by physical worker.
     """
     m = self.num_workers
     perm = state.perm

@@ -32,6 +32,7 @@ import optax
 
 from jaxgc import protocols as _protocols
 from jaxgc import timing
+from jaxgc.errors import ParamError
 
 __all__ = [
     "StepBackend", "TrainState", "STRAGGLER_INIT", "straggler_init_key", "init_straggler_state",
@@ -193,6 +194,23 @@ def check_step_args(protocol, mode: str, deadline, timeout, message_loss_prob: f
                   ("nan_message_prob", nan_message_prob)):
     if not 0.0 <= p <= 1.0:
       raise ValueError(f"{name} must be in [0, 1], got {p}.")
+
+
+def check_adaptive(adaptive, protocol) -> None:
+  """Refuses an adaptive PS built for another assignment, or one that would change the
+  lists (``reassign``): a step places the assignment's whole lists; unequal loads are
+  :func:`jaxgc.adaptive.simulate`'s."""
+  if adaptive is None:
+    return
+  a = protocol.assignment
+  if (adaptive.protocol.assignment.num_workers != a.num_workers
+      or not np.array_equal(adaptive.protocol.assignment.order, a.order)):
+    raise ParamError("adaptive: the AdaptivePS was built for another assignment; build it "
+                     "with the step's protocol, AdaptivePS(protocol).", "adaptive")
+  if adaptive.reassign:
+    raise ParamError("adaptive: reassign=True (unequal loads) runs in jaxgc.adaptive.simulate "
+                     "only; a step places the assignment's lists: use "
+                     "AdaptivePS(protocol, reassign=False).", "adaptive")
 
 
 def check_straggler(straggler) -> None:

@@ -66,16 +66,9 @@ def slot_width(protocol) -> int:
 
 # -- the PS's decode and the erasure rule ----------------------------------------------
 
-def decode(msgs, dec):
-  """``Σ_j dec[r,j] z_j``: messages ``[w, ...]`` and ``dec [ℓ, w]`` -> ``[ℓ, ...]``.
-
-  Messages of workers with an all-zero column are masked, so a silent worker's
-  garbage (NaN) cannot leak in through ``0 · NaN``. Linear in the workers: a
-  sharded PS decodes each device's ``w`` workers and sums.
-  """
-  used = jnp.any(dec != 0, axis=0)
-  msgs = jnp.where(used.reshape((-1,) + (1,) * (msgs.ndim - 1)), msgs, 0)
-  return jnp.tensordot(dec.astype(msgs.dtype), msgs, axes=1)
+decode = _protocols.base.decode_blocks
+"""The PS's decode, ``[w, ...]`` messages and ``dec [ℓ, w]`` -> ``[ℓ, ...]``: one definition,
+:func:`jaxgc.protocols.base.decode_blocks`, here under the name both backends call."""
 
 
 def erase(counts, erased):

@@ -30,12 +30,10 @@ from jaxgc.experiment.config import (
   ALIASES,
   NON_RESULT_FIELDS,
   ConfigError,
-  apply_overrides,
   check_config,
   default_config,
   load_config,
   result_fields_differ,
-  split_config_flags,
 )
 from jaxgc.experiment.loop import (
   StepInput,
@@ -51,6 +49,7 @@ from jaxgc.experiment.loop import (
   train_and_evaluate,
   train_step,
 )
+from jaxgc.experiment.overrides import apply_overrides, split_config_flags
 from jaxgc.experiment.plots import plot_accuracy_vs_time, time_to_target
 from jaxgc.experiment.resilience import EXIT_CODES, Preempted
 from jaxgc.experiment.runs import MetricsLog, lock_workdir, open_workdir, read_metrics

@@ -20,6 +20,7 @@ import optax
 from jaxgc import adaptive, assignments, backends, data, models, parallel, protocols, timing
 from jaxgc import network as network_models
 from jaxgc.backends import capabilities
+from jaxgc.detector import Detector
 from jaxgc.errors import ParamError
 from jaxgc.experiment.config import ConfigError
 from jaxgc.registry import signature_options
@@ -353,8 +354,12 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
   ``(loss, new model state)`` (batch norm).
   """
   s = config.step
-  if not isinstance(config.adaptive, bool):
-    raise ConfigError("--config.adaptive", f"must be True or False, got {config.adaptive!r}.")
+  for name in ("adaptive", "detector"):
+    if not isinstance(config.get(name, False), bool):
+      raise ConfigError(f"--config.{name}", f"must be True or False, got {config[name]!r}.")
+  if config.get("detector", False) and not config.adaptive:
+    raise ConfigError("--config.detector", "the straggler detector is the adaptive PS's; add "
+                      "--config.adaptive=True, or leave --config.detector=False.")
   batch_axis_name = s.get("batch_axis_name")
   # Only the spmd step runs the loss under shard_map, with the axis bound per chunk.
   if batch_axis_name is not None and config.backend != "spmd":
@@ -388,7 +393,9 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
   if batch_axis_name is not None:
     kwargs["batch_axis_name"] = batch_axis_name
   if caps.adaptive:
-    kwargs["adaptive"] = adaptive.AdaptivePS(protocol) if config.adaptive else None
+    kwargs["adaptive"] = adaptive.AdaptivePS(
+        protocol, detector=Detector() if config.get("detector", False) else None
+    ) if config.adaptive else None
   if caps.network_model:
     kwargs["network"] = net
   own = config.get(config.backend)

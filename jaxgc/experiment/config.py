@@ -38,7 +38,6 @@ choice's options list one).
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
 import os
@@ -49,9 +48,9 @@ import ml_collections
 from ml_collections import config_dict
 
 __all__ = [
-    "ConfigError", "default_config", "load_config", "apply_overrides", "check_config",
+    "ConfigError", "default_config", "load_config", "check_config",
     "flatten", "effective", "result_fields_differ", "ALIASES", "CHOICE_BLOCKS",
-    "NON_RESULT_FIELDS", "split_config_flags", "check_fields",
+    "NON_RESULT_FIELDS", "check_fields",
 ]
 
 CHOICE_BLOCKS = ("data", "model", "optimizer", "assignment", "protocol", "straggler")
@@ -200,6 +199,9 @@ def _add_coding(c: ml_collections.ConfigDict) -> None:
   # The PS learns each worker's speed and re-places the chunk lists between steps
   # (jaxgc.adaptive.AdaptivePS of the protocol); the code and exactness are unchanged.
   c.adaptive = False
+  # With adaptive: a CUSUM detector of slow workers (jaxgc.detector.Detector) restarts a
+  # worker's speed estimate at a change point; metrics list slow_workers per step.
+  c.detector = False
 
 
 def _add_runtime(c: ml_collections.ConfigDict) -> None:
@@ -264,116 +266,9 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _literal(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def _parse(flag: str, text: str, kind) -> Any:
-  """``text`` as a value of ``kind`` (the field's type; ``None`` when untyped)."""
-  try:
-    if kind is bool:
-      low = text.lower()
-      if low in ("true", "1", "yes"):
-        return True
-      if low in ("false", "0", "no"):
-        return False
-      raise ValueError
-    if kind is int:
-      return int(text)
-    if kind is float:
-      return float(text)
-    if kind is str:
-      return text
-    if kind in (tuple, list):
-      value = _literal(text)
-      if isinstance(value, (int, float, str)):
-        value = (value,)
-      if not isinstance(value, (tuple, list)):
-        raise ValueError
-      return tuple(value)
-  except ValueError:
-    raise ConfigError(flag, f"{text!r} is not a {kind.__name__}.") from None
-  return _literal(text)
-
-
 def _suggest(key: str, choices: Iterable[str], prefix: str) -> str:
   near = difflib.get_close_matches(key, list(choices), n=1)
   return f" Did you mean --config.{prefix}{near[0]}?" if near else ""
-
-
-def _set(config, path: list[str], text: str, flag: str) -> None:
-  node, prefix = config, ""
-  for i, key in enumerate(path[:-1]):
-    if key not in node:
-      # A choice block takes option blocks for choices the file does not list.
-      if "name" in node and i == len(path) - 2:
-        node[key] = ml_collections.ConfigDict()
-      else:
-        raise ConfigError(flag, "no such config field." + _suggest(key, node.keys(), prefix))
-    node, prefix = node[key], prefix + key + "."
-    if not isinstance(node, ml_collections.ConfigDict):
-      raise ConfigError(flag, f"--config.{prefix[:-1]} is a value, not a block.")
-  key = path[-1]
-  if key not in node:
-    choice_options = len(path) >= 2 and "name" in _parent(config, path[:-2])
-    if not choice_options:
-      hint = _suggest(key, list(node.keys()) + (list(ALIASES) if not prefix else []), prefix)
-      raise ConfigError(flag, "no such config field." + hint)
-    node[key] = _literal(text)      # an option of a choice: its constructor checks it
-    return
-  if isinstance(node[key], ml_collections.ConfigDict):
-    if "name" in node[key]:         # --config.protocol=original
-      return _set(config, path + ["name"], text, flag)
-    raise ConfigError(flag, f"--config.{prefix}{key} is a block; set one of its fields, "
-                      f"e.g. --config.{prefix}{key}.{next(iter(node[key].keys()))}=...")
-  kind = node.get_type(key)
-  if text == "None" and kind is not str:
-    value = None                    # unset an optional field, e.g. --config.step.timeout=None
-  else:
-    value = _parse(flag, text, None if kind is type(None) else kind)
-  try:
-    node[key] = value
-  except TypeError:
-    raise ConfigError(flag, f"{text!r} is not a {kind.__name__}.") from None
-
-
-def _parent(config, path):
-  node = config
-  for key in path:
-    node = node[key]
-  return node
-
-
-def _canonical(path: list[str]) -> list[str]:
-  """Maps an old field path to its place now."""
-  dotted = ".".join(path)
-  return ALIASES[dotted].split(".") if dotted in ALIASES else path
-
-
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Iterable[tuple[str, str]]) -> ml_collections.ConfigDict:
-  """Applies ``(dotted_path, text)`` pairs (``--config.a.b=text``); returns the config.
-
-  Text is parsed as the field's type. Old flag names (:data:`ALIASES`) are
-  accepted. Raises :class:`ConfigError` naming the flag.
-  """
-  config.unlock()
-  deferred = []
-  for dotted, text in overrides:
-    flag = f"--config.{dotted}"
-    path = dotted.split(".")
-    if len(path) == 2 and path[0] in ("straggler", "synthetic"):
-      block = ALIASES[path[0] + ".*"].split(".")[0]
-      if path[1] not in config[block] or path[0] == "synthetic":
-        deferred.append((block, path[1], text, flag))   # old flat straggler/synthetic params
-        continue
-    _set(config, _canonical(path), text, flag)
-  for block, key, text, flag in deferred:
-    _set(config, [block, config[block].name, key], text, flag)
-  return config
 
 
 def check_fields(config: ml_collections.ConfigDict, reference=None, prefix: str = "") -> None:
@@ -478,27 +373,3 @@ def result_fields_differ(saved: dict, requested: dict) -> list[tuple[str, Any, A
   return [(k, a.get(k, "unset"), b.get(k, "unset")) for k in sorted(set(a) | set(b))
           if a.get(k, "unset") != b.get(k, "unset")
           and (k.endswith(".name") or not k.startswith(switched))]
-
-
-def split_config_flags(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-  """Separates ``--config.a.b=v`` (or ``--config.a.b v``) from the other arguments.
-
-  Returns ``(other_args, [("a.b", "v"), ...])`` in command-line order; ``--config=FILE``
-  stays with the other arguments.
-  """
-  rest, overrides, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--config."):
-      if "=" in arg:
-        key, text = arg[len("--config."):].split("=", 1)
-      elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-        key, text = arg[len("--config."):], argv[i + 1]
-        i += 1
-      else:
-        key, text = arg[len("--config."):], "true"
-      overrides.append((key, text))
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, overrides

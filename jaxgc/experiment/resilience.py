@@ -52,6 +52,7 @@ class StopSignals:
 
   def __init__(self):
     self.received: str | None = None
+    self._aborting = False
     self._previous = {}
 
   def __enter__(self):
@@ -70,7 +71,10 @@ class StopSignals:
     name = signal.Signals(signum).name
     if self.received is None:
       self.received = name
-    elif signum == signal.SIGINT:
+    elif signum == signal.SIGINT and not self._aborting:
+      # A third Ctrl-C can run this handler again inside the print below: it returns, and
+      # the line is printed once.
+      self._aborting = True
       # os._exit: no exception may unwind through a save in flight (or print a traceback).
       # (on a line of its own: a progress bar may hold the current one)
       print(f"\n{ABORT_LINE}", file=sys.stderr, flush=True)

@@ -158,14 +158,16 @@ def _check_floating(fn: str, name: str, x):
 
 
 def decode_blocks(msgs, dec):
-  """``dec [ℓ, m] @ msgs [m, b] -> [ℓ, b]``, unchecked; the linear core of :func:`decode`.
+  """``Σ_j dec[r, j] z_j``: messages ``[w, ...]`` and ``dec [ℓ, w]`` -> ``[ℓ, ...]``, unchecked.
 
-  Linear in the workers, so a sharded PS decodes each device's workers and ``psum``s.
-  Messages of workers with an all-zero column are masked, so a silent worker's
-  garbage (NaN) cannot leak in through ``0 · NaN``.
+  The PS's one decode: the linear core of :func:`decode`, and what both backends call
+  (:func:`jaxgc.backends.core.decode`). Linear in the workers, so a sharded PS decodes
+  each device's ``w`` workers and sums. Messages of workers with an all-zero column are
+  masked, so a silent worker's garbage (NaN) cannot leak in through ``0 · NaN``.
   """
-  used = jnp.any(dec != 0, axis=0)[:, None]
-  return dec.astype(msgs.dtype) @ jnp.where(used, msgs, 0)
+  used = jnp.any(dec != 0, axis=0)
+  msgs = jnp.where(used.reshape((-1,) + (1,) * (msgs.ndim - 1)), msgs, 0)
+  return jnp.tensordot(dec.astype(msgs.dtype), msgs, axes=1)
 
 
 def expected_mse(coverage, ell: int, d: int, sigma2: float = 1.0):

@@ -23,7 +23,7 @@ from jaxgc.backends import core
 from jaxgc.backends.chunk_rule import chunk_keys
 from jaxgc.memo import per_object
 
-__all__ = ["apply_update", "chunk_key_data", "draw", "ps_functions", "unravel"]
+__all__ = ["actor_work", "apply_update", "chunk_key_data", "draw", "ps_functions", "unravel"]
 
 
 def _solve(protocol, counts):
@@ -118,3 +118,25 @@ def unravel(like, flat):
   parts = np.split(np.asarray(flat), sizes)
   return jax.tree.unflatten(treedef, [p.reshape(np.shape(x)).astype(np.asarray(x).dtype)
                                       for p, x in zip(parts, leaves, strict=True)])
+
+
+def actor_work(assignment, slots, sleeps, num_actors: int, perm=None):
+  """Phase 1's split of the work: ``(workers_of, [(ids, work)] per actor)``.
+
+  ``workers_of[h]`` lists actor ``h``'s workers: worker ``j`` on actor ``j mod
+  num_actors``, or with an adaptive placement ``perm``, logical worker ``j`` on the
+  actor of physical worker ``perm[j]``. ``ids``: the chunks actor ``h`` needs, sorted;
+  ``work``: per worker ``(j, rows of its chunks in ids, its slots, its sleeps)``, from
+  ``sleeps`` ``[m, max_load]`` (wall seconds) and ``slots`` (:func:`core.work_slots`).
+  """
+  m = assignment.num_workers
+  chunk_of = [assignment.order[j, slots[j]] for j in range(m)]
+  phys = np.arange(m) if perm is None else np.asarray(perm)
+  workers_of = [[j for j in range(m) if phys[j] % num_actors == h] for h in range(num_actors)]
+  shares = []
+  for mine in workers_of:
+    ids = np.unique(np.concatenate([chunk_of[j] for j in mine] + [np.zeros(0, np.int32)]))
+    row = {int(i): r for r, i in enumerate(ids)}
+    shares.append((ids, [(j, np.array([row[int(i)] for i in chunk_of[j]], np.int32), slots[j],
+                          sleeps[j, :len(slots[j])]) for j in mine]))
+  return workers_of, shares

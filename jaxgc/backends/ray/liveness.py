@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-__all__ = ["ActorLiveness", "Restart", "actor_state"]
+__all__ = ["ActorLiveness", "Restart", "actor_state", "call_each_live"]
 
 # An actor erased for an error but never seen restarting (a transient fault, not a
 # death): alive again after this many seconds of the GCS calling it ALIVE.
@@ -188,3 +188,23 @@ class ActorLiveness:
       time.sleep(0.05)
       alive = self.poll(step)
     return alive
+
+
+def call_each_live(ray, actors, call, timeout: float) -> None:
+  """Waits for ``call(actor)`` (an object ref) on every actor: one that is restarting is
+  called again until ``timeout`` seconds have passed (then its error is raised), one
+  dead for good is skipped (the steps run without it)."""
+  pending, until = list(actors), time.perf_counter() + timeout
+  while pending:
+    refs = [(h, call(h)) for h in pending]
+    pending = []
+    for h, ref in refs:
+      try:
+        ray.get(ref)
+      except ray.exceptions.ActorUnavailableError:     # restarting: wait for it
+        if time.perf_counter() > until:
+          raise
+        pending.append(h)
+      except ray.exceptions.RayActorError:     # dead for good
+        pass
+    time.sleep(0.1 if pending else 0)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgc import precision
+from jaxgc.backends import core
 from jaxgc.backends.ray.liveness import ActorLiveness, actor_state
 from jaxgc.backends.ray.pool import WorkerPool
 from jaxgc.backends.ray.records import Rounds
+from jaxgc.protocols.base import num_blocks
 
-__all__ = ["collect"]
+__all__ = ["collect", "rounds"]
 
 
 def collect(pool: WorkerPool, liveness: ActorLiveness, key: str, step: int, enc, senders,
@@ -85,3 +88,40 @@ def collect(pool: WorkerPool, liveness: ActorLiveness, key: str, step: int, enc,
     bad[asked[ref]] = True
   return got, bad
 
+
+
+def rounds(pool: WorkerPool, liveness: ActorLiveness, key: str, step: int, coefficients, seen,
+           workers_of, lost, corrupt, d: int, ell: int, *, timeout: float,
+           message_dtype: str = "float32") -> Rounds:
+  """Phases 3-4: solve for the observed state, collect the messages, erase and redo once
+  (:func:`jaxgc.backends.core.erase`, :data:`jaxgc.backends.core.ROUNDS`).
+
+  ``coefficients``: ``counts -> (enc, dec, condition)``, the PS's jitted solve; ``seen``:
+  the watch phase's :class:`~jaxgc.backends.ray.records.Seen` (its ``erased`` grows
+  with each erasure); ``lost``, ``corrupt``: the first round's injected faults.
+  """
+  m = len(seen.counts)
+  out = Rounds(counts=seen.counts.copy(), nbytes=np.zeros(m, np.int64),
+               transfer_s=np.full(m, np.nan), msgs=np.zeros((m, num_blocks(d, ell)), np.float32))
+  for attempt in range(core.ROUNDS):
+    s0 = time.perf_counter()
+    enc, out.dec, condition = (np.asarray(x) for x in coefficients(jnp.asarray(out.counts)))
+    out.condition = float(condition)
+    out.senders = np.any(enc != 0, axis=(1, 2)) & ~seen.dead
+    out.solve_s += time.perf_counter() - s0
+    r0 = time.perf_counter()
+    got, bad = collect(pool, liveness, key, step, enc, out.senders, workers_of, seen.dead,
+                       lost if attempt == 0 else None, corrupt if attempt == 0 else None,
+                       stop=attempt == 0, out=out, timeout=timeout, message_dtype=message_dtype)
+    out.round_s += time.perf_counter() - r0
+    for j, z in got.items():
+      out.msgs[j] = z
+    if not bad.any():
+      break
+    if attempt == core.ROUNDS - 1:
+      out.failed_again = True
+      break
+    seen.erased |= bad
+    out.counts = np.array(core.erase(out.counts, bad))
+    out.msgs[:] = 0
+  return out

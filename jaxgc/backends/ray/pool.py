@@ -12,9 +12,10 @@ import contextlib
 import os
 import uuid
 
+import jax
 import numpy as np
 
-from jaxgc.backends.ray.actor import ACTOR_XLA_FLAGS, WorkerHost
+from jaxgc.backends.ray.actor import ACTOR_XLA_FLAGS, WorkerHost, actor_xla_flags
 from jaxgc.backends.ray.connect import connect, import_ray, one_line
 from jaxgc.errors import ParamError
 
@@ -131,3 +132,23 @@ def _is_int(x) -> bool:
 
 def _id(actor) -> str:
   return actor._actor_id.hex()  # pylint: disable=protected-access
+
+
+def device_options(model: int) -> dict:
+  """A pool's options for workers of ``model`` devices: GPUs from Ray where the PS's
+  JAX runs on GPU, else ``model`` host devices per CPU actor."""
+  if model == 1:
+    return {}
+  if jax.default_backend() == "gpu":
+    return {"actor_options": {"num_gpus": model}, "xla_flags": None}
+  return {"xla_flags": actor_xla_flags(model)}
+
+
+def check_devices(pool: WorkerPool, model: int) -> None:
+  """Refuses (naming ``model``) a pool whose actors have fewer than ``model`` devices."""
+  if model > 1 and pool.actors:
+    have = len(pool.ray.get(pool.actors[0].devices.remote()))
+    if have < model:
+      raise ParamError(f"model={model}: the pool's actors have {have} device(s) each; build "
+                       f"the pool with xla_flags=actor_xla_flags({model}) (CPU) or "
+                       f"actor_options={{'num_gpus': {model}}}, or leave pool unset.", "model")

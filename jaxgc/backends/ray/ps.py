@@ -26,15 +26,13 @@ from jaxgc.backends import base as _backend
 from jaxgc.backends import core
 from jaxgc.backends.base import TrainState
 from jaxgc.backends.chunk_rule import ChunkLoss, chunk_mean
-from jaxgc.backends.ray.actor import actor_xla_flags
+from jaxgc.backends.ray import compute, messages
 from jaxgc.backends.ray.chunk_aux import gather_aux
-from jaxgc.backends.ray.compute import apply_update, chunk_key_data, draw, ps_functions, unravel
 from jaxgc.backends.ray.kills import kill_scheduled
-from jaxgc.backends.ray.liveness import ActorLiveness
+from jaxgc.backends.ray.liveness import ActorLiveness, call_each_live
 from jaxgc.backends.ray.membership import Membership
-from jaxgc.backends.ray.messages import collect
-from jaxgc.backends.ray.pool import WorkerPool
-from jaxgc.backends.ray.records import Rounds, Seen
+from jaxgc.backends.ray.pool import WorkerPool, check_devices, device_options
+from jaxgc.backends.ray.records import Seen, observed_durations, step_metrics
 from jaxgc.backends.ray.watch import watch
 from jaxgc.errors import ParamError
 
@@ -125,12 +123,7 @@ class RayStep:
       raise ParamError(f"protocol: an ell chosen per step from {protocol.ells} runs on the spmd "
                        "backend only; give the Ray step one ell (PartialStraggler(assignment, "
                        "ell=2)).", "protocol")
-    a = protocol.assignment
-    if adaptive is not None and (adaptive.protocol.assignment.num_workers != a.num_workers
-                                 or not np.array_equal(adaptive.protocol.assignment.order,
-                                                       a.order)):
-      raise ParamError("adaptive: the AdaptivePS was built for another assignment; build it "
-                       "with the step's protocol, AdaptivePS(protocol).", "adaptive")
+    _backend.check_adaptive(adaptive, protocol)
     self.adaptive = adaptive
     # The PS's placement and observation, jitted once (used only with an adaptive PS).
     self._placement: Any = None if adaptive is None else jax.jit(adaptive.placement)
@@ -158,23 +151,17 @@ class RayStep:
     self.model = int(model)
     self.owns_pool = pool is None
     self.pool = WorkerPool(num_actors, address=address, num_spares=num_spares,
-                           max_restarts=max_restarts, **_device_options(self.model)
+                           max_restarts=max_restarts, **device_options(self.model)
                            ) if pool is None else pool
     self.ray = self.pool.ray
-    if self.model > 1 and self.pool.actors:
-      have = len(self.ray.get(self.pool.actors[0].devices.remote()))
-      if have < self.model:
-        raise ParamError(f"model={self.model}: the pool's actors have {have} device(s) each; "
-                         f"build the pool with xla_flags=actor_xla_flags({self.model}) (CPU) or "
-                         f"actor_options={{'num_gpus': {self.model}}}, or leave pool unset.",
-                         "model")
+    check_devices(self.pool, self.model)
     self.token, self.setup = self.pool.program(loss_fn)
     self.key = uuid.uuid4().hex
     self.records: collections.deque = collections.deque(maxlen=keep_records)
     self.last_record: dict | None = None
     self._warm = False
     self._straggler_state = None
-    self._coefficients, self._complete, self._finish = ps_functions(protocol)
+    self._coefficients, self._complete, self._finish = compute.ps_functions(protocol)
     self.liveness = ActorLiveness(self.ray, self.pool.actors)
     self._fail_pairs = self.faults.pairs      # fail_at as given, for a re-formed code
     self._warm_call: Callable | None = None
@@ -194,7 +181,7 @@ class RayStep:
     self.slots = core.work_slots(protocol)
     self.faults = _faults.fault_schedule([(j, s) for j, s in self._fail_pairs if j < m], m)
     self.report_condition = self.report_condition and protocol.reports_condition
-    self._coefficients, self._complete, self._finish = ps_functions(protocol)
+    self._coefficients, self._complete, self._finish = compute.ps_functions(protocol)
     self.adaptive = self._placement = self._observe = None
     self._warm = False
 
@@ -234,13 +221,14 @@ class RayStep:
     straggler_state = () if straggler_state is None else straggler_state
     adaptive_state = () if self.adaptive is None else self.adaptive.init()
     perm = None if self.adaptive is None else self._placement(adaptive_state)
-    draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
-         self.message_loss_prob, self.nan_message_prob, jax.random.key(0), straggler_state,
-         perm)
+    compute.draw(self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
+                 self.message_loss_prob, self.nan_message_prob, jax.random.key(0),
+                 straggler_state, perm)
     state = TrainState.create(params, self.tx, straggler_state=straggler_state,
                               model_state=model_state, adaptive_state=adaptive_state)
-    apply_update(self.tx, state, np.zeros(d, np.float32), _outcome(False, False, 0, 0.0),
-                 self._fields(state, model_state, adaptive_state))
+    compute.apply_update(self.tx, state, np.zeros(d, np.float32),
+                         _outcome(False, False, 0, 0.0),
+                         self._fields(state, model_state, adaptive_state))
 
   def _fields(self, state, model_state, adaptive_state) -> dict:
     """The state fields an update replaces beyond the parameters (:func:`apply_update`)."""
@@ -257,22 +245,10 @@ class RayStep:
     one = jax.tree.map(lambda x: np.asarray(x[0]), chunks)
     keys = self._keys(step_key)
     args_ref = self.ray.put(jax.device_get(tuple(args)))
-    pending, until = list(self.pool.actors), time.perf_counter() + self.pool.startup_timeout
-    while pending:
-      refs = [(h, h.warmup.remote(self.token, self.setup, params_ref, one, a.max_load,
-                                  self.protocol.ell, self.message_dtype, self.has_aux, keys,
-                                  args_ref, self.model)) for h in pending]
-      pending = []
-      for h, ref in refs:
-        try:
-          ray.get(ref)
-        except ray.exceptions.ActorUnavailableError:     # restarting: wait for it
-          if time.perf_counter() > until:
-            raise
-          pending.append(h)
-        except ray.exceptions.RayActorError:     # dead for good: the steps run without it
-          pass
-      time.sleep(0.1 if pending else 0)
+    call_each_live(ray, self.pool.actors, lambda h: h.warmup.remote(
+        self.token, self.setup, params_ref, one, a.max_load, self.protocol.ell,
+        self.message_dtype, self.has_aux, keys, args_ref, self.model),
+        self.pool.startup_timeout)
     counts = np.asarray(a.loads, np.int32)
     never = np.full((a.num_workers, a.max_load), np.inf, np.float32)
     enc, dec, condition = (np.asarray(x) for x in self._coefficients(jnp.asarray(counts)))
@@ -300,13 +276,13 @@ class RayStep:
     """
     g, metrics, _ = self._gradient(params, chunks, jax.random.fold_in(key, step), step,
                                    straggler_state, args)
-    return unravel(params, g), metrics
+    return compute.unravel(params, g), metrics
 
   def _keys(self, step_key):
     """The chunks' keys as the actors take them, ``None`` for a loss without ``rng``."""
     if not self.chunk_loss.uses_rng:
       return None
-    return chunk_key_data(step_key, self.assignment.num_chunks)
+    return compute.chunk_key_data(step_key, self.assignment.num_chunks)
 
   def _gradient(self, params, chunks, step_key, step, straggler_state, args=(),
                 adaptive_state=None):
@@ -323,7 +299,7 @@ class RayStep:
                                                       self.assignment.num_workers)
     perm = (None if self.adaptive is None else np.asarray(self._placement(
         self.adaptive.init() if adaptive_state is None else adaptive_state)))
-    tau, lost, corrupt, sim_stop, straggler_state = draw(
+    tau, lost, corrupt, sim_stop, straggler_state = compute.draw(
         self.protocol, self.straggler, self.mode, self.deadline, self.timeout,
         self.message_loss_prob, self.nan_message_prob, step_key,
         () if straggler_state is None else straggler_state, perm)
@@ -342,7 +318,9 @@ class RayStep:
     t0, gens, workers_of = self._dispatch(step, tau, chunks, params_ref, alive, keys, args_ref,
                                           perm)
     seen = self._watch(step, gens, workers_of, t0, alive)
-    rounds = self._round(step, seen, workers_of, lost, corrupt, d)
+    rounds = messages.rounds(self.pool, self.liveness, self.key, step, self._coefficients, seen,
+                             workers_of, lost, corrupt, d, self.protocol.ell,
+                             timeout=self.message_timeout, message_dtype=self.message_dtype)
     g, metrics = self._decode(seen, rounds, d)
     if self.has_aux:
       metrics["aux"], metrics["aux_chunks"] = gather_aux(
@@ -372,25 +350,19 @@ class RayStep:
     ``h``'s workers (worker ``j`` on actor ``j mod num_actors``; with an adaptive
     placement ``perm``, logical worker ``j`` on the actor of physical worker ``perm[j]``).
     """
-    a, m, num_actors = self.assignment, self.assignment.num_workers, len(self.pool.actors)
-    chunk_of = [a.order[j, self.slots[j]] for j in range(m)]
-    phys = np.arange(m) if perm is None else np.asarray(perm)
-    workers_of = [[j for j in range(m) if phys[j] % num_actors == h] for h in range(num_actors)]
+    workers_of, shares = compute.actor_work(self.assignment, self.slots, tau * self.time_scale,
+                                    len(self.pool.actors), perm)
     gens = {}
     t0 = time.perf_counter()
     for h, actor in enumerate(self.pool.actors):
       if not alive[h]:
         continue
-      mine = workers_of[h]
-      ids = np.unique(np.concatenate([chunk_of[j] for j in mine] + [np.zeros(0, np.int32)]))
-      row = {int(i): r for r, i in enumerate(ids)}
-      work = [(j, np.array([row[int(i)] for i in chunk_of[j]], np.int32), self.slots[j],
-               tau[j, :len(self.slots[j])] * self.time_scale) for j in mine]
+      ids, work = shares[h]
       sub = jax.tree.map(lambda x, ids=ids: x[ids], chunks)
       sub_keys = None if keys is None else (keys[0][ids], keys[1])
       gen = actor.run.options(num_returns="streaming").remote(
-          self.token, self.setup, self.key, step, params_ref, sub, work, a.max_load,
-          self.has_aux, sub_keys, args_ref, self.model)
+          self.token, self.setup, self.key, step, params_ref, sub, work,
+          self.assignment.max_load, self.has_aux, sub_keys, args_ref, self.model)
       gens[gen] = h
     return t0, gens, workers_of
 
@@ -408,60 +380,13 @@ class RayStep:
     return watch(self.pool, self.liveness, self.assignment, self.slots, self._complete, step,
                  gens, workers_of, t0, alive, limit)
 
-  def _round(self, step, seen, workers_of, lost, corrupt, d) -> Rounds:
-    """Phases 3-4: solve for the observed state, collect messages, erase and redo once
-    (:func:`jaxgc.backends.core.erase`, :data:`jaxgc.backends.core.ROUNDS`)."""
-    m, ell = self.assignment.num_workers, self.protocol.ell
-    out = Rounds(counts=seen.counts.copy(), nbytes=np.zeros(m, np.int64),
-                 transfer_s=np.full(m, np.nan),
-                 msgs=np.zeros((m, _protocols.base.num_blocks(d, ell)), np.float32))
-    for attempt in range(core.ROUNDS):
-      s0 = time.perf_counter()
-      enc, out.dec, condition = (np.asarray(x) for x in
-                                 self._coefficients(jnp.asarray(out.counts)))
-      out.condition = float(condition)
-      out.senders = np.any(enc != 0, axis=(1, 2)) & ~seen.dead
-      out.solve_s += time.perf_counter() - s0
-      r0 = time.perf_counter()
-      got, bad = collect(self.pool, self.liveness, self.key, step, enc, out.senders,
-                         workers_of, seen.dead, lost if attempt == 0 else None,
-                         corrupt if attempt == 0 else None, stop=attempt == 0, out=out,
-                         timeout=self.message_timeout, message_dtype=self.message_dtype)
-      out.round_s += time.perf_counter() - r0
-      for j, z in got.items():
-        out.msgs[j] = z
-      if not bad.any():
-        break
-      if attempt == core.ROUNDS - 1:
-        out.failed_again = True
-        break
-      seen.erased |= bad
-      out.counts = np.array(core.erase(out.counts, bad))
-      out.msgs[:] = 0
-    return out
-
   def _decode(self, seen, rounds, d):
     """Phase 5 (the update is :meth:`update`'s): ``(g [d], metrics)`` from the messages:
     the decode and :func:`jaxgc.backends.core.step_outcome`, in one jitted call."""
-    a = self.assignment
     g, outcome = self._finish(rounds.msgs, rounds.dec, rounds.counts, rounds.senders,
                               rounds.condition, int(seen.erased.sum()), rounds.failed_again, d,
                               self.report_condition)
-    known = np.isfinite(seen.losses)
-    loss = (float(np.sum(seen.losses[known]) * a.num_chunks / known.sum()) if known.any()
-            else np.nan)
-    sent = rounds.nbytes > 0
-    metrics = {k: np.asarray(v).item() for k, v in outcome.items()}
-    metrics.update({
-        "loss": loss, "dead_workers": int(seen.dead.sum()),
-        "stop_wall": seen.stop_wall, "solve_s": rounds.solve_s, "round_s": rounds.round_s,
-        "compute_s": float(np.nansum(seen.compute_s)),
-        "message_bytes": int(rounds.nbytes.max(initial=0)),
-        "message_transfer_s": float(np.median(rounds.transfer_s[sent])) if sent.any() else 0.0,
-        "message_transfer_max_s": float(rounds.transfer_s[sent].max(initial=0.0)),
-        "counts": np.asarray(rounds.counts),      # the state decoded at, per worker
-    })
-    return np.asarray(g), metrics
+    return np.asarray(g), step_metrics(outcome, seen, rounds, self.assignment.num_chunks)
 
   def update(self, state: TrainState, chunks, key, *args):
     """One optimizer step: ``(new_state, metrics)``; never writes NaN into the parameters.
@@ -499,11 +424,15 @@ class RayStep:
     if has_model_state and aux is not None:     # ghost batch norm over the chunks that arrived
       new_model_state = chunk_mean(model_state, jax.tree.map(lambda x: x[have], aux))
     if self.adaptive is not None:
-      # The PS learns from what it saw: the counts at its stop, in simulated seconds.
+      # The PS learns from what it saw: the counts at its stop and each report's arrival,
+      # in simulated seconds, so a worker that finished its list early is not censored.
       rec = self.last_record or {}
       a_state = self._observe(a_state, np.asarray(rec["counts_observed"], np.int32),
-                              np.float32(rec["stop_wall"] / self.time_scale))
-    new, tail = apply_update(self.tx, state, g, _outcome(
+                              np.float32(rec["stop_wall"] / self.time_scale),
+                              observed_durations(rec, self.assignment.slot_mask))
+      if self.adaptive.detector is not None:
+        metrics["slow_workers"] = np.asarray(self.adaptive.slow_workers(a_state))
+    new, tail = compute.apply_update(self.tx, state, g, _outcome(
         metrics["skipped"], metrics["exact"], metrics["erasures"], metrics["step_sim_time"]),
         self._fields(state, new_model_state, a_state))
     if hasattr(state, "straggler_state"):
@@ -560,16 +489,6 @@ class RayStep:
 
   def __exit__(self, *exc):
     self.close()
-
-
-def _device_options(model: int) -> dict:
-  """The pool's options for workers of ``model`` devices: GPUs from Ray where the PS's
-  JAX runs on GPU, else ``model`` host devices per CPU actor."""
-  if model == 1:
-    return {}
-  if jax.default_backend() == "gpu":
-    return {"actor_options": {"num_gpus": model}, "xla_flags": None}
-  return {"xla_flags": actor_xla_flags(model)}
 
 
 def _outcome(skipped: bool, exact: bool, erasures: int, step_sim_time: float) -> dict:

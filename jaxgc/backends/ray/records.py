@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["Rounds", "Seen", "measured_durations"]
+__all__ = ["Rounds", "Seen", "measured_durations", "observed_durations", "step_metrics"]
 
 
 def measured_durations(record) -> np.ndarray:
@@ -26,6 +26,21 @@ def measured_durations(record) -> np.ndarray:
   prev = np.concatenate([np.zeros_like(f[:, :1]), f[:, :-1]], axis=1)
   tau = f - prev
   return np.where(np.isfinite(tau), tau, np.inf)
+
+
+def observed_durations(record, slot_mask) -> np.ndarray:
+  """Durations ``[m, width]`` as the adaptive PS may use them (``AdaptivePS.observe``).
+
+  Measured (:func:`measured_durations`) where a chunk's report arrived; the stop time,
+  a finite stand-in, in a listed slot still running at the stop (the PS knows only that
+  the worker was busy then); ``inf`` in an empty slot. ``slot_mask``: bool
+  ``[m, max_load]``, the assignment's listed slots.
+  """
+  tau = measured_durations(record)
+  listed = np.zeros(tau.shape, bool)
+  listed[:, : slot_mask.shape[1]] = slot_mask
+  stop = record["stop_wall"] / record["time_scale"]
+  return np.where(listed, np.where(np.isfinite(tau), tau, stop), np.inf).astype(np.float32)
 
 
 class Seen:
@@ -56,3 +71,24 @@ class Rounds:
   failed_again: bool = False
   solve_s: float = 0.0
   round_s: float = 0.0
+
+
+def step_metrics(outcome: dict, seen: Seen, rounds: Rounds, num_chunks: int) -> dict:
+  """A step's metrics: the decode's ``outcome`` (:func:`jaxgc.backends.core.step_outcome`)
+  as Python scalars, and what the PS saw and spent (loss, deaths, phases, messages)."""
+  known = np.isfinite(seen.losses)
+  # The loss of the chunks whose reports came, scaled to all num_chunks.
+  loss = (float(np.sum(seen.losses[known]) * num_chunks / known.sum()) if known.any()
+          else np.nan)
+  sent = rounds.nbytes > 0
+  metrics = {k: np.asarray(v).item() for k, v in outcome.items()}
+  metrics.update({
+      "loss": loss, "dead_workers": int(seen.dead.sum()),
+      "stop_wall": seen.stop_wall, "solve_s": rounds.solve_s, "round_s": rounds.round_s,
+      "compute_s": float(np.nansum(seen.compute_s)),
+      "message_bytes": int(rounds.nbytes.max(initial=0)),
+      "message_transfer_s": float(np.median(rounds.transfer_s[sent])) if sent.any() else 0.0,
+      "message_transfer_max_s": float(rounds.transfer_s[sent].max(initial=0.0)),
+      "counts": np.asarray(rounds.counts),      # the state decoded at, per worker
+  })
+  return metrics

@@ -196,12 +196,15 @@ class Lookahead(NamedTuple):
     """``(plan, adaptive_state)``: the plan, then the adaptive PS's observation of its state.
 
     The PS observes the counts before any erasure zeroes them: an erased message
-    says nothing about its worker's speed. ``grad``: as :meth:`plan`.
+    says nothing about its worker's speed. It also has each finished chunk's arrival
+    (PROTOCOL.md §1), so a worker that ran out of work before the stop is timed by
+    its last finish (:func:`jaxgc.adaptive.busy_times` reads nothing later than the
+    stop). ``grad``: as :meth:`plan`.
     """
     durations, lost, corrupt = draw
     plan = self.plan(durations, lost, corrupt, grad=grad)
     if self.adaptive is not None:
-      adaptive_state = self.adaptive.observe(adaptive_state, plan.counts, plan.stop)
+      adaptive_state = self.adaptive.observe(adaptive_state, plan.counts, plan.stop, durations)
     return plan, adaptive_state
 
   def init_straggler_state(self, key):

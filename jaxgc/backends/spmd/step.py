@@ -89,11 +89,7 @@ class CodedStep:
     if network is not None and not isinstance(network, _network.Network):
       raise TypeError(f"network must be a jaxgc.network model (get_network('ps', bandwidth=B)),"
                       f" got {type(network).__name__}.")
-    if adaptive is not None and (adaptive.protocol.assignment.num_workers != a.num_workers
-                                 or not np.array_equal(adaptive.protocol.assignment.order,
-                                                       a.order)):
-      raise ValueError("adaptive: the AdaptivePS was built for another assignment; build it "
-                       "with the step's protocol, AdaptivePS(protocol).")
+    _backend.check_adaptive(adaptive, protocol)
     _backend.check_step_args(protocol, mode, deadline, timeout, message_loss_prob,
                              nan_message_prob)
     self.protocol = protocol
@@ -253,9 +249,12 @@ class CodedStep:
     next_draw, straggler_state = self.lookahead.draw(jax.random.fold_in(key, state.step + 1),
                                                      straggler_state, adaptive_state,
                                                      state.step + 1)
+    observed = adaptive_state     # the PS's state once it has seen this step's counts
     g, metrics, (next_plan, adaptive_state) = sharded_gradient(
         self.spec, state.params, worker_chunks, plan, (next_draw, adaptive_state),
         jax.random.fold_in(key, state.step), args)
+    if self.adaptive is not None and self.adaptive.detector is not None:
+      metrics["slow_workers"] = self.adaptive.slow_workers(observed)
     aux = metrics.pop("aux", ())
     model = {"model_state": _chunk_mean(state.model_state, aux)} if has_model_state else {}
     new, metrics = core.apply_step(state, g, metrics, tx, plan=next_plan,
