@@ -57,10 +57,9 @@ def _unit(item) -> str:
 @pytest.hookimpl(tryfirst=True)   # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
   order = {name: i for i, name in enumerate(("ray", *LONG_FILES))}
-  position = {id(item): i for i, item in enumerate(items)}
   for item in items:
     item.add_marker(pytest.mark.xdist_group(_unit(item)))
-  items.sort(key=lambda it: (order.get(_unit(it), len(order)), position[id(it)]))
+  items.sort(key=lambda it: order.get(_unit(it), len(order)))   # stable: files keep their order
 
 
 _niced = False

@@ -354,10 +354,11 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
   ``(loss, new model state)`` (batch norm).
   """
   s = config.step
-  for name in ("adaptive", "detector"):
-    if not isinstance(config.get(name, False), bool):
-      raise ConfigError(f"--config.{name}", f"must be True or False, got {config[name]!r}.")
-  if config.get("detector", False) and not config.adaptive:
+  detect = config.get("detector", False)      # (absent from configs saved before it)
+  for name, value in (("adaptive", config.adaptive), ("detector", detect)):
+    if not isinstance(value, bool):
+      raise ConfigError(f"--config.{name}", f"must be True or False, got {value!r}.")
+  if detect and not config.adaptive:
     raise ConfigError("--config.detector", "the straggler detector is the adaptive PS's; add "
                       "--config.adaptive=True, or leave --config.detector=False.")
   batch_axis_name = s.get("batch_axis_name")
@@ -394,8 +395,7 @@ def make_step(config, protocol, straggler, loss_fn, tx, mesh, timeout=None, has_
     kwargs["batch_axis_name"] = batch_axis_name
   if caps.adaptive:
     kwargs["adaptive"] = adaptive.AdaptivePS(
-        protocol, detector=Detector() if config.get("detector", False) else None
-    ) if config.adaptive else None
+        protocol, detector=Detector() if detect else None) if config.adaptive else None
   if caps.network_model:
     kwargs["network"] = net
   own = config.get(config.backend)

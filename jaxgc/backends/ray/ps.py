@@ -245,10 +245,12 @@ class RayStep:
     one = jax.tree.map(lambda x: np.asarray(x[0]), chunks)
     keys = self._keys(step_key)
     args_ref = self.ray.put(jax.device_get(tuple(args)))
-    call_each_live(ray, self.pool.actors, lambda h: h.warmup.remote(
-        self.token, self.setup, params_ref, one, a.max_load, self.protocol.ell,
-        self.message_dtype, self.has_aux, keys, args_ref, self.model),
-        self.pool.startup_timeout)
+    def warm(h):     # also a spare's (or a joining actor's) warm-up, later
+      return h.warmup.remote(self.token, self.setup, params_ref, one, a.max_load,
+                             self.protocol.ell, self.message_dtype, self.has_aux, keys,
+                             args_ref, self.model)
+
+    call_each_live(ray, self.pool.actors, warm, self.pool.startup_timeout)
     counts = np.asarray(a.loads, np.int32)
     never = np.full((a.num_workers, a.max_load), np.inf, np.float32)
     enc, dec, condition = (np.asarray(x) for x in self._coefficients(jnp.asarray(counts)))
@@ -258,9 +260,7 @@ class RayStep:
         msgs, dec, counts, np.any(enc != 0, axis=(1, 2)), float(condition), 0, False, d,
         self.report_condition)))
     # A spare (or a joining actor) compiles the same programs when it can.
-    self._warm_call = lambda h: h.warmup.remote(
-        self.token, self.setup, params_ref, one, a.max_load, self.protocol.ell,
-        self.message_dtype, self.has_aux, keys, args_ref, self.model)
+    self._warm_call = warm
     self.membership.warm_spares(self.pool.startup_timeout)
     self._warm = True
 
@@ -350,8 +350,8 @@ class RayStep:
     ``h``'s workers (worker ``j`` on actor ``j mod num_actors``; with an adaptive
     placement ``perm``, logical worker ``j`` on the actor of physical worker ``perm[j]``).
     """
-    workers_of, shares = compute.actor_work(self.assignment, self.slots, tau * self.time_scale,
-                                    len(self.pool.actors), perm)
+    workers_of, shares = compute.actor_work(self.assignment, self.slots,
+                                            tau * self.time_scale, len(self.pool.actors), perm)
     gens = {}
     t0 = time.perf_counter()
     for h, actor in enumerate(self.pool.actors):
